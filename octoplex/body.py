@@ -1,0 +1,99 @@
+"""
+Reading an upstream response body with a size cap, cancellably.
+
+treq's ``content()`` has no canceller and Twisted's ``readBody`` logs an
+``AlreadyCalledError`` when cancelled (twisted#12499), so neither can sit
+under a deadline.  :func:`read_body` can: cancelling its Deferred closes the
+upstream connection at once, so a half-read response never goes back to the
+pool.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.iweb import IResponse
+
+__all__ = ["BodyTooLarge", "read_body"]
+
+
+class BodyTooLarge(Exception):
+    """
+    The upstream body is larger than the limit.
+
+    :ivar limit: the limit, in bytes.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"upstream response body exceeded {self.limit} bytes (--max-response-bytes)"
+
+
+class _BodyReader(Protocol):
+    """
+    Collect a body until it ends, or until it passes ``limit`` bytes, in
+    which case the connection is closed.
+    """
+
+    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
+        self._finished = finished
+        self._limit = limit
+        self._remaining = limit
+        self._chunks: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished.called:
+            return
+        self._remaining -= len(data)
+        if self._remaining < 0:
+            self._chunks.clear()
+            self._finished.errback(BodyTooLarge(self._limit))
+            self.abort()
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
+        if self._finished.called:
+            return
+        # PotentialDataLoss: an HTTP/1.0-style body that ends when the
+        # connection closes, which is how such a body is meant to end.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._finished.callback(b"".join(self._chunks))
+        else:
+            self._finished.errback(reason)
+        self._chunks = []
+
+    def abort(self) -> None:
+        """
+        Close the upstream connection; the body will not be read.
+        """
+        transport = self.transport
+        if transport is not None:
+            transport.loseConnection()  # type: ignore[attr-defined]
+
+
+def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
+    """
+    Read ``response``'s whole body.
+
+    :param response: the response whose body to read.
+    :param limit: the most bytes to accept; past it, the Deferred fails
+        with :class:`BodyTooLarge` and the connection is closed.
+    :return: a Deferred that fires with the body.  Cancelling it closes the
+        connection.
+    """
+    reader: _BodyReader | None = None
+
+    def cancel(d: Deferred[bytes]) -> None:
+        assert reader is not None
+        reader.abort()
+
+    finished: Deferred[bytes] = Deferred(cancel)
+    reader = _BodyReader(finished, limit)
+    response.deliverBody(reader)
+    return finished

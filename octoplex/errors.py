@@ -1,0 +1,93 @@
+"""
+Turning an upstream failure into the sentence a caller reads in
+``Failure.error``.
+
+Twisted reports one failed request in layers (``ResponseFailed`` wrapping a
+list of ``Failure``s wrapping ``ConnectionLost``...).  A caller needs to know
+what happened on the wire: the connection was refused, reset, closed early,
+the upstream spoke something that is not HTTP, TLS failed, or a limit was hit.
+"""
+
+from __future__ import annotations
+
+from OpenSSL.SSL import Error as TLSError
+from twisted.internet import error
+from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    ParseError,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+
+from octoplex.body import BodyTooLarge
+
+__all__ = ["TIMEOUT_ELAPSED", "describe"]
+
+#: The original Octoplex's message for an item cut off by the deadline.
+TIMEOUT_ELAPSED = "timeout elapsed"
+
+
+def _cause(reasons: list[Failure]) -> Failure:
+    # The first reason is the one that broke the exchange; later ones are
+    # consequences (a lost connection after a parse error, say).
+    return reasons[0] if reasons else Failure(error.ConnectionLost())
+
+
+def _lost(cause: Failure, when: str) -> str:
+    if cause.check(error.ConnectionDone):
+        return f"upstream closed the connection {when}"
+    if cause.check(ParseError):
+        return f"upstream sent an invalid HTTP response: {_parse_detail(cause.value)}"
+    if cause.check(TLSError):
+        return f"TLS error {when}: {_tls_detail(cause.value)}"
+    if cause.check(error.ConnectionLost):
+        return f"connection to upstream was lost or reset {when}"
+    return f"{cause.getErrorMessage()} {when}"
+
+
+def _parse_detail(exc: BaseException) -> str:
+    reason, data = exc.args[0], exc.args[1] if len(exc.args) > 1 else b""
+    shown = data[:60] if isinstance(data, bytes) else data
+    return f"{reason} {shown!r}"
+
+
+def _tls_detail(exc: BaseException) -> str:
+    parts = []
+    for entry in exc.args[0] if exc.args and isinstance(exc.args[0], list) else []:
+        if isinstance(entry, tuple) and entry:
+            parts.append(str(entry[-1]))
+    return "; ".join(parts) or str(exc)
+
+
+def describe(failure: Failure) -> str:
+    """
+    Say why an upstream request failed, in a sentence for the caller.
+
+    :param failure: the failure of the request or of reading its body.
+    :return: a human-readable message.
+    """
+    value = failure.value
+    if isinstance(value, BodyTooLarge):
+        return str(value)
+    if isinstance(value, ResponseNeverReceived):
+        return _lost(_cause(value.reasons), "before sending a response")
+    if isinstance(value, ResponseFailed):
+        return _lost(_cause(value.reasons), "while sending the response body")
+    if isinstance(value, (RequestTransmissionFailed, RequestGenerationFailed)):
+        cause = _cause(value.reasons)
+        return f"sending the request failed: {cause.getErrorMessage()}"
+    if isinstance(value, error.ConnectionRefusedError):
+        return "connection refused by upstream"
+    if isinstance(value, error.DNSLookupError):
+        return f"DNS lookup failed: {value}"
+    if isinstance(value, error.TimeoutError):
+        return "connecting to upstream timed out"
+    if isinstance(value, error.ConnectError):
+        return f"connecting to upstream failed: {value}"
+    if isinstance(value, TLSError):
+        return f"TLS error: {_tls_detail(value)}"
+    if isinstance(value, (error.ConnectionLost, error.ConnectionDone)):
+        return _lost(failure, "before sending a response")
+    return f"{type(value).__name__}: {value}"

@@ -1,0 +1,236 @@
+"""
+The fan-out: one batch in, every request sent at once, every outcome back in
+order by the deadline.
+
+:class:`Multiplexer` knows nothing of HTTP framing on the inbound side; it
+takes a parsed :class:`~octoplex.wire.Batch` and an upstream client, and
+gives back a :class:`BatchResult`.  The design is the one the original
+project settled on: fire every request, gather them with a ``DeferredList``,
+and cancel whatever is still running on a ``callLater`` deadline.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import attr
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from octoplex.client import UpstreamResponse
+from octoplex.errors import TIMEOUT_ELAPSED, describe
+from octoplex.wire import (
+    Batch,
+    InvalidRequest,
+    UpstreamRequest,
+    failure_outcome,
+    success_outcome,
+)
+
+__all__ = ["BatchResult", "Fetcher", "Multiplexer"]
+
+#: The error of a request cancelled because its caller went away.
+CANCELLED = "cancelled: the caller disconnected"
+
+
+class Fetcher(Protocol):
+    """
+    What the multiplexer needs of an upstream client.
+    """
+
+    def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+        """
+        Send ``request``; cancelling the result must abandon it.
+        """
+
+
+@attr.s(slots=True, auto_attribs=True)
+class BatchResult:
+    """
+    The outcomes of one batch, in request order, with counts for the log.
+
+    :ivar outcomes: one ``{"Success": ...}`` or ``{"Failure": ...}`` object
+        per request.
+    :ivar succeeded: requests that got an HTTP response (of any status).
+    :ivar failed: requests that failed for a reason other than the deadline.
+    :ivar timed_out: requests cut off by the deadline.
+    """
+
+    outcomes: list[dict[str, Any]]
+    succeeded: int = 0
+    failed: int = 0
+    timed_out: int = 0
+
+
+class Multiplexer:
+    """
+    Run batches against an upstream client.
+
+    :param clock: the time source for deadlines and durations.
+    :param client: sends each request.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, client: Fetcher) -> None:
+        self._clock = clock
+        self._client = client
+
+    def run(self, batch: Batch, batch_id: str) -> Deferred[BatchResult]:
+        """
+        Send every request of ``batch`` at once and gather the outcomes.
+
+        :param batch: the batch to run.
+        :param batch_id: the batch's id, for log events.
+        :return: a Deferred that fires with the result no later than the
+            batch's deadline (plus the time to cancel what is left).
+            Cancelling it, as Klein does when the caller disconnects,
+            cancels every request still running.
+        """
+        return _BatchRun(self._clock, self._client, batch, batch_id, self.log).start()
+
+
+class _BatchRun:
+    """
+    The state of one batch while it runs.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        client: Fetcher,
+        batch: Batch,
+        batch_id: str,
+        log: Logger,
+    ) -> None:
+        self._clock = clock
+        self._client = client
+        self._batch = batch
+        self._batch_id = batch_id
+        self._log = log
+        self._result = BatchResult(outcomes=[None] * len(batch.requests))  # type: ignore[list-item]
+        self._items: list[Deferred[None]] = []
+        # Indices still running.  Not ``not d.called``: a Deferred waiting on
+        # one its callback returned (the body read) counts as called.
+        self._running: set[int] = set()
+        self._started = 0.0
+        self._deadline: IDelayedCall | None = None
+        self._abandoned = False
+        self._answer: Deferred[BatchResult] = Deferred(self._abandon)
+
+    def start(self) -> Deferred[BatchResult]:
+        self._started = self._clock.seconds()
+        for index, request in enumerate(self._batch.requests):
+            self._items.append(self._send(index, request))
+        self._deadline = self._clock.callLater(self._batch.timeout_msec / 1000.0, self._expire)
+        gathered = DeferredList(self._items, consumeErrors=True)
+        gathered.addCallback(self._gathered)
+        return self._answer
+
+    def _elapsed_msec(self) -> int:
+        return int((self._clock.seconds() - self._started) * 1000)
+
+    def _send(self, index: int, request: UpstreamRequest | InvalidRequest) -> Deferred[None]:
+        if isinstance(request, InvalidRequest):
+            self._fail(index, request.error, 0)
+            return succeed(None)
+        try:
+            d = self._client.fetch(request)
+        except Exception:
+            # treq parses and builds the request synchronously; a value it
+            # rejects fails this request alone, like any invalid value.
+            self._fail(index, describe(Failure()), 0)
+            return succeed(None)
+        self._running.add(index)
+        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(index,), errbackArgs=(index,))
+        d.addErrback(self._bug, index)
+        d.addBoth(self._settled, index)
+        return d  # type: ignore[return-value]
+
+    def _settled(self, _: None, index: int) -> None:
+        self._running.discard(index)
+
+    def _succeeded(self, response: UpstreamResponse, index: int) -> None:
+        self._result.outcomes[index] = success_outcome(
+            response.status, response.headers, response.body, self._elapsed_msec()
+        )
+        self._result.succeeded += 1
+
+    def _failed(self, failure: Failure, index: int) -> None:
+        if self._result.outcomes[index] is not None:
+            # Already answered by the deadline or the caller's departure;
+            # this is the cancellation arriving.
+            return
+        self._fail(index, describe(failure), self._elapsed_msec())
+
+    def _fail(self, index: int, error: str, duration_msec: int) -> None:
+        self._result.outcomes[index] = failure_outcome(error, duration_msec)
+        self._result.failed += 1
+
+    def _bug(self, failure: Failure, index: int) -> None:
+        self._log.failure(
+            "batch {batch_id}: building the outcome of request {index} failed",
+            failure,
+            batch_id=self._batch_id,
+            index=index,
+        )
+        self._result.outcomes[index] = failure_outcome(
+            "internal error in Octoplex; see its log", self._elapsed_msec()
+        )
+        self._result.failed += 1
+
+    def _pending(self) -> list[int]:
+        return sorted(self._running)
+
+    def _expire(self) -> None:
+        self._deadline = None
+        pending = self._pending()
+        elapsed = self._elapsed_msec()
+        self._log.warn(
+            "batch {batch_id}: deadline of {timeout_msec} ms expired with "
+            "{pending_count} of {size} requests pending: {pending_uris}",
+            batch_id=self._batch_id,
+            timeout_msec=self._batch.timeout_msec,
+            pending_count=len(pending),
+            size=len(self._items),
+            pending_uris=[self._uri(index) for index in pending],
+        )
+        for index in pending:
+            self._result.outcomes[index] = failure_outcome(TIMEOUT_ELAPSED, elapsed)
+            self._result.timed_out += 1
+        self._cancel(pending)
+
+    def _uri(self, index: int) -> str:
+        return self._batch.requests[index].uri or ""
+
+    def _cancel(self, indices: list[int]) -> None:
+        for index in indices:
+            self._items[index].cancel()
+
+    def _abandon(self, answer: Deferred[BatchResult]) -> None:
+        """
+        The caller went away: stop the deadline and every request.
+        """
+        self._abandoned = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        pending = self._pending()
+        self._log.info(
+            "batch {batch_id}: caller disconnected; cancelling {pending_count} pending requests",
+            batch_id=self._batch_id,
+            pending_count=len(pending),
+        )
+        elapsed = self._elapsed_msec()
+        for index in pending:
+            self._result.outcomes[index] = failure_outcome(CANCELLED, elapsed)
+        self._cancel(pending)
+
+    def _gathered(self, _: object) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if not self._abandoned:
+            self._answer.callback(self._result)

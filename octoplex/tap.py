@@ -1,0 +1,207 @@
+"""
+``twistd octoplex``: the command line and the wiring of the daemon's
+services.
+
+:func:`makeService` only wires things together: the upstream client (which
+owns the connection pool), the multiplexer, the Klein app and one listener
+per ``--listen``.  Only this module imports the global reactor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from octoplex import __version__
+from octoplex.client import PoolSettings, UpstreamClient
+from octoplex.limits import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_MAX_TIMEOUT_MSEC,
+    Limits,
+)
+from octoplex.multiplexer import Multiplexer
+from octoplex.web import OctoplexApp, OctoplexSite
+
+__all__ = ["Options", "makeService"]
+
+DEFAULT_LISTEN = "tcp:8080"
+
+
+def _positive(kind: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    def coerce(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not {what}") from None
+        if not value > 0:
+            raise ValueError(f"{text!r} must be greater than 0")
+        return value
+
+    coerce.coerceDoc = f"Must be {what} greater than 0."  # type: ignore[attr-defined]
+    return coerce
+
+
+_count = _positive(int, "a whole number")
+_seconds = _positive(float, "a number of seconds")
+
+
+class Options(usage.Options):
+    """
+    The options of ``twistd octoplex``.
+    """
+
+    synopsis = "[--listen ENDPOINT ...] [options]"
+    longdesc = (
+        "Octoplex: POST a JSON batch of HTTP requests to /multiplex; they run in "
+        "parallel over a shared keep-alive pool and every result comes back, in "
+        "order, by the batch's deadline."
+    )
+
+    optParameters = [
+        [
+            "max-batch-size",
+            None,
+            DEFAULT_MAX_BATCH_SIZE,
+            "The most requests one batch may hold.",
+            _count,
+        ],
+        [
+            "max-timeout-msec",
+            None,
+            DEFAULT_MAX_TIMEOUT_MSEC,
+            "The longest deadline (timeout_msec) a batch may ask for.",
+            _count,
+        ],
+        [
+            "max-request-bytes",
+            None,
+            DEFAULT_MAX_REQUEST_BYTES,
+            "The largest /multiplex body accepted; a larger one gets 413.",
+            _count,
+        ],
+        [
+            "max-response-bytes",
+            None,
+            DEFAULT_MAX_RESPONSE_BYTES,
+            "The most body bytes read from one upstream response; a larger "
+            "body fails that request.",
+            _count,
+        ],
+        [
+            "pool-max-idle-per-host",
+            None,
+            PoolSettings().max_idle_per_host,
+            "Idle keep-alive connections kept per upstream scheme, host and port.",
+            _count,
+        ],
+        [
+            "pool-idle-timeout",
+            None,
+            PoolSettings().idle_timeout,
+            "Seconds an idle upstream connection is kept open.",
+            _seconds,
+        ],
+        [
+            "connect-timeout",
+            None,
+            PoolSettings().connect_timeout,
+            "Seconds a connection to an upstream may take to open.",
+            _seconds,
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Listen on this Twisted endpoint (tcp:8080, ssl:8443:...); repeatable. [default: tcp:8080]
+        """
+        self["listen"].append(description)
+
+    def opt_version(self) -> None:
+        """
+        Print Octoplex's version and exit.
+        """
+        print(f"octoplex {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        from twisted.internet import reactor
+
+        for description in self["listen"]:
+            try:
+                serverFromString(reactor, description)
+            except Exception as e:
+                raise usage.UsageError(f"--listen {description!r} is not usable: {e}") from None
+
+
+class _Octoplex(MultiService):
+    """
+    The daemon's root service; it announces the daemon once it listens.
+    """
+
+    log = Logger()
+
+    def __init__(self, listen: list[str], limits: Limits) -> None:
+        super().__init__()
+        self._listen = listen
+        self._limits = limits
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(
+            "octoplex {version} listening on {listen}",
+            version=__version__,
+            listen=self._listen,
+            limits=self._limits,
+        )
+
+    def stopService(self) -> Any:
+        self.log.info("octoplex {version} stopping", version=__version__)
+        return super().stopService()
+
+
+def makeService(options: Options, reactor: Any | None = None) -> IService:
+    """
+    Build the daemon: the upstream client, the multiplexer, the app and its
+    listeners.
+
+    :param options: the parsed command line.
+    :param reactor: the reactor; the global one by default.
+    :return: the root service.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    limits = Limits(
+        max_batch_size=options["max-batch-size"],
+        max_timeout_msec=options["max-timeout-msec"],
+        max_request_bytes=options["max-request-bytes"],
+        max_response_bytes=options["max-response-bytes"],
+    )
+    pool = PoolSettings(
+        max_idle_per_host=options["pool-max-idle-per-host"],
+        idle_timeout=options["pool-idle-timeout"],
+        connect_timeout=options["connect-timeout"],
+    )
+    root = _Octoplex(options["listen"], limits)
+    client = UpstreamClient(reactor, pool, limits.max_response_bytes)
+    client.setServiceParent(root)
+    app = OctoplexApp(Multiplexer(reactor, client), limits, reactor)
+    site = OctoplexSite(app, reactor)
+    for description in options["listen"]:
+        strports.service(description, site, reactor=reactor).setServiceParent(root)
+    return root

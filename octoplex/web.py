@@ -1,0 +1,235 @@
+"""
+The HTTP front: the Klein app that serves ``/multiplex`` and the health
+routes, and the ``Site`` it runs in.
+
+A batch enters at :meth:`OctoplexApp.multiplex`, is parsed by
+:mod:`octoplex.wire`, fanned out by :mod:`octoplex.multiplexer` and answered
+here, with one structured log event per batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+import attr
+from klein import Klein
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from octoplex.endpoints import set_tcp_nodelay
+from octoplex.limits import Limits
+from octoplex.multiplexer import BatchResult, Multiplexer
+from octoplex.wire import JSON_CONTENT_TYPE, BatchError, encode, error_body, parse_batch
+
+__all__ = ["OctoplexApp", "OctoplexSite", "format_address"]
+
+_HEALTHY = encode({"healthy": True})
+_NOT_FOUND = b"not found\n"
+
+
+def _respond(request: IRequest, content_type: bytes, body: bytes) -> bytes:
+    """
+    Set the headers for a whole, known body; a Content-Length spares the
+    caller chunked decoding.
+    """
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"content-length", b"%d" % (len(body),))
+    return body
+
+
+def format_address(address: IAddress) -> str:
+    """
+    ``host:port`` for an IP address, its ``repr`` for anything else.
+    """
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return repr(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@attr.s(auto_attribs=True)
+class OctoplexApp:
+    """
+    The routes of the HTTP API.
+
+    :ivar multiplexer: runs each batch.
+    :ivar limits: the limits each batch is held to.
+    :ivar clock: the time source for the elapsed time logged per batch.
+    """
+
+    router: ClassVar[Klein] = Klein()
+    log: ClassVar[Logger] = Logger()
+
+    multiplexer: Multiplexer
+    limits: Limits
+    clock: IReactorTime
+
+    @router.route("/", methods=["GET"])
+    @router.route("/healthz", methods=["GET"])
+    def health(self, request: IRequest) -> bytes:
+        """
+        ``{"healthy": true}``, for load balancers and probes.
+        """
+        return _respond(request, JSON_CONTENT_TYPE, _HEALTHY)
+
+    @router.route("/multiplex", methods=["POST"])
+    def multiplex(self, request: Request) -> Any:
+        """
+        Run one batch and answer with every outcome, in request order.
+        """
+        started = self.clock.seconds()
+        assert request.content is not None
+        body = request.content.read()
+        client = format_address(request.getClientAddress())
+        try:
+            batch = parse_batch(body, self.limits)
+        except BatchError as e:
+            self.log.info(
+                "batch from {client} rejected: {error}",
+                client=client,
+                error=str(e),
+                bytes_in=len(body),
+            )
+            request.setResponseCode(400)
+            return _respond(request, JSON_CONTENT_TYPE, error_body(str(e)))
+        batch_id = os.urandom(8).hex()
+        d = self.multiplexer.run(batch, batch_id)
+        d.addCallback(self._answer, request, batch_id, client, started, len(body))
+        return d
+
+    def _answer(
+        self,
+        result: BatchResult,
+        request: IRequest,
+        batch_id: str,
+        client: str,
+        started: float,
+        bytes_in: int,
+    ) -> bytes:
+        answer = encode({"responses": result.outcomes})
+        self.log.info(
+            "batch {batch_id} from {client}: {size} requests, {succeeded} succeeded, "
+            "{failed} failed, {timed_out} timed out, in {elapsed_ms} ms",
+            batch_id=batch_id,
+            client=client,
+            size=len(result.outcomes),
+            succeeded=result.succeeded,
+            failed=result.failed,
+            timed_out=result.timed_out,
+            elapsed_ms=int((self.clock.seconds() - started) * 1000),
+            bytes_in=bytes_in,
+            bytes_out=len(answer),
+        )
+        return _respond(request, JSON_CONTENT_TYPE, answer)
+
+    @router.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        ``404`` with ``not found``, as the original answered.
+        """
+        request.setResponseCode(404)
+        return _respond(request, b"text/plain; charset=utf-8", _NOT_FOUND)
+
+    @router.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        ``405`` naming the methods the route takes.
+        """
+        allowed = sorted(failure.value.valid_methods or ())
+        request.setResponseCode(405)
+        request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
+        method = request.method.decode("ascii", "replace")
+        path = request.path.decode("ascii", "replace")
+        return _respond(
+            request,
+            JSON_CONTENT_TYPE,
+            error_body(f"method {method} is not allowed on {path}; use {' or '.join(allowed)}"),
+        )
+
+
+class OctoplexRequest(Request):
+    """
+    A request that sets TCP_NODELAY on its connection and refuses a body
+    over ``max_request_bytes`` before buffering it.
+
+    twisted.web buffers a whole request body, with no limit, before any
+    resource sees it; so the limit is enforced here, as the bytes arrive.
+    """
+
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        set_tcp_nodelay(self.channel.transport)
+        limit = self.channel.site.limits.max_request_bytes
+        if length is not None and length > limit:
+            self._refuse(f"request body is {length} bytes; at most {limit} are allowed")
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        limit = self.channel.site.limits.max_request_bytes
+        if self._received > limit:
+            self._refuse(f"request body exceeds {limit} bytes, the most allowed")
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if not self._refused:
+            super().process()
+
+    def _refuse(self, message: str) -> None:
+        """
+        Answer ``413`` at once and close the connection, so the rest of the
+        body is never read.
+        """
+        self._refused = True
+        # Without this, the channel would answer "100 Continue" after us.
+        self.requestHeaders.removeHeader(b"expect")
+        OctoplexApp.log.warn(
+            "request from {client} refused: {error}",
+            client=format_address(self.getClientAddress()),
+            error=message,
+        )
+        body = error_body(message)
+        transport = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"content-type: " + JSON_CONTENT_TYPE + b"\r\n"
+            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n"
+            b"connection: close\r\n\r\n" + body
+        )
+        transport.loseConnection()
+
+
+class OctoplexSite(Site):
+    """
+    The ``Site`` for the app: no per-request access log (the app writes one
+    structured event per batch) and no "Starting factory" line.
+
+    :param app: the app to serve.
+    :param reactor: the reactor, for the channel's timers.
+    """
+
+    noisy = False
+    displayTracebacks = False
+    requestFactory = OctoplexRequest
+
+    def __init__(self, app: OctoplexApp, reactor: Any) -> None:
+        super().__init__(app.router.resource(), reactor=reactor)
+        self.limits = app.limits
+
+    def log(self, request: Any) -> None:
+        """
+        Write nothing: twisted.web's access line per request halves
+        throughput, and the app's batch event says more.
+        """

@@ -1,0 +1,386 @@
+"""
+The version 1 wire format: the JSON the original (Rust) Octoplex spoke.
+
+This module turns a ``POST /multiplex`` body into a :class:`Batch` and turns
+outcomes back into the JSON shapes old clients expect.  It knows nothing of
+sockets or time.  ``shared/WIRE-FORMAT.md`` is the reference; the README
+documents the rules this module adds (which headers are dropped, how
+repeated response headers fold into one value).
+
+Two kinds of problem are told apart, as in the original:
+
+- a batch that is malformed as a whole (not JSON, wrong types, unknown
+  fields, too many requests, a deadline over the limit) raises
+  :class:`BatchError`, answered with ``400``;
+- one request that cannot be sent (a URI that does not parse, a scheme other
+  than http/https, a header with a control character, a method that is not a
+  token) becomes an :class:`InvalidRequest`, which fails alone with
+  ``duration_msec`` 0 while the rest of the batch runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import attr
+from hyperlink import EncodedURL
+from twisted.web.http_headers import Headers
+
+from octoplex.limits import Limits
+
+__all__ = [
+    "Batch",
+    "BatchError",
+    "InvalidRequest",
+    "UpstreamRequest",
+    "encode",
+    "error_body",
+    "failure_outcome",
+    "parse_batch",
+    "success_outcome",
+]
+
+JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
+
+_BATCH_FIELDS = ("timeout_msec", "requests")
+_REQUEST_FIELDS = ("method", "uri", "headers", "body")
+
+# RFC 9110 section 5.6.2: token = 1*tchar.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# Field values may hold HTAB, visible ASCII and obs-text, never other
+# controls: CR and LF would split the request (header injection), NUL
+# truncates it in many servers.
+_BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_URI_CHAR = re.compile(r"[\x00-\x20\x7f]")
+
+# RFC 9110 section 7.6.1: a proxy must not forward these; the pool owns the
+# connection, and Octoplex frames the body itself.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+_CHAR_NAMES = {"\r": "a carriage return (CR)", "\n": "a line feed (LF)", "\x00": "a NUL"}
+
+#: How much of a bad value an error message quotes.
+_QUOTE_LIMIT = 80
+
+
+class BatchError(ValueError):
+    """
+    The batch as a whole is malformed.  The message is for the caller: it
+    names the bad value and the rule or limit it broke.
+    """
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class UpstreamRequest:
+    """
+    One request of a batch, checked and ready to send.
+
+    :ivar method: the method token, as bytes.
+    :ivar uri: the URI as the caller wrote it, for logs.
+    :ivar url: the URI in its ASCII (URI, not IRI) form.
+    :ivar headers: the headers to send.
+    :ivar body: the body to send, or ``None`` for none.
+    """
+
+    method: bytes
+    uri: str
+    url: EncodedURL
+    headers: Headers
+    body: bytes | None
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class InvalidRequest:
+    """
+    One request of a batch that cannot be sent; it fails alone.
+
+    :ivar uri: the URI as the caller wrote it, if it was a string.
+    :ivar error: why, naming the bad value.
+    """
+
+    uri: str | None
+    error: str
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class Batch:
+    """
+    A parsed ``POST /multiplex`` body.
+
+    :ivar timeout_msec: the deadline, counted from the batch's arrival.
+    :ivar requests: one entry per request, in the caller's order.
+    """
+
+    timeout_msec: int
+    requests: list[UpstreamRequest | InvalidRequest]
+
+
+def _quote(value: Any) -> str:
+    """
+    Show a caller's value in an error message, cut short if it is long, so
+    that a hostile megabyte is not echoed back.
+    """
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > _QUOTE_LIMIT:
+        text = text[:_QUOTE_LIMIT] + "…"
+    return text
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # serde rejects a repeated field; json.loads would silently keep the
+    # last, so two readers of one document could disagree on its meaning.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BatchError(f"duplicate field {_quote(key)} in a JSON object")
+            seen.add(key)
+    return result
+
+
+def _reject_constant(name: str) -> None:
+    raise BatchError(f"{name} is not valid JSON")
+
+
+def _check_fields(obj: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise BatchError(
+                f"unknown field {_quote(key)} in {where}; expected {', '.join(allowed)}"
+            )
+
+
+def parse_batch(body: bytes, limits: Limits) -> Batch:
+    """
+    Parse and check a ``POST /multiplex`` body.
+
+    :param body: the raw request body.
+    :param limits: the limits to hold the batch to.
+    :raises BatchError: if the batch as a whole is malformed.
+    :return: the batch, with each request either ready or invalid.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BatchError(f"request body is not UTF-8: bad byte at offset {e.start}") from None
+    try:
+        document = json.loads(
+            text,
+            object_pairs_hook=_no_duplicate_keys,
+            parse_constant=_reject_constant,
+        )
+    except json.JSONDecodeError as e:
+        raise BatchError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BatchError("request body nests JSON too deeply") from None
+
+    if not isinstance(document, dict):
+        raise BatchError(f"request body must be a JSON object, got {_quote(document)}")
+    _check_fields(document, _BATCH_FIELDS, "batch")
+
+    if "timeout_msec" not in document:
+        raise BatchError("missing field timeout_msec")
+    timeout = document["timeout_msec"]
+    if type(timeout) is not int or timeout < 0:
+        raise BatchError(
+            f"timeout_msec must be a whole number of milliseconds, got {_quote(timeout)}"
+        )
+    if timeout > limits.max_timeout_msec:
+        raise BatchError(
+            f"timeout_msec is {_quote(timeout)}; at most {limits.max_timeout_msec} is allowed"
+        )
+
+    if "requests" not in document:
+        raise BatchError("missing field requests")
+    items = document["requests"]
+    if not isinstance(items, list):
+        raise BatchError(f"requests must be an array, got {_quote(items)}")
+    if not items:
+        raise BatchError(f"batch has 0 requests; between 1 and {limits.max_batch_size} are allowed")
+    if len(items) > limits.max_batch_size:
+        raise BatchError(
+            f"batch has {len(items)} requests; at most {limits.max_batch_size} are allowed"
+        )
+
+    return Batch(
+        timeout_msec=timeout,
+        requests=[_parse_request(item, index) for index, item in enumerate(items)],
+    )
+
+
+def _parse_request(item: Any, index: int) -> UpstreamRequest | InvalidRequest:
+    """
+    Check one request's types (a type error fails the whole batch, as serde
+    did) and then its values (a bad value fails this request alone).
+    """
+    where = f"requests[{index}]"
+    if not isinstance(item, dict):
+        raise BatchError(f"{where} must be a JSON object, got {_quote(item)}")
+    _check_fields(item, _REQUEST_FIELDS, where)
+
+    method = item.get("method", "GET")
+    if not isinstance(method, str):
+        raise BatchError(f"{where}.method must be a string, got {_quote(method)}")
+    if "uri" not in item:
+        raise BatchError(f"missing field uri in {where}")
+    uri = item["uri"]
+    if not isinstance(uri, str):
+        raise BatchError(f"{where}.uri must be a string, got {_quote(uri)}")
+    headers = item.get("headers", {})
+    if headers is None:
+        headers = {}
+    if not isinstance(headers, dict):
+        raise BatchError(f"{where}.headers must be an object, got {_quote(headers)}")
+    for name, value in headers.items():
+        if not isinstance(value, str):
+            raise BatchError(
+                f"{where}.headers[{_quote(name)}] must be a string, got {_quote(value)}"
+            )
+    body = item.get("body")
+    if body is not None and not isinstance(body, str):
+        raise BatchError(f"{where}.body must be a string or null, got {_quote(body)}")
+
+    encoded = None if body is None else body.encode("utf-8")
+    try:
+        return UpstreamRequest(
+            method=_check_method(method),
+            uri=uri,
+            url=_check_uri(uri),
+            headers=_check_headers(headers, 0 if encoded is None else len(encoded)),
+            body=encoded,
+        )
+    except _InvalidValue as e:
+        return InvalidRequest(uri=uri, error=str(e))
+
+
+class _InvalidValue(ValueError):
+    """One request's value is bad; the request fails alone."""
+
+
+def _check_method(method: str) -> bytes:
+    if not _TOKEN.match(method):
+        raise _InvalidValue(f"method {_quote(method)} is not a valid HTTP method token")
+    return method.encode("ascii")
+
+
+def _check_uri(uri: str) -> EncodedURL:
+    bad = _BAD_URI_CHAR.search(uri)
+    if bad:
+        raise _InvalidValue(
+            f"URI {_quote(uri)} contains whitespace or a control character "
+            f"at position {bad.start()}"
+        )
+    try:
+        url = EncodedURL.from_text(uri)
+    except ValueError as e:
+        raise _InvalidValue(f"URI {_quote(uri)} does not parse: {e}") from None
+    scheme = url.scheme.lower()
+    if scheme not in ("http", "https"):
+        shown = _quote(url.scheme) if url.scheme else "none"
+        raise _InvalidValue(
+            f"URI {_quote(uri)} has scheme {shown}; only http and https are supported"
+        )
+    if not url.host:
+        raise _InvalidValue(f"URI {_quote(uri)} has no host")
+    if url.userinfo:
+        raise _InvalidValue(f"URI {_quote(uri)} carries credentials; send them in a header instead")
+    if url.scheme != scheme:
+        url = url.replace(scheme=scheme, port=None)
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise _InvalidValue(f"URI {_quote(uri)} has port {url.port}; ports run from 1 to 65535")
+    if ":" in url.host:
+        # hyperlink 21.0's to_uri() runs IDNA over an IPv6 literal and
+        # fails, so treq cannot send to one.
+        raise _InvalidValue(f"URI {_quote(uri)} has an IPv6 literal host, not yet supported")
+    try:
+        return url.to_uri()
+    except ValueError as e:
+        raise _InvalidValue(f"URI {_quote(uri)} has an invalid host: {e}") from None
+
+
+def _check_headers(headers: dict[str, str], body_length: int) -> Headers:
+    result = Headers()
+    for name, value in headers.items():
+        if not _TOKEN.match(name):
+            raise _InvalidValue(f"header name {_quote(name)} is not a valid HTTP token")
+        bad = _BAD_VALUE_CHAR.search(value)
+        if bad:
+            what = _CHAR_NAMES.get(bad.group(), f"control character {bad.group()!r}")
+            raise _InvalidValue(
+                f"header {name} has a value with {what} at position {bad.start()}: {_quote(value)}"
+            )
+        lower = name.lower()
+        if lower in _HOP_BY_HOP:
+            continue
+        if lower == "content-length":
+            if value.strip() != str(body_length):
+                raise _InvalidValue(
+                    f"header Content-Length is {_quote(value)} but the body is "
+                    f"{body_length} bytes; leave it out and Octoplex sets it"
+                )
+            continue
+        result.addRawHeader(name.encode("ascii"), value.encode("utf-8"))
+    return result
+
+
+def success_outcome(
+    status: int, headers: Headers, content: bytes, duration_msec: int
+) -> dict[str, Any]:
+    """
+    The ``Success`` outcome of the original format.
+
+    Header names are lowercased; a repeated header keeps its last value (the
+    original kept one value per name).  The body is decoded as UTF-8, each
+    invalid sequence replaced with U+FFFD, as the original's lossy decoding
+    did.
+    """
+    folded = {
+        name.decode("ascii", "replace").lower(): values[-1].decode("utf-8", "replace")
+        for name, values in headers.getAllRawHeaders()
+    }
+    return {
+        "Success": {
+            "headers": folded,
+            "status": status,
+            "content": content.decode("utf-8", "replace"),
+            "duration_msec": duration_msec,
+        }
+    }
+
+
+def failure_outcome(error: str, duration_msec: int) -> dict[str, Any]:
+    """
+    The ``Failure`` outcome of the original format.
+    """
+    return {"Failure": {"error": error, "duration_msec": duration_msec}}
+
+
+def encode(document: Any) -> bytes:
+    """
+    Serialise a response document compactly, with non-ASCII text as UTF-8,
+    as serde_json did.
+    """
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def error_body(message: str) -> bytes:
+    """
+    The body of a batch-level error: ``{"error": message}``.
+    """
+    return encode({"error": message})

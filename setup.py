@@ -1,0 +1,36 @@
+from setuptools import setup
+
+setup(
+    name="octoplex",
+    version="0.1.0",
+    description="An HTTP request multiplexer: a JSON batch in, parallel requests out.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["octoplex", "twisted.plugins"],
+    include_package_data=False,
+    install_requires=[
+        # 24.7 is the lowest Twisted this is tested with (tox -e lowest).
+        "twisted[tls]>=24.7.0",
+        "treq>=24.9.1",
+        "klein>=24.8.0",
+        "service-identity>=24.1.0",
+        "pyopenssl>=24.2.1",
+        "attrs>=23.1.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "trustme>=1.1",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+    ],
+)

@@ -1,0 +1,288 @@
+"""
+Real servers the tests start on 127.0.0.1: a scriptable HTTP upstream that
+counts its connections, raw TCP servers that misbehave, and Octoplex itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import attr
+import treq
+from treq.client import HTTPClient
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from octoplex.client import PoolSettings, UpstreamClient
+from octoplex.limits import Limits
+from octoplex.multiplexer import Multiplexer
+from octoplex.web import OctoplexApp, OctoplexSite
+
+
+class _CountingSite(Site):
+    """
+    A Site that records every connection it accepts and every one it loses.
+    """
+
+    noisy = False
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource)
+        self.connections: list[Any] = []
+        self.lost: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        self.connections.append(protocol)
+        original = protocol.connectionLost
+
+        def connectionLost(reason: Any, _original: Callable[..., Any] = original) -> Any:
+            self.lost.append(protocol)
+            return _original(reason)
+
+        protocol.connectionLost = connectionLost
+        return protocol
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class _Upstream(Resource):
+    """
+    The routes an upstream offers the tests:
+
+    - ``/hello``: 200 ``Hello world!``;
+    - ``/delay/<ms>``: 200 ``delayed <ms>`` after ``ms`` milliseconds;
+    - ``/status/<code>``: that status;
+    - ``/echo``: the request's method, headers and body as JSON;
+    - ``/set-cookie`` and ``/show-cookie``;
+    - ``/redirect``: a 302;
+    - ``/bytes/<n>``: ``n`` bytes of ``x``;
+    - ``/binary``: bytes that are not UTF-8;
+    - ``/repeat-header``: two ``Set-Cookie`` and two ``X-Multi`` lines;
+    - ``/stall``: headers and half a body, then nothing.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished_early: list[str] = []
+
+    def render(self, request: Request) -> Any:
+        parts = request.path.decode().strip("/").split("/")
+        route = getattr(self, "route_" + parts[0].replace("-", "_"), None)
+        if route is None:
+            request.setResponseCode(404)
+            return b"no such route\n"
+        return route(request, *parts[1:])
+
+    def route_hello(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        return b"Hello world!"
+
+    def route_delay(self, request: Request, msec: str) -> Any:
+        call = global_reactor.callLater(int(msec) / 1000.0, self._late, request, msec)
+
+        def gone(_: Any) -> None:
+            if call.active():
+                call.cancel()
+                self.finished_early.append(request.path.decode())
+
+        request.notifyFinish().addErrback(gone)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _late(request: Request, msec: str) -> None:
+        request.write(f"delayed {msec}".encode())
+        request.finish()
+
+    def route_status(self, request: Request, code: str) -> bytes:
+        request.setResponseCode(int(code))
+        return f"status {code}".encode()
+
+    def route_echo(self, request: Request) -> bytes:
+        assert request.content is not None
+        document = {
+            "method": request.method.decode(),
+            "headers": [
+                [name.decode(), value.decode()]
+                for name, values in request.requestHeaders.getAllRawHeaders()
+                for value in values
+            ],
+            "body": request.content.read().decode("utf-8", "replace"),
+        }
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(document).encode()
+
+    def route_set_cookie(self, request: Request) -> bytes:
+        request.setHeader(b"set-cookie", b"session=secret-of-caller-one; Path=/")
+        return b"cookie set"
+
+    def route_show_cookie(self, request: Request) -> bytes:
+        return b"cookie: " + (request.getHeader(b"cookie") or b"<none>")
+
+    def route_redirect(self, request: Request) -> bytes:
+        request.setResponseCode(302)
+        request.setHeader(b"location", b"/hello")
+        return b"moved"
+
+    def route_bytes(self, request: Request, count: str) -> bytes:
+        return b"x" * int(count)
+
+    def route_binary(self, request: Request) -> bytes:
+        return b"ok \xff\xfe end"
+
+    def route_repeat_header(self, request: Request) -> bytes:
+        request.responseHeaders.setRawHeaders(b"set-cookie", [b"a=1", b"b=2"])
+        request.responseHeaders.setRawHeaders(b"x-multi", [b"first", b"last"])
+        return b"repeated"
+
+    def route_stall(self, request: Request) -> Any:
+        request.setHeader(b"content-length", b"100")
+        request.write(b"x" * 50)
+
+        def gone(_: Any) -> None:
+            self.finished_early.append(request.path.decode())
+
+        request.notifyFinish().addErrback(gone)
+        return NOT_DONE_YET
+
+
+@attr.s(auto_attribs=True)
+class Upstream:
+    """
+    A running upstream: its base URL, its connection log, its port.
+    """
+
+    url: str
+    site: _CountingSite
+    resource: _Upstream
+    port: IListeningPort
+
+    def stop(self) -> Deferred[Any]:
+        for protocol in self.site.connections:
+            # The generic HTTP channel proxies to the real one, which holds
+            # the transport.
+            transport = getattr(getattr(protocol, "_channel", protocol), "transport", None)
+            if transport is not None and protocol not in self.site.lost:
+                transport.abortConnection()
+        return self.port.stopListening()
+
+
+def start_upstream() -> Upstream:
+    """
+    Start the scriptable upstream on 127.0.0.1.
+    """
+    resource = _Upstream()
+    site = _CountingSite(resource)
+    port = global_reactor.listenTCP(0, site, interface="127.0.0.1")
+    return Upstream(f"http://127.0.0.1:{port.getHost().port}", site, resource, port)
+
+
+class _Misbehave(Protocol):
+    """
+    Read a request, then misbehave as the factory says.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" not in data:
+            return
+        mode = self.factory.mode  # type: ignore[attr-defined]
+        assert self.transport is not None
+        if mode == "reset":
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        elif mode == "close":
+            self.transport.loseConnection()
+        elif mode == "garbage":
+            self.transport.write(b"this is not HTTP at all\r\n\r\n")
+            self.transport.loseConnection()
+
+
+def start_misbehaving(mode: str) -> tuple[str, IListeningPort]:
+    """
+    Start a TCP server on 127.0.0.1 that answers a request by ``mode``:
+    ``reset`` (an RST), ``close`` (a FIN, no response) or ``garbage``.
+    """
+    factory = Factory.forProtocol(_Misbehave)
+    factory.noisy = False
+    factory.mode = mode  # type: ignore[attr-defined]
+    port = global_reactor.listenTCP(0, factory, interface="127.0.0.1")
+    return f"http://127.0.0.1:{port.getHost().port}", port
+
+
+@attr.s(auto_attribs=True)
+class Octoplex:
+    """
+    A running Octoplex: its base URL, its upstream client (and so its pool),
+    its site and port.
+    """
+
+    url: str
+    client: UpstreamClient
+    site: OctoplexSite
+    port: IListeningPort
+
+    def stop(self) -> Deferred[Any]:
+        return DeferredList(
+            [self.port.stopListening(), self.client.stopService()],  # type: ignore[list-item]
+            fireOnOneErrback=True,
+        )
+
+
+def start_octoplex(limits: Limits | None = None, pool: PoolSettings | None = None) -> Octoplex:
+    """
+    Start Octoplex on 127.0.0.1, wired as the tap wires it.
+    """
+    limits = limits or Limits()
+    client = UpstreamClient(global_reactor, pool or PoolSettings(), limits.max_response_bytes)
+    client.startService()
+    app = OctoplexApp(Multiplexer(global_reactor, client), limits, global_reactor)
+    site = OctoplexSite(app, global_reactor)
+    port = global_reactor.listenTCP(0, site, interface="127.0.0.1")
+    return Octoplex(f"http://127.0.0.1:{port.getHost().port}", client, site, port)
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    # So that a test can check that Octoplex's own connections log nothing.
+    _factory = _QuietFactory
+
+
+class Caller:
+    """
+    The test's own HTTP client, on a non-persistent pool so that it leaves
+    no connection behind.
+    """
+
+    def __init__(self) -> None:
+        pool = _QuietPool(global_reactor, persistent=False)
+        self._http = HTTPClient(Agent(global_reactor, pool=pool))
+
+    async def post(self, url: str, document: Any) -> tuple[int, Any, Any]:
+        """
+        POST ``document`` as JSON; return the status, headers and parsed JSON.
+        """
+        body = document if isinstance(document, bytes) else json.dumps(document).encode()
+        response = await self._http.post(
+            url, data=body, headers={"content-type": "application/json"}
+        )
+        content = await treq.content(response)
+        return response.code, response.headers, json.loads(content)
+
+    async def get(self, url: str, method: str = "GET") -> tuple[int, Any, bytes]:
+        """
+        Send a bodiless request; return the status, headers and raw body.
+        """
+        response = await self._http.request(method, url)
+        return response.code, response.headers, await treq.content(response)
