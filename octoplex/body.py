@@ -13,7 +13,8 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 __all__ = ["BodyTooLarge", "read_body"]
@@ -74,7 +75,7 @@ class _BodyReader(Protocol):
         """
         transport = self.transport
         if transport is not None:
-            transport.loseConnection()  # type: ignore[attr-defined]
+            transport.loseConnection()
 
 
 def read_body(response: IResponse, limit: int) -> Deferred[bytes]:

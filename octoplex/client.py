@@ -24,7 +24,7 @@ import attr
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IReactorCore
+from twisted.internet.interfaces import IConsumer
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -117,7 +117,7 @@ class UpstreamClient(Service):
     """
     The service that owns the shared pool and client.
 
-    :param reactor: the reactor to connect and time with.
+    :param reactor: the reactor to connect and time with (TCP, SSL, time).
     :param settings: the pool's policy.
     :param max_response_bytes: the most body bytes read from one response;
         a larger body fails that request.
@@ -130,7 +130,7 @@ class UpstreamClient(Service):
 
     def __init__(
         self,
-        reactor: IReactorCore,
+        reactor: Any,
         settings: PoolSettings,
         max_response_bytes: int,
         tls_policy: IPolicyForHTTPS | None = None,
@@ -141,7 +141,8 @@ class UpstreamClient(Service):
             tls_policy = HostnameCachingHTTPSPolicy(BrowserLikePolicyForHTTPS())
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = settings.max_idle_per_host
-        self._pool.cachedConnectionTimeout = settings.idle_timeout
+        # Typed int in Twisted, but it is only ever given to callLater.
+        self._pool.cachedConnectionTimeout = settings.idle_timeout  # type: ignore[assignment]
         endpoints = UpstreamEndpointFactory(reactor, tls_policy, settings.connect_timeout)
         agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
         self._http = HTTPClient(

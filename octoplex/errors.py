@@ -47,13 +47,15 @@ def _lost(cause: Failure, when: str) -> str:
     return f"{cause.getErrorMessage()} {when}"
 
 
-def _parse_detail(exc: BaseException) -> str:
+def _parse_detail(exc: BaseException | None) -> str:
+    assert exc is not None
     reason, data = exc.args[0], exc.args[1] if len(exc.args) > 1 else b""
     shown = data[:60] if isinstance(data, bytes) else data
     return f"{reason} {shown!r}"
 
 
-def _tls_detail(exc: BaseException) -> str:
+def _tls_detail(exc: BaseException | None) -> str:
+    assert exc is not None
     parts = []
     for entry in exc.args[0] if exc.args and isinstance(exc.args[0], list) else []:
         if isinstance(entry, tuple) and entry:

@@ -10,7 +10,7 @@ here, with one structured log event per batch.
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import attr
 from klein import Klein
@@ -141,7 +141,8 @@ class OctoplexApp:
         """
         ``405`` naming the methods the route takes.
         """
-        allowed = sorted(failure.value.valid_methods or ())
+        error = cast(MethodNotAllowed, failure.value)
+        allowed = sorted(error.valid_methods or ())
         request.setResponseCode(405)
         request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
         method = request.method.decode("ascii", "replace")
@@ -165,9 +166,14 @@ class OctoplexRequest(Request):
     _received = 0
     _refused = False
 
+    def _limits(self) -> Limits:
+        # HTTPFactory.buildProtocol gives every channel its site.
+        site: OctoplexSite = self.channel.site  # type: ignore[attr-defined]
+        return site.limits
+
     def gotLength(self, length: int | None) -> None:
         set_tcp_nodelay(self.channel.transport)
-        limit = self.channel.site.limits.max_request_bytes
+        limit = self._limits().max_request_bytes
         if length is not None and length > limit:
             self._refuse(f"request body is {length} bytes; at most {limit} are allowed")
             return
@@ -177,7 +183,7 @@ class OctoplexRequest(Request):
         if self._refused:
             return
         self._received += len(data)
-        limit = self.channel.site.limits.max_request_bytes
+        limit = self._limits().max_request_bytes
         if self._received > limit:
             self._refuse(f"request body exceeds {limit} bytes, the most allowed")
             return
@@ -202,6 +208,7 @@ class OctoplexRequest(Request):
         )
         body = error_body(message)
         transport = self.channel.transport
+        assert transport is not None
         transport.write(
             b"HTTP/1.1 413 Content Too Large\r\n"
             b"content-type: " + JSON_CONTENT_TYPE + b"\r\n"
