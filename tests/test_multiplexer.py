@@ -1,0 +1,170 @@
+"""
+The multiplexer's fan-out and deadline, on a fake clock with an upstream
+client whose answers the test controls: no sockets, no real time.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from octoplex.client import UpstreamResponse
+from octoplex.limits import Limits
+from octoplex.multiplexer import Multiplexer
+from octoplex.wire import Batch, UpstreamRequest, parse_batch
+
+
+class ControlledClient:
+    """
+    An upstream client whose every request waits until the test answers it.
+    """
+
+    def __init__(self) -> None:
+        self.sent: list[UpstreamRequest] = []
+        self.pending: list[Deferred[UpstreamResponse]] = []
+        self.cancelled: list[str] = []
+
+    def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+        def cancel(_: Deferred[UpstreamResponse]) -> None:
+            self.cancelled.append(request.uri)
+
+        self.sent.append(request)
+        d: Deferred[UpstreamResponse] = Deferred(cancel)
+        self.pending.append(d)
+        return d
+
+    def answer(self, index: int, body: bytes = b"ok", status: int = 200) -> None:
+        self.pending[index].callback(UpstreamResponse(status, Headers(), body))
+
+
+def _batch(timeout_msec: int, *uris: str) -> Batch:
+    document = {"timeout_msec": timeout_msec, "requests": [{"uri": uri} for uri in uris]}
+    return parse_batch(json.dumps(document).encode(), Limits())
+
+
+def _run(batch: Batch) -> tuple[Clock, ControlledClient, Deferred[Any], list[Any]]:
+    clock = Clock()
+    client = ControlledClient()
+    d = Multiplexer(clock, client).run(batch, "test-batch")
+    results: list[Any] = []
+    d.addBoth(results.append)
+    return clock, client, d, results
+
+
+def test_outcomes_keep_request_order() -> None:
+    """Answers that arrive in reverse order are reported in request order, with durations."""
+    clock, client, _, results = _run(_batch(1000, "http://a/1", "http://a/2", "http://a/3"))
+    for index in (2, 1, 0):
+        clock.advance(0.010)
+        client.answer(index, body=f"answer {index}".encode())
+    [result] = results
+    contents = [o["Success"]["content"] for o in result.outcomes]
+    assert contents == ["answer 0", "answer 1", "answer 2"]
+    assert [o["Success"]["duration_msec"] for o in result.outcomes] == [30, 20, 10]
+    assert (result.succeeded, result.failed, result.timed_out) == (3, 0, 0)
+    assert clock.getDelayedCalls() == []
+
+
+def test_deadline_times_out_and_cancels_what_is_left() -> None:
+    """At the deadline the unanswered requests fail as timeouts and are cancelled."""
+    clock, client, _, results = _run(_batch(250, "http://a/fast", "http://a/slow"))
+    clock.advance(0.1)
+    client.answer(0)
+    assert results == []
+    clock.advance(0.15)
+    [result] = results
+    assert result.outcomes[0]["Success"]["duration_msec"] == 100
+    assert result.outcomes[1] == {"Failure": {"error": "timeout elapsed", "duration_msec": 250}}
+    assert client.cancelled == ["http://a/slow"]
+    assert (result.succeeded, result.failed, result.timed_out) == (1, 0, 1)
+    assert clock.getDelayedCalls() == []
+
+
+def test_deadline_cancels_a_request_reading_its_body() -> None:
+    """A request past its headers, waiting on its body, is cancelled at the deadline too."""
+    clock = Clock()
+    body_cancelled: list[bool] = []
+
+    class BodyStage:
+        def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+            body: Deferred[UpstreamResponse] = Deferred(lambda _: body_cancelled.append(True))
+            # Headers have arrived: the request's Deferred now waits on the body's.
+            return succeed(None).addCallback(lambda _: body)
+
+    results: list[Any] = []
+    Multiplexer(clock, BodyStage()).run(_batch(100, "http://a/"), "b").addBoth(results.append)
+    clock.advance(0.1)
+    assert body_cancelled == [True]
+    assert results[0].outcomes[0]["Failure"]["error"] == "timeout elapsed"
+
+
+def test_invalid_requests_fail_alone_without_being_sent() -> None:
+    """An invalid request fails with duration 0 and is never sent; the rest run."""
+    clock, client, _, results = _run(_batch(1000, "ftp://a/", "http://a/ok"))
+    assert [r.uri for r in client.sent] == ["http://a/ok"]
+    clock.advance(0.5)
+    client.answer(0)
+    [result] = results
+    assert result.outcomes[0]["Failure"]["duration_msec"] == 0
+    assert "ftp" in result.outcomes[0]["Failure"]["error"]
+    assert result.outcomes[1]["Success"]["duration_msec"] == 500
+    assert (result.succeeded, result.failed) == (1, 1)
+
+
+def test_a_fetch_that_raises_fails_that_request_alone() -> None:
+    """A client that raises while building one request fails only that request."""
+    clock = Clock()
+
+    class Picky:
+        def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+            if request.uri.endswith("bad"):
+                raise ValueError("cannot build this one")
+            return succeed(UpstreamResponse(204, Headers(), b""))
+
+    results: list[Any] = []
+    batch = _batch(1000, "http://a/bad", "http://a/good")
+    Multiplexer(clock, Picky()).run(batch, "b").addBoth(results.append)
+    [result] = results
+    assert result.outcomes[0] == {
+        "Failure": {"error": "ValueError: cannot build this one", "duration_msec": 0}
+    }
+    assert result.outcomes[1]["Success"]["status"] == 204
+    assert clock.getDelayedCalls() == []
+
+
+def test_upstream_failure_is_explained() -> None:
+    """A failed request becomes a Failure whose error explains it, at its own time."""
+    clock, client, _, results = _run(_batch(1000, "http://a/"))
+    clock.advance(0.003)
+    client.pending[0].errback(Failure(ConnectionRefusedError()))
+    assert results[0].outcomes == [
+        {"Failure": {"error": "connection refused by upstream", "duration_msec": 3}}
+    ]
+
+
+def test_caller_departure_cancels_everything() -> None:
+    """Cancelling the batch (the caller hung up) cancels every request and the deadline."""
+    clock, client, d, results = _run(_batch(1000, "http://a/1", "http://a/2"))
+    client.answer(0)
+    d.cancel()
+    assert client.cancelled == ["http://a/2"]
+    [failure] = results
+    assert isinstance(failure, Failure) and failure.check(CancelledError)
+    assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("timeout_msec", [0, 1, 3_600_000])
+def test_deadline_is_scheduled_at_the_batch_timeout(timeout_msec: int) -> None:
+    """The deadline is exactly timeout_msec after the batch starts."""
+    clock, client, _, results = _run(_batch(timeout_msec, "http://a/"))
+    [call] = clock.getDelayedCalls()
+    assert call.getTime() == pytest.approx(timeout_msec / 1000.0)
+    clock.advance(timeout_msec / 1000.0)
+    assert results[0].timed_out == 1

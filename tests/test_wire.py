@@ -1,0 +1,146 @@
+"""
+The wire format's rules that need no socket: how headers are checked and
+folded, how URIs are normalised, and how outcomes are serialised.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from twisted.web.http_headers import Headers
+
+from octoplex.limits import Limits
+from octoplex.wire import (
+    BatchError,
+    InvalidRequest,
+    UpstreamRequest,
+    encode,
+    parse_batch,
+    success_outcome,
+)
+
+
+def _one(item: dict[str, Any]) -> UpstreamRequest | InvalidRequest:
+    document = {"timeout_msec": 100, "requests": [item]}
+    return parse_batch(json.dumps(document).encode(), Limits()).requests[0]
+
+
+def _ok(item: dict[str, Any]) -> UpstreamRequest:
+    request = _one(item)
+    assert isinstance(request, UpstreamRequest), request
+    return request
+
+
+def _invalid(item: dict[str, Any]) -> str:
+    request = _one(item)
+    assert isinstance(request, InvalidRequest), request
+    return request.error
+
+
+def test_defaults() -> None:
+    """method defaults to GET, headers to none and body to none; null headers are none."""
+    request = _ok({"uri": "http://a.example/x?y=1", "headers": None})
+    assert request.method == b"GET"
+    assert list(request.headers.getAllRawHeaders()) == []
+    assert request.body is None
+    assert request.url.to_text() == "http://a.example/x?y=1"
+
+
+def test_body_is_utf8() -> None:
+    """A body string is sent as its UTF-8 bytes."""
+    assert _ok({"uri": "http://a/", "body": "café ☕"}).body == "café ☕".encode()
+
+
+def test_hop_by_hop_headers_are_dropped() -> None:
+    """Connection-level headers are the pool's business and are not forwarded."""
+    headers = {
+        "Connection": "close",
+        "Keep-Alive": "timeout=5",
+        "Transfer-Encoding": "chunked",
+        "Upgrade": "h2c",
+        "TE": "trailers",
+        "X-Kept": "yes",
+    }
+    request = _ok({"uri": "http://a/", "headers": headers})
+    assert list(request.headers.getAllRawHeaders()) == [(b"X-Kept", [b"yes"])]
+
+
+def test_content_length_must_match_the_body() -> None:
+    """A Content-Length that matches the body is accepted; one that lies fails the request."""
+    request = _ok({"uri": "http://a/", "body": "abc", "headers": {"Content-Length": "3"}})
+    assert not request.headers.hasHeader(b"content-length")
+    error = _invalid({"uri": "http://a/", "body": "abc", "headers": {"Content-Length": "30"}})
+    assert error == (
+        'header Content-Length is "30" but the body is 3 bytes; leave it out and Octoplex sets it'
+    )
+
+
+def test_header_values_may_be_utf8_and_tabs() -> None:
+    """Non-ASCII header text is sent as UTF-8; HTAB is legal; DEL is not."""
+    request = _ok({"uri": "http://a/", "headers": {"X-Name": "Zoë\tB"}})
+    assert request.headers.getRawHeaders(b"x-name") == ["Zoë\tB".encode()]
+    assert "control character" in _invalid({"uri": "http://a/", "headers": {"X": "a\x7f"}})
+
+
+@pytest.mark.parametrize(
+    ("uri", "sent"),
+    [
+        ("HTTP://Example.COM/Path", "http://example.com/Path"),
+        ("https://bücher.example/ä?q=ü", "https://xn--bcher-kva.example/%C3%A4?q=%C3%BC"),
+        ("http://127.0.0.1:8080/a%20b", "http://127.0.0.1:8080/a%20b"),
+    ],
+)
+def test_uris_are_normalised_to_ascii(uri: str, sent: str) -> None:
+    """Schemes are case-insensitive and IRIs become URIs before they are sent."""
+    assert _ok({"uri": uri}).url.to_text() == sent
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("http://user:pw@a/", "carries credentials"),
+        ("http://a:0/", "port 0"),
+        ("http://[::1]:80/", "IPv6 literal"),
+        ("http://xn--/", "invalid host"),
+        ("http://a:/", "does not parse"),
+    ],
+)
+def test_unsendable_uris_fail_alone(uri: str, message: str) -> None:
+    """URIs Octoplex cannot send fail their request with a reason."""
+    assert message in _invalid({"uri": uri})
+
+
+def test_long_bad_values_are_cut_short_in_errors() -> None:
+    """An error quotes at most 80 characters of a hostile value."""
+    error = _invalid({"uri": "ftp://" + "a" * 10_000})
+    assert len(error) < 200
+    assert "…" in error
+
+
+def test_json_must_be_an_object_and_strict() -> None:
+    """Infinity and a top-level array are rejected as batch errors."""
+    with pytest.raises(BatchError, match="Infinity is not valid JSON"):
+        parse_batch(b'{"timeout_msec": Infinity, "requests": []}', Limits())
+    with pytest.raises(BatchError, match="must be a JSON object"):
+        parse_batch(b"null", Limits())
+
+
+def test_success_outcome_folds_headers_the_original_way() -> None:
+    """Header names are lowercased, a repeated header keeps its last value, bodies decode lossily."""
+    headers = Headers({b"Content-Type": [b"text/plain"], b"Set-Cookie": [b"a=1", b"b=2"]})
+    outcome = success_outcome(201, headers, b"ok \xff", 12)
+    assert outcome == {
+        "Success": {
+            "headers": {"content-type": "text/plain", "set-cookie": "b=2"},
+            "status": 201,
+            "content": "ok \ufffd",
+            "duration_msec": 12,
+        }
+    }
+
+
+def test_encode_is_compact_utf8() -> None:
+    """Responses are compact JSON with non-ASCII text as UTF-8, as serde_json wrote them."""
+    assert encode({"a": "é", "b": [1, 2]}) == '{"a":"é","b":[1,2]}'.encode()
