@@ -163,7 +163,7 @@ def test_caller_departure_cancels_everything() -> None:
 @pytest.mark.parametrize("timeout_msec", [0, 1, 3_600_000])
 def test_deadline_is_scheduled_at_the_batch_timeout(timeout_msec: int) -> None:
     """The deadline is exactly timeout_msec after the batch starts."""
-    clock, client, _, results = _run(_batch(timeout_msec, "http://a/"))
+    clock, _, _, results = _run(_batch(timeout_msec, "http://a/"))
     [call] = clock.getDelayedCalls()
     assert call.getTime() == pytest.approx(timeout_msec / 1000.0)
     clock.advance(timeout_msec / 1000.0)

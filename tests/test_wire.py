@@ -128,7 +128,7 @@ def test_json_must_be_an_object_and_strict() -> None:
 
 
 def test_success_outcome_folds_headers_the_original_way() -> None:
-    """Header names are lowercased, a repeated header keeps its last value, bodies decode lossily."""
+    """Names are lowercased, a repeated header keeps its last value, bodies decode lossily."""
     headers = Headers({b"Content-Type": [b"text/plain"], b"Set-Cookie": [b"a=1", b"b=2"]})
     outcome = success_outcome(201, headers, b"ok \xff", 12)
     assert outcome == {
