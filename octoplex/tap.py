@@ -9,12 +9,14 @@ per ``--listen``.  Only this module imports the global reactor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -41,8 +43,8 @@ def _positive(kind: Callable[[str], Any], what: str) -> Callable[[str], Any]:
             value = kind(text)
         except ValueError:
             raise ValueError(f"{text!r} is not {what}") from None
-        if not value > 0:
-            raise ValueError(f"{text!r} must be greater than 0")
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{text!r} must be a finite number greater than 0")
         return value
 
     coerce.coerceDoc = f"Must be {what} greater than 0."  # type: ignore[attr-defined]
@@ -158,6 +160,15 @@ class _Octoplex(MultiService):
         super().__init__()
         self._listen = listen
         self._limits = limits
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            # A daemon that cannot take its port must not run on without it;
+            # say so in one line rather than a traceback.
+            address = f"{e.interface or '*'}:{e.port}"
+            raise SystemExit(f"octoplex: cannot listen on {address}: {e.socketError}") from None
 
     def startService(self) -> None:
         super().startService()
