@@ -76,6 +76,9 @@ def describe(failure: Failure) -> str:
     if isinstance(value, ResponseNeverReceived):
         return _lost(_cause(value.reasons), "before sending a response")
     if isinstance(value, ResponseFailed):
+        # Twisted attaches the response only once its headers were parsed.
+        if value.response is None:
+            return _lost(_cause(value.reasons), "before finishing the response headers")
         return _lost(_cause(value.reasons), "while sending the response body")
     if isinstance(value, (RequestTransmissionFailed, RequestGenerationFailed)):
         cause = _cause(value.reasons)
