@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -237,12 +238,18 @@ class Octoplex:
         )
 
 
-def start_octoplex(limits: Limits | None = None, pool: PoolSettings | None = None) -> Octoplex:
+def start_octoplex(
+    limits: Limits | None = None,
+    pool: PoolSettings | None = None,
+    tls_policy: IPolicyForHTTPS | None = None,
+) -> Octoplex:
     """
     Start Octoplex on 127.0.0.1, wired as the tap wires it.
     """
     limits = limits or Limits()
-    client = UpstreamClient(global_reactor, pool or PoolSettings(), limits.max_response_bytes)
+    client = UpstreamClient(
+        global_reactor, pool or PoolSettings(), limits.max_response_bytes, tls_policy
+    )
     client.startService()
     app = OctoplexApp(Multiplexer(global_reactor, client), limits, global_reactor)
     site = OctoplexSite(app, global_reactor)
