@@ -11,11 +11,13 @@ setup(
     packages=["octoplex", "twisted.plugins"],
     include_package_data=False,
     install_requires=[
-        # 24.7 is the lowest Twisted this is tested with (tox -e lowest).
-        "twisted[tls]>=24.7.0",
+        # 26.10 is the lowest Twisted tested (tox -e lowest): older ones
+        # mutate a used TLS context, which pyOpenSSL 26.2 and later refuse,
+        # so their HTTPS servers fail every handshake (twisted#12639).
+        "twisted[tls]>=26.10.0",
         "treq>=24.9.1",
         "klein>=24.8.0",
-        "service-identity>=24.1.0",
+        "service-identity>=24.2.0",
         "pyopenssl>=24.2.1",
         "attrs>=23.1.0",
     ],
