@@ -153,6 +153,8 @@ class _BatchRun:
         self._running.discard(index)
 
     def _succeeded(self, response: UpstreamResponse, index: int) -> None:
+        if self._result.outcomes[index] is not None:
+            return
         self._result.outcomes[index] = success_outcome(
             response.status, response.headers, response.body, self._elapsed_msec()
         )
@@ -201,6 +203,9 @@ class _BatchRun:
             self._result.outcomes[index] = failure_outcome(TIMEOUT_ELAPSED, elapsed)
             self._result.timed_out += 1
         self._cancel(pending)
+        # Cancelling normally settles every request at once, and _gathered
+        # has answered already; if a canceller was slow, answer anyway.
+        self._finish()
 
     def _uri(self, index: int) -> str:
         return self._batch.requests[index].uri or ""
@@ -232,5 +237,8 @@ class _BatchRun:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        if not self._abandoned:
+        self._finish()
+
+    def _finish(self) -> None:
+        if not (self._abandoned or self._answer.called):
             self._answer.callback(self._result)

@@ -168,3 +168,25 @@ def test_deadline_is_scheduled_at_the_batch_timeout(timeout_msec: int) -> None:
     assert call.getTime() == pytest.approx(timeout_msec / 1000.0)
     clock.advance(timeout_msec / 1000.0)
     assert results[0].timed_out == 1
+
+
+def test_deadline_answers_even_if_a_cancellation_is_slow() -> None:
+    """A request whose cancellation does not settle it at once does not delay the answer."""
+    clock = Clock()
+    results: list[Any] = []
+    batch = _batch(100, "http://a/")
+    # Deferred.cancel always settles a Deferred; a request stuck in a
+    # broken canceller is one whose cancel does nothing.
+    stuck_cancel: list[bool] = []
+
+    class Swallow:
+        def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+            d: Deferred[UpstreamResponse] = Deferred()
+            d.cancel = lambda: stuck_cancel.append(True)  # type: ignore[method-assign]
+            return d
+
+    Multiplexer(clock, Swallow()).run(batch, "b").addBoth(results.append)
+    clock.advance(0.1)
+    assert stuck_cancel == [True]
+    assert results[0].outcomes == [{"Failure": {"error": "timeout elapsed", "duration_msec": 100}}]
+    assert clock.getDelayedCalls() == []
