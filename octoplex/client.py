@@ -41,6 +41,9 @@ from octoplex.wire import UpstreamRequest
 
 __all__ = ["PoolSettings", "UpstreamClient", "UpstreamResponse"]
 
+# Twisted sets a length of 0 for these, whatever the upstream said.
+_NO_BODY_CODES = frozenset({204, 304})
+
 
 class _NoCookies(DefaultCookiePolicy):
     """
@@ -178,6 +181,14 @@ class UpstreamClient(Service):
             # Content-Encoding on a response that had none; the caller must
             # see only what the upstream sent.
             headers.removeHeader(b"content-encoding")
+        if (
+            isinstance(response.length, int)
+            and response.code not in _NO_BODY_CODES
+            and not headers.hasHeader(b"content-length")
+        ):
+            # Twisted's parser keeps Content-Length among the connection
+            # headers, out of response.headers; the original reported it.
+            headers.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
         d = read_body(response, self._max_response_bytes)
         return d.addCallback(lambda body: UpstreamResponse(response.code, response.headers, body))
 

@@ -155,6 +155,7 @@ async def test_success_has_the_original_shape(
     assert success["status"] == 200
     assert success["content"] == "Hello world!"
     assert success["headers"]["content-type"] == "text/plain"
+    assert success["headers"]["content-length"] == "12"
     assert all(name == name.lower() for name in success["headers"])
     assert "content-encoding" not in success["headers"]
     assert isinstance(success["duration_msec"], int) and success["duration_msec"] >= 0
@@ -295,3 +296,26 @@ async def test_oversized_request_body_is_413(upstream: Upstream, caller: Caller)
     finally:
         await server.stop()
     assert reactor.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_framing_headers_in_success(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """Content-Length is reported as the upstream sent it; hop-by-hop framing is not."""
+    batch = {
+        "timeout_msec": 2000,
+        "requests": [
+            {"uri": upstream.url + "/bytes/5"},
+            {"uri": upstream.url + "/delay/1"},
+            {"method": "HEAD", "uri": upstream.url + "/bytes/7"},
+        ],
+    }
+    status, _, body = await caller.post(octoplex.url + "/multiplex", batch)
+    assert status == 200
+    fixed, chunked, head = (o["Success"] for o in body["responses"])
+    assert fixed["headers"]["content-length"] == "5"
+    assert "content-length" not in chunked["headers"]
+    assert "transfer-encoding" not in chunked["headers"]
+    assert chunked["content"] == "delayed 1"
+    assert (head["headers"]["content-length"], head["content"]) == ("7", "")
