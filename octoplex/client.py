@@ -25,21 +25,20 @@ from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer
-from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HostnameCachingHTTPSPolicy,
-    HTTPConnectionPool,
-)
+from twisted.web.client import Agent, HostnameCachingHTTPSPolicy, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from octoplex.body import read_body
 from octoplex.endpoints import UpstreamEndpointFactory
+from octoplex.tls import UpstreamTLSPolicy
 from octoplex.wire import UpstreamRequest
 
 __all__ = ["PoolSettings", "UpstreamClient", "UpstreamResponse"]
+
+#: Upstream hosts whose TLS context is kept.
+TLS_CONTEXT_HOSTS = 1000
 
 # Twisted sets a length of 0 for these, whatever the upstream said.
 _NO_BODY_CODES = frozenset({204, 304})
@@ -124,9 +123,9 @@ class UpstreamClient(Service):
     :param settings: the pool's policy.
     :param max_response_bytes: the most body bytes read from one response;
         a larger body fails that request.
-    :param tls_policy: the TLS policy for ``https`` upstreams; by default
-        certificates are verified against the platform's trust store, and
-        one TLS context is kept per host (a new one costs about 15 ms of CPU).
+    :param tls_policy: the TLS policy for ``https`` upstreams; by default an
+        :class:`~octoplex.tls.UpstreamTLSPolicy` that verifies certificates
+        against the platform's trust store.  One TLS context is kept per host.
     """
 
     name = "upstream-client"
@@ -140,8 +139,11 @@ class UpstreamClient(Service):
     ) -> None:
         self._reactor = reactor
         self._max_response_bytes = max_response_bytes
-        if tls_policy is None:
-            tls_policy = HostnameCachingHTTPSPolicy(BrowserLikePolicyForHTTPS())
+        # One TLS context per upstream host, not one per connection (a new
+        # context costs about 15 ms of CPU).
+        tls_policy = HostnameCachingHTTPSPolicy(
+            tls_policy or UpstreamTLSPolicy(), cacheSize=TLS_CONTEXT_HOSTS
+        )
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = settings.max_idle_per_host
         # Typed int in Twisted, but it is only ever given to callLater.

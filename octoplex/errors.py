@@ -22,6 +22,7 @@ from twisted.web._newclient import (
 )
 
 from octoplex.body import BodyTooLarge
+from octoplex.tls import CertificateRejected
 
 __all__ = ["TIMEOUT_ELAPSED", "describe"]
 
@@ -40,6 +41,8 @@ def _lost(cause: Failure, when: str) -> str:
         return f"upstream closed the connection {when}"
     if cause.check(ParseError):
         return f"upstream sent an invalid HTTP response: {_parse_detail(cause.value)}"
+    if cause.check(CertificateRejected):
+        return f"TLS handshake failed: {cause.value}"
     if cause.check(TLSError):
         return f"TLS error {when}: {_tls_detail(cause.value)}"
     if cause.check(error.ConnectionLost):

@@ -18,6 +18,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from octoplex import __version__
@@ -30,6 +31,13 @@ from octoplex.limits import (
     Limits,
 )
 from octoplex.multiplexer import Multiplexer
+from octoplex.tls import (
+    TLSConfigError,
+    UpstreamTLSPolicy,
+    load_client_certificate,
+    load_trust_root,
+    server_options,
+)
 from octoplex.web import OctoplexApp, OctoplexSite
 
 __all__ = ["Options", "makeService"]
@@ -118,17 +126,41 @@ class Options(usage.Options):
             "Seconds a connection to an upstream may take to open.",
             _seconds,
         ],
+        ["tls-cert", None, None, "PEM certificate (intermediates may follow) for --listen-tls."],
+        ["tls-key", None, None, "PEM private key of --tls-cert."],
+        ["tls-chain", None, None, "PEM intermediate certificates for --listen-tls."],
+        [
+            "tls-client-ca",
+            None,
+            None,
+            "PEM CA certificates: --listen-tls then requires a client certificate they signed.",
+        ],
+        [
+            "upstream-ca",
+            None,
+            None,
+            "PEM CA certificates to trust for https upstreams, instead of the system's.",
+        ],
+        ["upstream-client-cert", None, None, "PEM client certificate for https upstreams."],
+        ["upstream-client-key", None, None, "PEM private key of --upstream-client-cert."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["listen-tls"] = []
 
     def opt_listen(self, description: str) -> None:
         """
         Listen on this Twisted endpoint (tcp:8080, ssl:8443:...); repeatable. [default: tcp:8080]
         """
         self["listen"].append(description)
+
+    def opt_listen_tls(self, description: str) -> None:
+        """
+        Listen with TLS (--tls-cert, --tls-key) on this endpoint, e.g. tcp:8443; repeatable.
+        """
+        self["listen-tls"].append(description)
 
     def opt_version(self) -> None:
         """
@@ -138,15 +170,46 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
-        if not self["listen"]:
+        if not self["listen"] and not self["listen-tls"]:
             self["listen"] = [DEFAULT_LISTEN]
         from twisted.internet import reactor
 
-        for description in self["listen"]:
-            try:
-                serverFromString(reactor, description)
-            except Exception as e:
-                raise usage.UsageError(f"--listen {description!r} is not usable: {e}") from None
+        for option in ("listen", "listen-tls"):
+            for description in self[option]:
+                try:
+                    serverFromString(reactor, description)
+                except Exception as e:
+                    raise usage.UsageError(
+                        f"--{option} {description!r} is not usable: {e}"
+                    ) from None
+        try:
+            self._load_tls()
+        except TLSConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _load_tls(self) -> None:
+        """
+        Read every TLS file now, so that a bad one stops start-up with its
+        name rather than failing the first handshake.
+        """
+        serving = self["listen-tls"]
+        for option in ("tls-cert", "tls-key", "tls-chain", "tls-client-ca"):
+            if self[option] is not None and not serving:
+                raise usage.UsageError(f"--{option} applies to --listen-tls, which is not given")
+        self["tls-options"] = None
+        if serving:
+            if self["tls-cert"] is None or self["tls-key"] is None:
+                raise usage.UsageError("--listen-tls needs --tls-cert and --tls-key")
+            self["tls-options"] = server_options(
+                self["tls-cert"], self["tls-key"], self["tls-chain"], self["tls-client-ca"]
+            )
+        cert, key = self["upstream-client-cert"], self["upstream-client-key"]
+        if (cert is None) != (key is None):
+            raise usage.UsageError("--upstream-client-cert and --upstream-client-key go together")
+        self["upstream-tls"] = UpstreamTLSPolicy(
+            load_trust_root(self["upstream-ca"]),
+            None if cert is None else load_client_certificate(cert, key),
+        )
 
 
 class _Octoplex(MultiService):
@@ -208,11 +271,14 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         idle_timeout=options["pool-idle-timeout"],
         connect_timeout=options["connect-timeout"],
     )
-    root = _Octoplex(options["listen"], limits)
-    client = UpstreamClient(reactor, pool, limits.max_response_bytes)
+    root = _Octoplex(options["listen"] + options["listen-tls"], limits)
+    client = UpstreamClient(reactor, pool, limits.max_response_bytes, options["upstream-tls"])
     client.setServiceParent(root)
     app = OctoplexApp(Multiplexer(reactor, client), limits, reactor)
     site = OctoplexSite(app, reactor)
     for description in options["listen"]:
         strports.service(description, site, reactor=reactor).setServiceParent(root)
+    for description in options["listen-tls"]:
+        secure = TLSMemoryBIOFactory(options["tls-options"], False, site)
+        strports.service(description, secure, reactor=reactor).setServiceParent(root)
     return root
