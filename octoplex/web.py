@@ -24,6 +24,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from octoplex.endpoints import set_tcp_nodelay
 from octoplex.limits import Limits
 from octoplex.multiplexer import BatchResult, Multiplexer
+from octoplex.tls import peer_identity
 from octoplex.wire import JSON_CONTENT_TYPE, BatchError, encode, error_body, parse_batch
 
 __all__ = ["OctoplexApp", "OctoplexSite", "format_address"]
@@ -87,12 +88,16 @@ class OctoplexApp:
         assert request.content is not None
         body = request.content.read()
         client = format_address(request.getClientAddress())
+        identity = peer_identity(request.channel.transport)
+        if identity is not None:
+            client = f"{client} ({identity})"
         try:
             batch = parse_batch(body, self.limits)
         except BatchError as e:
             self.log.info(
                 "batch from {client} rejected: {error}",
                 client=client,
+                tls_identity=identity,
                 error=str(e),
                 bytes_in=len(body),
             )
@@ -100,7 +105,7 @@ class OctoplexApp:
             return _respond(request, JSON_CONTENT_TYPE, error_body(str(e)))
         batch_id = os.urandom(8).hex()
         d = self.multiplexer.run(batch, batch_id)
-        d.addCallback(self._answer, request, batch_id, client, started, len(body))
+        d.addCallback(self._answer, request, batch_id, client, identity, started, len(body))
         return d
 
     def _answer(
@@ -109,6 +114,7 @@ class OctoplexApp:
         request: IRequest,
         batch_id: str,
         client: str,
+        identity: str | None,
         started: float,
         bytes_in: int,
     ) -> bytes:
@@ -118,6 +124,7 @@ class OctoplexApp:
             "{failed} failed, {timed_out} timed out, in {elapsed_ms} ms",
             batch_id=batch_id,
             client=client,
+            tls_identity=identity,
             size=len(result.outcomes),
             succeeded=result.succeeded,
             failed=result.failed,
