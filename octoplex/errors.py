@@ -89,7 +89,8 @@ def describe(failure: Failure) -> str:
     if isinstance(value, error.ConnectionRefusedError):
         return "connection refused by upstream"
     if isinstance(value, error.DNSLookupError):
-        return f"DNS lookup failed: {value}"
+        # Twisted's message begins "DNS lookup failed:" itself.
+        return str(value)
     if isinstance(value, error.TimeoutError):
         return "connecting to upstream timed out"
     if isinstance(value, error.ConnectError):

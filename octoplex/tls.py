@@ -18,6 +18,7 @@ per connection.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -174,20 +175,21 @@ def server_options(
     certificates, key = _pair(cert_path, key_path, "TLS")
     if chain_path is not None:
         certificates += _certificates(chain_path, "TLS chain file")
-    leaf = _private_certificate(certificates[0], key)
-    extra = [Certificate.loadPEM(_to_pem(c)).original for c in certificates[1:]]
     verify: dict[str, Any] = {}
     if client_ca_path is not None:
         authorities = _certificates(client_ca_path, "TLS client CA file")
         verify = {
             "verify": True,
             "requireCertificate": True,
+            # The CA store takes pyOpenSSL certificates only.
             "caCerts": [Certificate.loadPEM(_to_pem(c)).original for c in authorities],
         }
+    # cryptography objects: pyOpenSSL 26 deprecates its own X509 and PKey,
+    # and hands these straight to OpenSSL (Twisted's annotations lag).
     return CertificateOptions(
-        privateKey=leaf.privateKey.original,
-        certificate=leaf.original,
-        extraCertChain=extra,
+        privateKey=key,
+        certificate=certificates[0],  # type: ignore[arg-type]
+        extraCertChain=certificates[1:],  # type: ignore[arg-type]
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
         acceptableProtocols=_ALPN,
@@ -218,15 +220,32 @@ def load_client_certificate(cert_path: str, key_path: str) -> PrivateCertificate
     return _private_certificate(certificates[0], key)
 
 
-def _names(cert: x509.Certificate) -> str:
+def _alternative_names(cert: x509.Certificate) -> list[str]:
+    """
+    The certificate's subject alternative names, in order: DNS names, IP
+    addresses, e-mail addresses and URIs (a SPIFFE ID, say).
+    """
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
-        names += [str(n) for n in san.get_values_for_type(x509.IPAddress)]
     except x509.ExtensionNotFound:
-        names = []
-    if not names:
-        names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        return []
+    kinds = (x509.DNSName, x509.IPAddress, x509.RFC822Name, x509.UniformResourceIdentifier)
+    return [str(name.value) for name in san if isinstance(name, kinds)]
+
+
+def _subject(cert: x509.Certificate) -> str:
+    # cryptography warns about malformed attributes (a country that is not
+    # two letters, as in WireMock's built-in certificate); the subject is
+    # still worth showing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cert.subject.rfc4514_string()
+
+
+def _names(cert: x509.Certificate) -> str:
+    names = _alternative_names(cert) or [
+        str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ]
     return ", ".join(names) or "no names"
 
 
@@ -252,7 +271,7 @@ def _verifier(
         def reject(reason: str, certificate: x509.Certificate, depth: int) -> bool:
             error = CertificateRejected(
                 f"certificate of {hostname} rejected: {reason} "
-                f"(subject {certificate.subject.rfc4514_string()}, chain depth {depth})"
+                f"(subject {_subject(certificate)}, chain depth {depth})"
             )
             if protocol:
                 protocol.pop().failVerification(Failure(error))
@@ -344,4 +363,5 @@ def peer_identity(transport: Any) -> str | None:
     common = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if common:
         return str(common[0].value)
-    return _names(certificate).split(", ")[0]
+    names = _alternative_names(certificate)
+    return names[0] if names else None
