@@ -18,7 +18,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,20 +50,29 @@ SLACK = 0.4
 @attr.s(auto_attribs=True)
 class WireMock:
     """
-    The module's WireMock: its base URL, or why it could not be started.
+    A running WireMock: its base URLs, or why it could not be started.
 
-    Reading :attr:`url` fails the calling test when WireMock is not running,
-    so a missing jar or ``java`` shows as a failed test, not a skipped one.
+    Reading :attr:`url` or :attr:`https_url` fails the calling test when
+    WireMock is not running, so a missing jar or ``java`` shows as a failed
+    test, not a skipped one.
     """
 
     base_url: str | None
     problem: str | None = None
+    https_base_url: str | None = None
 
     @property
     def url(self) -> str:
         if self.base_url is None:
             pytest.fail(f"WireMock is not running: {self.problem}", pytrace=False)
         return self.base_url
+
+    @property
+    def https_url(self) -> str:
+        base_url = self.url
+        if self.https_base_url is None:
+            pytest.fail(f"WireMock at {base_url} was started without an HTTPS port", pytrace=False)
+        return self.https_base_url
 
 
 def _java() -> str | None:
@@ -79,33 +89,43 @@ def _tail(log: Path) -> str:
     return text[-2000:] or "<no output>"
 
 
-def _wait_until_ready(process: subprocess.Popen[bytes], log: Path) -> str:
+def _printed_port(log: Path, name: str) -> str | None:
+    # With --port 0 (--https-port 0) WireMock prints the port it bound,
+    # `port: 45417` (`https-port: 45749`).
+    found = re.search(rf"^{name}:\s+(\d+)\s*$", log.read_text(errors="replace"), re.M)
+    return found.group(1) if found else None
+
+
+def _wait_until_ready(
+    process: subprocess.Popen[bytes], log: Path, https: bool, deadline: float
+) -> WireMock:
     """
-    Wait for WireMock to print the port it chose, then for its health check
-    to answer; return the base URL.  Raise ``RuntimeError`` on a timeout or
-    an early exit.
+    Wait for WireMock to print the port(s) it chose, then for its health
+    check to answer.  Raise ``RuntimeError`` on a timeout or an early exit.
     """
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    base_url = None
+    base_url = https_base_url = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"WireMock exited with {process.returncode}:\n{_tail(log)}")
         if base_url is None:
-            # With --port 0 WireMock prints the port it bound, `port: 45417`.
-            found = re.search(r"^port:\s+(\d+)\s*$", log.read_text(errors="replace"), re.M)
-            if found:
-                base_url = f"http://127.0.0.1:{found.group(1)}"
-        if base_url is not None:
+            port = _printed_port(log, "port")
+            if port is not None:
+                base_url = f"http://127.0.0.1:{port}"
+        if https and https_base_url is None:
+            port = _printed_port(log, "https-port")
+            if port is not None:
+                https_base_url = f"https://127.0.0.1:{port}"
+        if base_url is not None and (https_base_url is not None or not https):
             try:
                 with urllib.request.urlopen(base_url + "/__admin/health", timeout=2) as answer:
                     if answer.status == 200:
-                        return base_url
+                        return WireMock(base_url, https_base_url=https_base_url)
             except (urllib.error.URLError, OSError):
                 pass
         time.sleep(0.1)
     raise RuntimeError(
         f"WireMock was not ready within {STARTUP_TIMEOUT:.0f} s "
-        f"(base URL {base_url}):\n{_tail(log)}"
+        f"(base URL {base_url}, HTTPS base URL {https_base_url}):\n{_tail(log)}"
     )
 
 
@@ -119,58 +139,91 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
+def _missing() -> str | None:
+    """
+    Why WireMock cannot be run here, or ``None`` if it can.
+    """
+    jar = os.environ.get("WIREMOCK_JAR")
+    if not jar:
+        return f"WIREMOCK_JAR is not set; {HOW_TO_INSTALL}"
+    if not Path(jar).is_file():
+        return f"WIREMOCK_JAR={jar} is not a file; {HOW_TO_INSTALL}"
+    if _java() is None:
+        return f"`java` was not found on PATH or in JAVA_HOME; {HOW_TO_INSTALL}"
+    return None
+
+
+@contextmanager
+def running_wiremocks(*extra_arguments: Sequence[str]) -> Iterator[list[WireMock]]:
+    """
+    Start one WireMock on 127.0.0.1 with the mappings of ``tests/wiremock``
+    for each list of extra command-line arguments, all at once (a JVM takes
+    seconds to start), and always stop them all afterwards.  A WireMock
+    started with ``--https-port`` gets its :attr:`WireMock.https_url`.
+
+    A WireMock that could not be started is yielded with its problem.
+    """
+    problem = _missing()
+    if problem is not None:
+        yield [WireMock(None, problem) for _ in extra_arguments]
+        return
+    java, jar = _java(), os.environ["WIREMOCK_JAR"]
+    assert java is not None
+    with tempfile.TemporaryDirectory(prefix="wiremock-") as scratch:
+        started: list[tuple[subprocess.Popen[bytes], Path, bool]] = []
+        try:
+            for index, extra in enumerate(extra_arguments):
+                directory = Path(scratch) / str(index)
+                directory.mkdir()
+                log = directory / "wiremock.log"
+                command = [
+                    java,
+                    "-jar",
+                    jar,
+                    "--port",
+                    "0",
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--root-dir",
+                    str(ROOT_DIR),
+                    "--disable-banner",
+                    "--no-request-journal",
+                    "--disable-request-logging",
+                    "--disable-extensions-scanning",
+                    "--async-response-enabled",
+                    "true",
+                    *extra,
+                ]
+                with log.open("wb") as output:
+                    process = subprocess.Popen(
+                        command,
+                        stdin=subprocess.DEVNULL,
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                        cwd=directory,
+                    )
+                started.append((process, log, "--https-port" in extra))
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            servers = []
+            for process, log, https in started:
+                try:
+                    servers.append(_wait_until_ready(process, log, https, deadline))
+                except RuntimeError as e:
+                    servers.append(WireMock(None, str(e)))
+            yield servers
+        finally:
+            for process, _, _ in started:
+                _stop(process)
+
+
 @pytest.fixture(scope="module")
 def wiremock() -> Iterator[WireMock]:
     """
     WireMock on 127.0.0.1 with the mappings of ``tests/wiremock``, started
     once for the module and always stopped after it.
     """
-    jar = os.environ.get("WIREMOCK_JAR")
-    java = _java()
-    if not jar:
-        yield WireMock(None, f"WIREMOCK_JAR is not set; {HOW_TO_INSTALL}")
-        return
-    if not Path(jar).is_file():
-        yield WireMock(None, f"WIREMOCK_JAR={jar} is not a file; {HOW_TO_INSTALL}")
-        return
-    if java is None:
-        yield WireMock(None, f"`java` was not found on PATH or in JAVA_HOME; {HOW_TO_INSTALL}")
-        return
-    command = [
-        java,
-        "-jar",
-        jar,
-        "--port",
-        "0",
-        "--bind-address",
-        "127.0.0.1",
-        "--root-dir",
-        str(ROOT_DIR),
-        "--disable-banner",
-        "--no-request-journal",
-        "--disable-request-logging",
-        "--disable-extensions-scanning",
-        "--async-response-enabled",
-        "true",
-    ]
-    with tempfile.TemporaryDirectory(prefix="wiremock-") as scratch:
-        log = Path(scratch) / "wiremock.log"
-        with log.open("wb") as output:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                cwd=scratch,
-            )
-        try:
-            try:
-                server = WireMock(_wait_until_ready(process, log))
-            except RuntimeError as e:
-                server = WireMock(None, str(e))
-            yield server
-        finally:
-            _stop(process)
+    with running_wiremocks([]) as [server]:
+        yield server
 
 
 def _batch(timeout_msec: int, uris: list[str]) -> dict[str, Any]:
