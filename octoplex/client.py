@@ -31,6 +31,7 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from octoplex.body import read_body
+from octoplex.dns import CachingResolver
 from octoplex.endpoints import UpstreamEndpointFactory
 from octoplex.tls import UpstreamTLSPolicy
 from octoplex.wire import UpstreamRequest
@@ -126,6 +127,8 @@ class UpstreamClient(Service):
     :param tls_policy: the TLS policy for ``https`` upstreams; by default an
         :class:`~octoplex.tls.UpstreamTLSPolicy` that verifies certificates
         against the platform's trust store.  One TLS context is kept per host.
+    :param resolver: the caching resolver installed on ``reactor``, if any;
+        it lets a failed lookup say why.
     """
 
     name = "upstream-client"
@@ -136,6 +139,7 @@ class UpstreamClient(Service):
         settings: PoolSettings,
         max_response_bytes: int,
         tls_policy: IPolicyForHTTPS | None = None,
+        resolver: CachingResolver | None = None,
     ) -> None:
         self._reactor = reactor
         self._max_response_bytes = max_response_bytes
@@ -148,7 +152,7 @@ class UpstreamClient(Service):
         self._pool.maxPersistentPerHost = settings.max_idle_per_host
         # Typed int in Twisted, but it is only ever given to callLater.
         self._pool.cachedConnectionTimeout = settings.idle_timeout  # type: ignore[assignment]
-        endpoints = UpstreamEndpointFactory(reactor, tls_policy, settings.connect_timeout)
+        endpoints = UpstreamEndpointFactory(reactor, tls_policy, settings.connect_timeout, resolver)
         agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
         self._http = HTTPClient(
             agent,

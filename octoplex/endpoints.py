@@ -20,16 +20,20 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
+from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IReactorCore,
     IStreamClientEndpoint,
 )
+from twisted.python.failure import Failure
 from twisted.web.client import URI
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
+
+from octoplex.dns import CachingResolver, NameNotResolved
 
 __all__ = ["UpstreamEndpointFactory", "set_tcp_nodelay"]
 
@@ -68,6 +72,32 @@ class _TunedEndpoint:
         return protocol
 
 
+@implementer(IStreamClientEndpoint)
+class _ExplainedName:
+    """
+    Wrap a ``HostnameEndpoint`` so that a failed lookup says why (NXDOMAIN,
+    SERVFAIL, timeout): an ``IHostnameResolver`` can only report "no
+    addresses", so the reason is asked of the resolver afterwards.
+    """
+
+    def __init__(
+        self, wrapped: IStreamClientEndpoint, host: str, resolver: CachingResolver
+    ) -> None:
+        self._wrapped = wrapped
+        self._host = host
+        self._resolver = resolver
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        return self._wrapped.connect(protocolFactory).addErrback(self._explain)
+
+    def _explain(self, failure: Failure) -> Failure:
+        if failure.check(DNSLookupError) and not failure.check(NameNotResolved):
+            reason = self._resolver.explain(self._host)
+            if reason is not None:
+                return Failure(NameNotResolved(f"DNS lookup for {self._host} failed: {reason}"))
+        return failure
+
+
 @implementer(IAgentEndpointFactory)
 class UpstreamEndpointFactory:
     """
@@ -76,14 +106,21 @@ class UpstreamEndpointFactory:
     :param reactor: the reactor to connect with.
     :param tls_policy: chooses the TLS settings for an ``https`` upstream.
     :param connect_timeout: seconds a TCP connect may take.
+    :param resolver: the resolver installed on ``reactor``, if it is
+        Octoplex's; it explains failed lookups.
     """
 
     def __init__(
-        self, reactor: IReactorCore, tls_policy: IPolicyForHTTPS, connect_timeout: float
+        self,
+        reactor: IReactorCore,
+        tls_policy: IPolicyForHTTPS,
+        connect_timeout: float,
+        resolver: CachingResolver | None = None,
     ) -> None:
         self._reactor = reactor
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout
+        self._resolver = resolver
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host
@@ -108,4 +145,7 @@ class UpstreamEndpointFactory:
             return TCP4ClientEndpoint(self._reactor, text, port, timeout=timeout)
         if isIPv6Address(text):
             return TCP6ClientEndpoint(self._reactor, text, port, timeout=timeout)
-        return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        if self._resolver is None:
+            return endpoint
+        return _ExplainedName(endpoint, text, self._resolver)

@@ -18,11 +18,13 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.names import client as names_client
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from octoplex import __version__
 from octoplex.client import PoolSettings, UpstreamClient
+from octoplex.dns import CachingResolver, DNSSettings, nameservers
 from octoplex.limits import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -126,6 +128,27 @@ class Options(usage.Options):
             "Seconds a connection to an upstream may take to open.",
             _seconds,
         ],
+        [
+            "dns-min-ttl",
+            None,
+            DNSSettings().min_ttl,
+            "Seconds a DNS answer is cached at least, whatever its TTL.",
+            _seconds,
+        ],
+        [
+            "dns-max-ttl",
+            None,
+            DNSSettings().max_ttl,
+            "Seconds a DNS answer is cached at most, whatever its TTL.",
+            _seconds,
+        ],
+        [
+            "dns-negative-ttl",
+            None,
+            DNSSettings().negative_ttl,
+            "Seconds a failed DNS lookup is remembered.",
+            _seconds,
+        ],
         ["tls-cert", None, None, "PEM certificate (intermediates may follow) for --listen-tls."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
         ["tls-chain", None, None, "PEM intermediate certificates for --listen-tls."],
@@ -203,6 +226,10 @@ class Options(usage.Options):
             self["tls-options"] = server_options(
                 self["tls-cert"], self["tls-key"], self["tls-chain"], self["tls-client-ca"]
             )
+        if self["dns-min-ttl"] > self["dns-max-ttl"]:
+            raise usage.UsageError(
+                f"--dns-min-ttl {self['dns-min-ttl']} is above --dns-max-ttl {self['dns-max-ttl']}"
+            )
         cert, key = self["upstream-client-cert"], self["upstream-client-key"]
         if (cert is None) != (key is None):
             raise usage.UsageError("--upstream-client-cert and --upstream-client-key go together")
@@ -214,15 +241,21 @@ class Options(usage.Options):
 
 class _Octoplex(MultiService):
     """
-    The daemon's root service; it announces the daemon once it listens.
+    The daemon's root service: it installs the caching resolver on the
+    reactor, and announces the daemon once it listens.
     """
 
     log = Logger()
 
-    def __init__(self, listen: list[str], limits: Limits) -> None:
+    def __init__(
+        self, listen: list[str], limits: Limits, reactor: Any, resolver: CachingResolver
+    ) -> None:
         super().__init__()
         self._listen = listen
         self._limits = limits
+        self._reactor = reactor
+        self._resolver = resolver
+        self._previous_resolver: Any = None
 
     def privilegedStartService(self) -> None:
         try:
@@ -234,6 +267,8 @@ class _Octoplex(MultiService):
             raise SystemExit(f"octoplex: cannot listen on {address}: {e.socketError}") from None
 
     def startService(self) -> None:
+        if self._previous_resolver is None:
+            self._previous_resolver = self._reactor.installNameResolver(self._resolver)
         super().startService()
         self.log.info(
             "octoplex {version} listening on {listen}",
@@ -244,7 +279,11 @@ class _Octoplex(MultiService):
 
     def stopService(self) -> Any:
         self.log.info("octoplex {version} stopping", version=__version__)
-        return super().stopService()
+        d = super().stopService()
+        if self._previous_resolver is not None:
+            self._reactor.installNameResolver(self._previous_resolver)
+            self._previous_resolver = None
+        return d
 
 
 def makeService(options: Options, reactor: Any | None = None) -> IService:
@@ -271,8 +310,19 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         idle_timeout=options["pool-idle-timeout"],
         connect_timeout=options["connect-timeout"],
     )
-    root = _Octoplex(options["listen"] + options["listen-tls"], limits)
-    client = UpstreamClient(reactor, pool, limits.max_response_bytes, options["upstream-tls"])
+    resolver = CachingResolver(
+        reactor,
+        names_client.Resolver(servers=nameservers(), reactor=reactor),
+        DNSSettings(
+            min_ttl=options["dns-min-ttl"],
+            max_ttl=options["dns-max-ttl"],
+            negative_ttl=options["dns-negative-ttl"],
+        ),
+    )
+    root = _Octoplex(options["listen"] + options["listen-tls"], limits, reactor, resolver)
+    client = UpstreamClient(
+        reactor, pool, limits.max_response_bytes, options["upstream-tls"], resolver
+    )
     client.setServiceParent(root)
     app = OctoplexApp(Multiplexer(reactor, client), limits, reactor)
     site = OctoplexSite(app, reactor)
