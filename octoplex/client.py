@@ -23,9 +23,9 @@ from typing import Any
 import attr
 from treq.client import HTTPClient
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IConsumer
-from twisted.web.client import Agent, HostnameCachingHTTPSPolicy, HTTPConnectionPool
+from twisted.web.client import Agent, HostnameCachingHTTPSPolicy
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
@@ -33,10 +33,30 @@ from zope.interface import implementer
 from octoplex.body import read_body
 from octoplex.dns import CachingResolver
 from octoplex.endpoints import UpstreamEndpointFactory
+from octoplex.pool import OctoplexPool
 from octoplex.tls import UpstreamTLSPolicy
 from octoplex.wire import UpstreamRequest
 
-__all__ = ["PoolSettings", "UpstreamClient", "UpstreamResponse"]
+__all__ = ["PoolSettings", "QueueTimeout", "UpstreamClient", "UpstreamResponse"]
+
+
+class QueueTimeout(Exception):
+    """
+    A request was cancelled (by its batch's deadline) while it still waited
+    for a connection: the cap on connections in use was reached.
+    """
+
+    def __init__(self, what: str, cap: int) -> None:
+        super().__init__(what, cap)
+        self.what = what
+        self.cap = cap
+
+    def __str__(self) -> str:
+        return (
+            f"timeout elapsed before a connection to {self.what} was free "
+            f"(all {self.cap} in use); the request was never sent"
+        )
+
 
 #: Upstream hosts whose TLS context is kept.
 TLS_CONTEXT_HOSTS = 1000
@@ -109,11 +129,21 @@ class PoolSettings:
     :ivar idle_timeout: seconds an idle connection is kept.
     :ivar connect_timeout: seconds a TCP connect may take (a batch's
         deadline cuts it shorter).
+    :ivar max_per_host: requests in flight, and so connections in use, per
+        ``(scheme, host, port)``; more wait in a queue that their batch's
+        deadline can cancel.  Twisted caps only idle connections.
+    :ivar max_total: requests in flight over all upstreams; more wait.
+    :ivar max_requests: requests one connection carries before it is closed.
+    :ivar max_age: seconds after which a connection is closed when idle.
     """
 
     max_idle_per_host: int = 32
     idle_timeout: float = 30.0
     connect_timeout: float = 10.0
+    max_per_host: int = 128
+    max_total: int = 512
+    max_requests: int = 1000
+    max_age: float = 120.0
 
 
 class UpstreamClient(Service):
@@ -148,7 +178,8 @@ class UpstreamClient(Service):
         tls_policy = HostnameCachingHTTPSPolicy(
             tls_policy or UpstreamTLSPolicy(), cacheSize=TLS_CONTEXT_HOSTS
         )
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._settings = settings
+        self._pool = OctoplexPool(reactor, settings.max_requests, settings.max_age)
         self._pool.maxPersistentPerHost = settings.max_idle_per_host
         # Typed int in Twisted, but it is only ever given to callLater.
         self._pool.cachedConnectionTimeout = settings.idle_timeout  # type: ignore[assignment]
@@ -159,6 +190,8 @@ class UpstreamClient(Service):
             cookiejar=CookieJar(_NoCookies()),  # type: ignore[arg-type]
             data_to_body_producer=_BytesProducer,
         )
+        self._all = DeferredSemaphore(settings.max_total)
+        self._hosts: dict[tuple[str, str, int | None], DeferredSemaphore] = {}
 
     def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
         """
@@ -167,9 +200,49 @@ class UpstreamClient(Service):
         :param request: the request to send.
         :return: a Deferred that fires with the response, or fails with why
             it could not be had.  Cancelling it closes the connection, at
-            whatever stage the exchange is.
+            whatever stage the exchange is; cancelling it while it waits for
+            a connection fails it with :class:`QueueTimeout`.
         """
-        d = self._http.request(
+        return Deferred.fromCoroutine(self._fetch(request))
+
+    async def _fetch(self, request: UpstreamRequest) -> UpstreamResponse:
+        url = request.url
+        key = (url.scheme, url.host, url.port)
+        host = self._hosts.get(key)
+        if host is None:
+            host = self._hosts[key] = DeferredSemaphore(self._settings.max_per_host)
+        await self._wait(host, f"{url.host}:{url.port}", self._settings.max_per_host)
+        try:
+            await self._wait(self._all, "any upstream", self._settings.max_total)
+            try:
+                response = await self._send(request)
+                return await self._read(response)
+            finally:
+                self._release(self._all)
+        finally:
+            self._release(host, key)
+
+    def _release(self, semaphore: DeferredSemaphore, key: Any = None) -> None:
+        # On the next reactor turn: a deadline cancels all of a batch's
+        # requests in one go, and a slot freed by the first must not wake the
+        # next one of the same batch, only for it to be cancelled after it
+        # took a connection.
+        self._reactor.callLater(0, self._released, semaphore, key)
+
+    def _released(self, semaphore: DeferredSemaphore, key: Any) -> None:
+        semaphore.release()
+        if key is not None and semaphore.tokens == semaphore.limit and not semaphore.waiting:
+            self._hosts.pop(key, None)
+
+    @staticmethod
+    async def _wait(semaphore: DeferredSemaphore, what: str, cap: int) -> None:
+        try:
+            await semaphore.acquire()
+        except CancelledError:
+            raise QueueTimeout(what, cap) from None
+
+    def _send(self, request: UpstreamRequest) -> Deferred[Any]:
+        return self._http.request(
             request.method.decode("ascii"),
             request.url,
             headers=request.headers,
@@ -178,7 +251,6 @@ class UpstreamClient(Service):
             unbuffered=True,
             reactor=self._reactor,
         )
-        return d.addCallback(self._read)
 
     def _read(self, response: IResponse) -> Deferred[UpstreamResponse]:
         headers = response.headers

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from octoplex.client import UpstreamResponse
+from octoplex.client import QueueTimeout, UpstreamResponse
 from octoplex.errors import TIMEOUT_ELAPSED, describe
 from octoplex.wire import (
     Batch,
@@ -118,6 +118,7 @@ class _BatchRun:
         self._started = 0.0
         self._deadline: IDelayedCall | None = None
         self._abandoned = False
+        self._expiring = False
         self._answer: Deferred[BatchResult] = Deferred(self._abandon)
 
     def start(self) -> Deferred[BatchResult]:
@@ -162,8 +163,15 @@ class _BatchRun:
 
     def _failed(self, failure: Failure, index: int) -> None:
         if self._result.outcomes[index] is not None:
-            # Already answered by the deadline or the caller's departure;
-            # this is the cancellation arriving.
+            # Already answered by the caller's departure; this is the
+            # cancellation arriving.
+            return
+        if self._expiring:
+            # The deadline's cancellation: a timeout, which says so if the
+            # request never even got a connection.
+            error = str(failure.value) if failure.check(QueueTimeout) else TIMEOUT_ELAPSED
+            self._result.outcomes[index] = failure_outcome(error, self._elapsed_msec())
+            self._result.timed_out += 1
             return
         self._fail(index, describe(failure), self._elapsed_msec())
 
@@ -199,12 +207,18 @@ class _BatchRun:
             size=len(self._items),
             pending_uris=[self._uri(index) for index in pending],
         )
+        self._expiring = True
+        try:
+            self._cancel(pending)
+        finally:
+            self._expiring = False
+        # Cancelling normally settles every request at once; one whose
+        # canceller did not is a timeout all the same, and the answer goes
+        # now rather than when it settles.
         for index in pending:
-            self._result.outcomes[index] = failure_outcome(TIMEOUT_ELAPSED, elapsed)
-            self._result.timed_out += 1
-        self._cancel(pending)
-        # Cancelling normally settles every request at once, and _gathered
-        # has answered already; if a canceller was slow, answer anyway.
+            if self._result.outcomes[index] is None:
+                self._result.outcomes[index] = failure_outcome(TIMEOUT_ELAPSED, elapsed)
+                self._result.timed_out += 1
         self._finish()
 
     def _uri(self, index: int) -> str:

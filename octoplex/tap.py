@@ -122,6 +122,34 @@ class Options(usage.Options):
             _seconds,
         ],
         [
+            "pool-max-per-host",
+            None,
+            PoolSettings().max_per_host,
+            "Requests in flight (connections in use) per upstream; more wait in a queue.",
+            _count,
+        ],
+        [
+            "pool-max-total",
+            None,
+            PoolSettings().max_total,
+            "Requests in flight (connections in use) over all upstreams; more wait.",
+            _count,
+        ],
+        [
+            "pool-max-requests",
+            None,
+            PoolSettings().max_requests,
+            "Requests one upstream connection carries before it is closed.",
+            _count,
+        ],
+        [
+            "pool-max-age",
+            None,
+            PoolSettings().max_age,
+            "Seconds after which an upstream connection is closed once idle.",
+            _seconds,
+        ],
+        [
             "connect-timeout",
             None,
             PoolSettings().connect_timeout,
@@ -309,6 +337,10 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         max_idle_per_host=options["pool-max-idle-per-host"],
         idle_timeout=options["pool-idle-timeout"],
         connect_timeout=options["connect-timeout"],
+        max_per_host=options["pool-max-per-host"],
+        max_total=options["pool-max-total"],
+        max_requests=options["pool-max-requests"],
+        max_age=options["pool-max-age"],
     )
     resolver = CachingResolver(
         reactor,
