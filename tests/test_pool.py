@@ -1,0 +1,357 @@
+"""
+The connection pool over real sockets: the caps on requests in flight (per
+upstream and in total), a request still queued at its batch's deadline, LIFO
+reuse that lets idle connections time out, retirement by request count and
+by age, and upstreams that close idle keep-alive connections.
+
+Concurrency and connection identity are measured on the upstream side: the
+test upstream below counts the requests it is serving and records which
+connection (server-side channel) carried each request.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attr
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from octoplex.client import PoolSettings
+
+from .servers import Caller, Upstream, _CountingSite, start_octoplex
+
+
+def _batch(timeout_msec: int, uris: list[str]) -> dict[str, Any]:
+    return {"timeout_msec": timeout_msec, "requests": [{"uri": uri} for uri in uris]}
+
+
+async def _sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+@attr.s(auto_attribs=True)
+class _InFlight:
+    """
+    Requests being served right now, the most ever at once, and the total.
+    """
+
+    now: int = 0
+    peak: int = 0
+    seen: int = 0
+
+    def enter(self) -> None:
+        self.now += 1
+        self.seen += 1
+        self.peak = max(self.peak, self.now)
+
+    def leave(self) -> None:
+        self.now -= 1
+
+
+class _Tracking(Resource):
+    """
+    An upstream that counts requests in flight (``/delay/<ms>``, ``/hello``,
+    ``/echo``) and records the server-side channel of every request, so that
+    a test can tell connections apart.  With ``close_after`` set, it closes
+    each connection that many seconds after answering on it.
+    """
+
+    isLeaf = True
+
+    def __init__(self, in_flight: _InFlight | None = None, close_after: float | None = None):
+        super().__init__()
+        self.in_flight = in_flight or _InFlight()
+        self.close_after = close_after
+        # The channel objects themselves, kept alive so that ids stay unique.
+        self.channels: list[Any] = []
+        self.methods: list[str] = []
+
+    def connections_used(self, start: int = 0) -> int:
+        """
+        How many distinct connections carried the requests from ``start`` on.
+        """
+        return len({id(channel) for channel in self.channels[start:]})
+
+    def render(self, request: Request) -> Any:
+        self.channels.append(request.channel)
+        self.methods.append(request.method.decode())
+        self.in_flight.enter()
+        if self.close_after is not None:
+            transport = request.channel.transport
+            request.notifyFinish().addBoth(
+                lambda _: reactor.callLater(self.close_after, transport.loseConnection)
+            )
+        parts = request.path.decode().strip("/").split("/")
+        if parts[0] == "delay":
+            return self._delay(request, int(parts[1]))
+        self.in_flight.leave()
+        if parts[0] == "echo":
+            assert request.content is not None
+            return request.method + b" " + request.content.read()
+        return b"Hello world!"
+
+    def _delay(self, request: Request, msec: int) -> Any:
+        def late() -> None:
+            self.in_flight.leave()
+            request.write(f"delayed {msec}".encode())
+            request.finish()
+
+        call = reactor.callLater(msec / 1000.0, late)
+
+        def gone(_: Any) -> None:
+            if call.active():
+                call.cancel()
+                self.in_flight.leave()
+
+        request.notifyFinish().addErrback(gone)
+        return NOT_DONE_YET
+
+
+def _serve(resource: _Tracking) -> Upstream:
+    site = _CountingSite(resource)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    return Upstream(f"http://127.0.0.1:{port.getHost().port}", site, resource, port)  # type: ignore[arg-type]
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_host_cap_limits_requests_in_flight(caller: Caller) -> None:
+    """With max_per_host=2, six 200 ms requests to one upstream run two at a time."""
+    resource = _Tracking()
+    upstream = _serve(resource)
+    octoplex = start_octoplex(pool=PoolSettings(max_per_host=2))
+    try:
+        uris = [f"{upstream.url}/delay/200?n={n}" for n in range(6)]
+        started = time.monotonic()
+        status, _, body = await caller.post(octoplex.url + "/multiplex", _batch(5000, uris))
+        elapsed = time.monotonic() - started
+    finally:
+        await octoplex.stop()
+        await upstream.stop()
+    assert status == 200
+    assert [o["Success"]["content"] for o in body["responses"]] == ["delayed 200"] * 6
+    assert resource.in_flight.peak == 2
+    assert resource.in_flight.seen == 6
+    # Three waves of 200 ms.
+    assert 0.6 <= elapsed < 0.9, elapsed
+
+
+@pytest_twisted.ensureDeferred
+async def test_global_cap_limits_requests_in_flight_over_all_upstreams(caller: Caller) -> None:
+    """With max_total=3, requests to two upstreams run at most three at a time in all."""
+    shared = _InFlight()
+    first, second = _Tracking(shared), _Tracking(shared)
+    one, two = _serve(first), _serve(second)
+    octoplex = start_octoplex(pool=PoolSettings(max_total=3))
+    try:
+        uris = [f"{up.url}/delay/200?n={n}" for n in range(3) for up in (one, two)]
+        started = time.monotonic()
+        status, _, body = await caller.post(octoplex.url + "/multiplex", _batch(5000, uris))
+        elapsed = time.monotonic() - started
+    finally:
+        await octoplex.stop()
+        await one.stop()
+        await two.stop()
+    assert status == 200
+    assert [o["Success"]["content"] for o in body["responses"]] == ["delayed 200"] * 6
+    assert shared.peak == 3
+    assert len(first.channels) == len(second.channels) == 3
+    # Two waves of 200 ms.
+    assert 0.4 <= elapsed < 0.7, elapsed
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_still_queued_at_the_deadline_is_never_sent(caller: Caller) -> None:
+    """A request waiting for a connection at the deadline says so and never reaches the upstream."""
+    resource = _Tracking()
+    upstream = _serve(resource)
+    octoplex = start_octoplex(pool=PoolSettings(max_per_host=1))
+    try:
+        uris = [f"{upstream.url}/delay/500", f"{upstream.url}/delay/500"]
+        status, _, body = await caller.post(octoplex.url + "/multiplex", _batch(200, uris))
+        # Give a wrongly woken second request time to reach the upstream.
+        await _sleep(0.1)
+        seen_by_then = resource.in_flight.seen
+        connections_by_then = len(upstream.site.connections)
+        _, _, after = await caller.post(
+            octoplex.url + "/multiplex", _batch(2000, [upstream.url + "/hello"])
+        )
+    finally:
+        await octoplex.stop()
+        await upstream.stop()
+    assert status == 200
+    sent, queued = body["responses"]
+    assert sent["Failure"]["error"] == "timeout elapsed"
+    port = upstream.url.rsplit(":", 1)[1]
+    assert queued["Failure"]["error"] == (
+        f"timeout elapsed before a connection to 127.0.0.1:{port} was free "
+        "(all 1 in use); the request was never sent"
+    )
+    assert 200 <= queued["Failure"]["duration_msec"] < 400
+    assert seen_by_then == 1
+    assert connections_by_then == 1
+    # The daemon still serves, and the cap's slot was given back.
+    assert after["responses"][0]["Success"]["content"] == "Hello world!"
+
+
+@pytest_twisted.ensureDeferred
+async def test_newest_idle_connection_is_reused_and_the_rest_idle_out(caller: Caller) -> None:
+    """Under steady sequential traffic one connection serves everything; the other four idle out."""
+    resource = _Tracking()
+    upstream = _serve(resource)
+    octoplex = start_octoplex(pool=PoolSettings(max_idle_per_host=10, idle_timeout=0.5))
+    lost: list[int] = []
+    try:
+        url = octoplex.url + "/multiplex"
+        uris = [f"{upstream.url}/delay/50?n={n}" for n in range(5)]
+        _, _, body = await caller.post(url, _batch(2000, uris))
+        assert all(o["Success"]["status"] == 200 for o in body["responses"])
+        assert len(upstream.site.connections) == 5
+        for n in range(12):
+            await _sleep(0.1)
+            _, _, body = await caller.post(url, _batch(2000, [f"{upstream.url}/hello?n={n}"]))
+            assert body["responses"][0]["Success"]["status"] == 200
+            lost.append(len(upstream.site.lost))
+    finally:
+        await octoplex.stop()
+        await upstream.stop()
+    assert resource.connections_used(start=5) == 1
+    # The one in use was one of the five, and it is the one still open.
+    assert len(upstream.site.connections) == 5
+    assert lost[-1] == 4
+    # The four closed while traffic went on (idle timeout 0.5 s), not at the end.
+    assert lost.index(4) <= 8, lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_is_retired_after_max_requests(caller: Caller) -> None:
+    """With max_requests=3, seven sequential requests use three connections and retire two."""
+    resource = _Tracking()
+    upstream = _serve(resource)
+    octoplex = start_octoplex(pool=PoolSettings(max_requests=3))
+    try:
+        for n in range(7):
+            _, _, body = await caller.post(
+                octoplex.url + "/multiplex", _batch(2000, [f"{upstream.url}/hello?n={n}"])
+            )
+            assert body["responses"][0]["Success"]["status"] == 200
+        pool = octoplex.client._pool
+        opened, retired = pool.opened, pool.retired
+    finally:
+        await octoplex.stop()
+        await upstream.stop()
+    assert resource.connections_used() == 3
+    # Three on the first, three on the second, one on the third.
+    groups = [resource.channels.index(channel) for channel in resource.channels]
+    assert groups == [0, 0, 0, 3, 3, 3, 6]
+    assert (opened, retired) == (3, 2)
+
+
+async def _two_requests_apart(max_age: float, gap: float, caller: Caller) -> tuple[int, int]:
+    resource = _Tracking()
+    upstream = _serve(resource)
+    octoplex = start_octoplex(pool=PoolSettings(max_age=max_age))
+    try:
+        for n in range(2):
+            if n:
+                await _sleep(gap)
+            _, _, body = await caller.post(
+                octoplex.url + "/multiplex", _batch(2000, [f"{upstream.url}/hello?n={n}"])
+            )
+            assert body["responses"][0]["Success"]["status"] == 200
+    finally:
+        await octoplex.stop()
+        await upstream.stop()
+    return resource.connections_used(), len(upstream.site.connections)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_is_retired_after_max_age(caller: Caller) -> None:
+    """A connection older than max_age is not reused; a young one is."""
+    used, opened = await _two_requests_apart(max_age=0.3, gap=0.4, caller=caller)
+    assert (used, opened) == (2, 2)
+    used, opened = await _two_requests_apart(max_age=60.0, gap=0.4, caller=caller)
+    assert (used, opened) == (1, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_closing_idle_connections_fails_nothing(caller: Caller) -> None:
+    """An upstream that closes each connection soon after answering costs no GET or POST."""
+    resource = _Tracking(close_after=0.05)
+    upstream = _serve(resource)
+    octoplex = start_octoplex()
+    outcomes: list[dict[str, Any]] = []
+    try:
+        for n in range(10):
+            await _sleep(0.1)
+            request: dict[str, Any] = {"uri": f"{upstream.url}/echo?n={n}"}
+            if n % 2:
+                request.update(method="POST", body=f"post {n}")
+            _, _, body = await caller.post(
+                octoplex.url + "/multiplex", {"timeout_msec": 2000, "requests": [request]}
+            )
+            outcomes.extend(body["responses"])
+    finally:
+        await octoplex.stop()
+        await upstream.stop()
+    failures = [o for o in outcomes if "Failure" in o]
+    assert not failures, failures
+    contents = [o["Success"]["content"] for o in outcomes]
+    assert contents == ["GET " if n % 2 == 0 else f"POST post {n}" for n in range(10)]
+    # Every request found its connection gone and opened a new one.
+    assert resource.connections_used() == len(upstream.site.connections) == 10
+    assert len(upstream.site.lost) == 10
+
+
+class _AnswerOnce(Protocol):
+    """
+    Answer the first request on a connection with a keep-alive 200; on the
+    next request, close the connection without a word, as an upstream whose
+    keep-alive timeout fired just as the request arrived would.
+    """
+
+    def connectionMade(self) -> None:
+        self.answered = False
+        self.factory.connections += 1  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" not in data:
+            return
+        assert self.transport is not None
+        if self.answered:
+            self.transport.loseConnection()
+            return
+        self.answered = True
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_is_retried_on_a_connection_found_dead(caller: Caller) -> None:
+    """A GET whose reused connection is closed on it is retried on a new one; a POST is not."""
+    factory = Factory.forProtocol(_AnswerOnce)
+    factory.noisy = False
+    factory.connections = 0  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    base = f"http://127.0.0.1:{port.getHost().port}/"
+    octoplex = start_octoplex()
+    url = octoplex.url + "/multiplex"
+    try:
+        _, _, first = await caller.post(url, _batch(2000, [base]))
+        _, _, get = await caller.post(url, _batch(2000, [base]))
+        post_batch = {"timeout_msec": 2000, "requests": [{"uri": base, "method": "POST"}]}
+        _, _, post = await caller.post(url, post_batch)
+    finally:
+        await octoplex.stop()
+        await port.stopListening()
+    assert first["responses"][0]["Success"]["content"] == "ok"
+    # Sent on the first connection, which closed; sent again on a second.
+    assert get["responses"][0]["Success"]["content"] == "ok"
+    assert post["responses"][0]["Failure"]["error"] == (
+        "upstream closed the connection before sending a response"
+    )
+    assert factory.connections == 2  # type: ignore[attr-defined]
