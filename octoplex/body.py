@@ -10,6 +10,8 @@ pool.
 
 from __future__ import annotations
 
+import zlib
+
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -17,7 +19,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
-__all__ = ["BodyTooLarge", "read_body"]
+__all__ = ["BadGzip", "BodyTooLarge", "read_body"]
 
 
 class BodyTooLarge(Exception):
@@ -35,28 +37,54 @@ class BodyTooLarge(Exception):
         return f"upstream response body exceeded {self.limit} bytes (--max-response-bytes)"
 
 
+class BadGzip(Exception):
+    """
+    A body declared gzip-encoded does not decode.
+    """
+
+    def __str__(self) -> str:
+        return f"upstream sent a gzip-encoded body that does not decode: {self.args[0]}"
+
+
 class _BodyReader(Protocol):
     """
     Collect a body until it ends, or until it passes ``limit`` bytes, in
-    which case the connection is closed.
+    which case the connection is closed.  A gzip body is decoded as it
+    arrives, and the limit counts decoded bytes: no chunk is ever inflated
+    past it, so a small bomb cannot exhaust memory.
     """
 
-    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
+    def __init__(self, finished: Deferred[bytes], limit: int, gzip: bool) -> None:
         self._finished = finished
         self._limit = limit
         self._remaining = limit
         self._chunks: list[bytes] = []
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None
 
     def dataReceived(self, data: bytes) -> None:
         if self._finished.called:
             return
+        if self._inflate is not None:
+            if self._inflate.eof:
+                return
+            try:
+                data = self._inflate.decompress(data, self._remaining + 1)
+            except zlib.error as e:
+                self._fail(BadGzip(str(e)))
+                return
+            if self._inflate.unconsumed_tail:
+                self._fail(BodyTooLarge(self._limit))
+                return
         self._remaining -= len(data)
         if self._remaining < 0:
-            self._chunks.clear()
-            self._finished.errback(BodyTooLarge(self._limit))
-            self.abort()
+            self._fail(BodyTooLarge(self._limit))
             return
         self._chunks.append(data)
+
+    def _fail(self, error: Exception) -> None:
+        self._chunks.clear()
+        self._finished.errback(error)
+        self.abort()
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
         if self._finished.called:
@@ -64,7 +92,10 @@ class _BodyReader(Protocol):
         # PotentialDataLoss: an HTTP/1.0-style body that ends when the
         # connection closes, which is how such a body is meant to end.
         if reason.check(ResponseDone, PotentialDataLoss):
-            self._finished.callback(b"".join(self._chunks))
+            if self._inflate is not None and not self._inflate.eof:
+                self._finished.errback(BadGzip("it ends early"))
+            else:
+                self._finished.callback(b"".join(self._chunks))
         else:
             self._finished.errback(reason)
         self._chunks = []
@@ -78,13 +109,16 @@ class _BodyReader(Protocol):
             transport.loseConnection()
 
 
-def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
+def read_body(response: IResponse, limit: int, gzip: bool = False) -> Deferred[bytes]:
     """
     Read ``response``'s whole body.
 
     :param response: the response whose body to read.
-    :param limit: the most bytes to accept; past it, the Deferred fails
-        with :class:`BodyTooLarge` and the connection is closed.
+    :param limit: the most bytes to accept (decoded bytes, for gzip); past
+        it, the Deferred fails with :class:`BodyTooLarge` and the connection
+        is closed.
+    :param gzip: decode the body as gzip; one that does not decode fails
+        with :class:`BadGzip`.
     :return: a Deferred that fires with the body.  Cancelling it closes the
         connection.
     """
@@ -95,6 +129,6 @@ def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
         reader.abort()
 
     finished: Deferred[bytes] = Deferred(cancel)
-    reader = _BodyReader(finished, limit)
+    reader = _BodyReader(finished, limit, gzip)
     response.deliverBody(reader)
     return finished

@@ -25,9 +25,10 @@ from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IConsumer
+from twisted.python.components import proxyForInterface
 from twisted.web.client import Agent, HostnameCachingHTTPSPolicy
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from octoplex.body import read_body
@@ -101,6 +102,47 @@ class _BytesProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+class _GzipResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
+    """
+    A response whose body is gzip-encoded and still to be decoded.
+    """
+
+    gzip = True
+
+
+@implementer(IAgent)
+class _OwnGzipDecoding:
+    """
+    The agent under treq's wrappers.  It takes gzip responses away from the
+    ``ContentDecoderAgent`` that treq always adds, whose decoder inflates
+    each chunk with no bound (a small bomb would exhaust memory), and leaves
+    them to :func:`octoplex.body.read_body`, which decodes within the
+    response size limit.
+    """
+
+    def __init__(self, agent: IAgent) -> None:
+        self._agent = agent
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        d = self._agent.request(method, uri, headers, bodyProducer)
+        return d.addCallback(self._claim)
+
+    @staticmethod
+    def _claim(response: IResponse) -> IResponse:
+        encodings = response.headers.getRawHeaders(b"content-encoding") or []
+        tokens = [t.strip().lower() for t in b",".join(encodings).split(b",") if t.strip()]
+        if tokens in ([b"gzip"], [b"x-gzip"]):
+            response.headers.removeHeader(b"content-encoding")
+            return _GzipResponse(response)
+        return response
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
@@ -186,7 +228,7 @@ class UpstreamClient(Service):
         endpoints = UpstreamEndpointFactory(reactor, tls_policy, settings.connect_timeout, resolver)
         agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
         self._http = HTTPClient(
-            agent,
+            _OwnGzipDecoding(agent),
             cookiejar=CookieJar(_NoCookies()),  # type: ignore[arg-type]
             data_to_body_producer=_BytesProducer,
         )
@@ -254,20 +296,22 @@ class UpstreamClient(Service):
 
     def _read(self, response: IResponse) -> Deferred[UpstreamResponse]:
         headers = response.headers
+        gzip = getattr(getattr(response, "original", response), "gzip", False)
         if headers.getRawHeaders(b"content-encoding") == [b""]:
             # ContentDecoderAgent (which treq always adds) sets an empty
             # Content-Encoding on a response that had none; the caller must
             # see only what the upstream sent.
             headers.removeHeader(b"content-encoding")
         if (
-            isinstance(response.length, int)
+            not gzip
+            and isinstance(response.length, int)
             and response.code not in _NO_BODY_CODES
             and not headers.hasHeader(b"content-length")
         ):
             # Twisted's parser keeps Content-Length among the connection
             # headers, out of response.headers; the original reported it.
             headers.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
-        d = read_body(response, self._max_response_bytes)
+        d = read_body(response, self._max_response_bytes, gzip)
         return d.addCallback(lambda body: UpstreamResponse(response.code, response.headers, body))
 
     def stopService(self) -> Deferred[None]:

@@ -21,7 +21,7 @@ from twisted.web._newclient import (
     ResponseNeverReceived,
 )
 
-from octoplex.body import BodyTooLarge
+from octoplex.body import BadGzip, BodyTooLarge
 from octoplex.tls import CertificateRejected
 
 __all__ = ["TIMEOUT_ELAPSED", "describe"]
@@ -74,7 +74,7 @@ def describe(failure: Failure) -> str:
     :return: a human-readable message.
     """
     value = failure.value
-    if isinstance(value, BodyTooLarge):
+    if isinstance(value, (BodyTooLarge, BadGzip)):
         return str(value)
     if isinstance(value, ResponseNeverReceived):
         return _lost(_cause(value.reasons), "before sending a response")
