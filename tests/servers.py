@@ -5,7 +5,9 @@ counts its connections, raw TCP servers that misbehave, and Octoplex itself.
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -137,6 +139,21 @@ class _Upstream(Resource):
 
     def route_bytes(self, request: Request, count: str) -> bytes:
         return b"x" * int(count)
+
+    def route_gzip(self, request: Request, count: str) -> bytes:
+        request.setHeader(b"content-encoding", b"gzip")
+        return gzip.compress(b"x" * int(count))
+
+    def route_gzip_bomb(self, request: Request, megabytes: str) -> bytes:
+        request.setHeader(b"content-encoding", b"gzip")
+        squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        zeros = bytes(1024 * 1024)
+        body = b"".join(squeeze.compress(zeros) for _ in range(int(megabytes)))
+        return body + squeeze.flush()
+
+    def route_bad_gzip(self, request: Request) -> bytes:
+        request.setHeader(b"content-encoding", b"gzip")
+        return b"this is not gzip"
 
     def route_binary(self, request: Request) -> bytes:
         return b"ok \xff\xfe end"
