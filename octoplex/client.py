@@ -86,6 +86,9 @@ class _BytesProducer:
     ``FileBodyProducer`` feeds it through a cooperator, a reactor turn later.
     """
 
+    #: It can produce its body again, so a request may be retried.
+    replayable = True
+
     def __init__(self, body: bytes) -> None:
         self._body = body
         self.length = len(body)
@@ -177,6 +180,9 @@ class PoolSettings:
     :ivar max_total: requests in flight over all upstreams; more wait.
     :ivar max_requests: requests one connection carries before it is closed.
     :ivar max_age: seconds after which a connection is closed when idle.
+    :ivar connect_grace: seconds a connection whose request was cancelled
+        (by a deadline) may still take to open; it is then pooled, warm for
+        the next batch.
     """
 
     max_idle_per_host: int = 32
@@ -186,6 +192,7 @@ class PoolSettings:
     max_total: int = 512
     max_requests: int = 1000
     max_age: float = 120.0
+    connect_grace: float = 5.0
 
 
 class UpstreamClient(Service):
@@ -221,7 +228,9 @@ class UpstreamClient(Service):
             tls_policy or UpstreamTLSPolicy(), cacheSize=TLS_CONTEXT_HOSTS
         )
         self._settings = settings
-        self._pool = OctoplexPool(reactor, settings.max_requests, settings.max_age)
+        self._pool = OctoplexPool(
+            reactor, settings.max_requests, settings.max_age, settings.connect_grace
+        )
         self._pool.maxPersistentPerHost = settings.max_idle_per_host
         # Typed int in Twisted, but it is only ever given to callLater.
         self._pool.cachedConnectionTimeout = settings.idle_timeout  # type: ignore[assignment]

@@ -12,7 +12,15 @@ timeout and the pool never shrinks; and it keeps a connection for ever.
   the back idle out and the pool shrinks when load drops;
 - a connection is retired after ``max_requests`` requests;
 - a connection is retired once it is ``max_age`` seconds old, so traffic
-  follows DNS changes and upstream deploys.
+  follows DNS changes and upstream deploys;
+- a request on a pooled connection the upstream had closed is retried once
+  on a new connection when its method is idempotent, PUT and requests with
+  a (replayable) body included, where Twisted retries only bodiless GET,
+  HEAD, OPTIONS, DELETE and TRACE (twisted#7843);
+- a connection still being opened (DNS, TCP, TLS) when its request is
+  cancelled, by a batch deadline say, is finished in the background within
+  ``connect_grace`` seconds and pooled for the next request, where Twisted
+  throws that work away.
 """
 
 from __future__ import annotations
@@ -21,10 +29,38 @@ from collections.abc import Hashable
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
+from twisted.web._newclient import (
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.client import HTTPConnectionPool, _RetryingHTTP11ClientProtocol
+
+#: RFC 9110 section 9.2.2: repeating these has the effect of sending once.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+class _Retrying(_RetryingHTTP11ClientProtocol):
+    """
+    Twisted's retry-once wrapper, allowing every idempotent method and any
+    body whose producer can produce it again.
+    """
+
+    def _shouldRetry(self, method: bytes, exception: Exception, bodyProducer: Any) -> bool:
+        if method not in IDEMPOTENT:
+            return False
+        if not isinstance(
+            exception, (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
+        ):
+            return False
+        reasons = getattr(exception, "reasons", [])
+        if any(reason.check(CancelledError) for reason in reasons):
+            return False
+        return bodyProducer is None or getattr(bodyProducer, "replayable", False)
+
 
 __all__ = ["OctoplexPool"]
 
@@ -37,31 +73,89 @@ class OctoplexPool(HTTPConnectionPool):
     :param reactor: the reactor, for time and idle timeouts.
     :param max_requests: requests one connection carries before it is closed.
     :param max_age: seconds after which a connection is closed once idle.
+    :param connect_grace: seconds a connection whose request was cancelled
+        may still take to open, to be pooled.
     """
 
     log = Logger()
 
-    def __init__(self, reactor: Any, max_requests: int, max_age: float) -> None:
+    def __init__(
+        self, reactor: Any, max_requests: int, max_age: float, connect_grace: float
+    ) -> None:
         super().__init__(reactor, persistent=True)
         self._max_requests = max_requests
         self._max_age = max_age
+        self._connect_grace = connect_grace
         self._born: WeakKeyDictionary[Any, float] = WeakKeyDictionary()
         self._uses: WeakKeyDictionary[Any, int] = WeakKeyDictionary()
-        #: Connections opened and retired, for tests and statistics.
+        #: Connections opened, retired, and finished after their request was
+        #: cancelled: for tests and statistics.
         self.opened = 0
         self.retired = 0
+        self.warmed = 0
+        self._warming: set[Deferred[Any]] = set()
+        self._closed = False
 
     def _newConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
-        d = super()._newConnection(key, endpoint)
+        connecting = super()._newConnection(key, endpoint)
+        wanted: Deferred[Any] = Deferred(lambda _: self._finish_unwanted(key, connecting))
 
-        def opened(protocol: Any) -> Any:
+        def opened(protocol: Any) -> None:
             self.opened += 1
             self._born[protocol] = self._reactor.seconds()
-            return protocol
+            if wanted.called:
+                # Its request was cancelled while it opened: keep it warm.
+                if self._closed:
+                    protocol.transport.loseConnection()
+                    return
+                self.warmed += 1
+                self._idle(key, protocol)
+            else:
+                wanted.callback(protocol)
 
-        return d.addCallback(opened)
+        def failed(failure: Any) -> None:
+            if not wanted.called:
+                wanted.errback(failure)
+
+        connecting.addCallbacks(opened, failed)
+        return wanted
+
+    def _finish_unwanted(self, key: Hashable, connecting: Deferred[Any]) -> None:
+        """
+        The request waiting on ``connecting`` was cancelled: let the
+        connection open anyway, within the grace period, for the next one.
+        """
+        give_up = self._reactor.callLater(self._connect_grace, connecting.cancel)
+        self._warming.add(connecting)
+
+        def settled(result: Any) -> Any:
+            self._warming.discard(connecting)
+            if give_up.active():
+                give_up.cancel()
+            return result
+
+        connecting.addBoth(settled)
+
+    def closeCachedConnections(self) -> Deferred[Any]:
+        """
+        Close the idle connections, and give up those still opening.
+        """
+        self._closed = True
+        for connecting in list(self._warming):
+            connecting.cancel()
+        return super().closeCachedConnections()
 
     def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
+        d = self._get_connection(key, endpoint)
+        return d.addCallback(self._retrying, key, endpoint)
+
+    def _retrying(self, connection: Any, key: Hashable, endpoint: IStreamClientEndpoint) -> Any:
+        # Twisted wraps a pooled connection in its own retry wrapper; widen it.
+        if isinstance(connection, _RetryingHTTP11ClientProtocol):
+            return _Retrying(connection._clientProtocol, lambda: self._newConnection(key, endpoint))
+        return connection
+
+    def _get_connection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
         """
         Retire the idle connections for ``key`` that have grown too old,
         then let Twisted hand out the newest of the rest, or a new one.
@@ -87,6 +181,13 @@ class OctoplexPool(HTTPConnectionPool):
         if uses >= self._max_requests or self._too_old(connection, self._reactor.seconds()):
             self._retire(connection)
             return
+        self._idle(key, connection)
+
+    def _idle(self, key: Hashable, connection: Any) -> None:
+        """
+        Pool an idle connection at the front, dropping the least recently
+        used one if the pool for ``key`` is full.
+        """
         connections = self._connections.setdefault(key, [])
         if len(connections) >= self.maxPersistentPerHost:
             # Twisted would drop the front; here the front is the newest, so

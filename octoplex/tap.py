@@ -150,6 +150,13 @@ class Options(usage.Options):
             _seconds,
         ],
         [
+            "pool-connect-grace",
+            None,
+            PoolSettings().connect_grace,
+            "Seconds a connection cut off by a deadline may still take to open, to be pooled.",
+            _seconds,
+        ],
+        [
             "connect-timeout",
             None,
             PoolSettings().connect_timeout,
@@ -341,6 +348,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         max_total=options["pool-max-total"],
         max_requests=options["pool-max-requests"],
         max_age=options["pool-max-age"],
+        connect_grace=options["pool-connect-grace"],
     )
     resolver = CachingResolver(
         reactor,
