@@ -156,11 +156,13 @@ class UpstreamResponse:
     :ivar status: the status code.
     :ivar headers: the response headers, as received.
     :ivar body: the body, decoded if it was gzip-encoded.
+    :ivar content_encoding: ``"gzip"`` if it was, else ``None``.
     """
 
     status: int
     headers: Headers
     body: bytes
+    content_encoding: str | None = None
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -321,7 +323,10 @@ class UpstreamClient(Service):
             # headers, out of response.headers; the original reported it.
             headers.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
         d = read_body(response, self._max_response_bytes, gzip)
-        return d.addCallback(lambda body: UpstreamResponse(response.code, response.headers, body))
+        encoding = "gzip" if gzip else None
+        return d.addCallback(
+            lambda body: UpstreamResponse(response.code, response.headers, body, encoding)
+        )
 
     def stopService(self) -> Deferred[None]:
         """

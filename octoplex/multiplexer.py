@@ -157,7 +157,11 @@ class _BatchRun:
         if self._result.outcomes[index] is not None:
             return
         self._result.outcomes[index] = success_outcome(
-            response.status, response.headers, response.body, self._elapsed_msec()
+            response.status,
+            response.headers,
+            response.body,
+            self._elapsed_msec(),
+            response.content_encoding,
         )
         self._result.succeeded += 1
 

@@ -20,6 +20,7 @@ Two kinds of problem are told apart, as in the original:
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from typing import Any
@@ -258,15 +259,32 @@ def _parse_request(item: Any, index: int) -> UpstreamRequest | InvalidRequest:
 
     encoded = None if body is None else body.encode("utf-8")
     try:
+        checked = _check_headers(headers, 0 if encoded is None else len(encoded))
+        if encoded is not None and _asks_for_gzip(checked):
+            # A text body cannot already be gzip: the header asks Octoplex
+            # to compress it.
+            encoded = gzip.compress(encoded, compresslevel=6)
         return UpstreamRequest(
             method=_check_method(method),
             uri=uri,
             url=_check_uri(uri),
-            headers=_check_headers(headers, 0 if encoded is None else len(encoded)),
+            headers=checked,
             body=encoded,
         )
     except _InvalidValue as e:
         return InvalidRequest(uri=uri, error=str(e))
+
+
+def _asks_for_gzip(headers: Headers) -> bool:
+    values = headers.getRawHeaders(b"content-encoding") or []
+    if not values:
+        return False
+    if [v.strip().lower() for v in values] != [b"gzip"]:
+        raise _InvalidValue(
+            f"header Content-Encoding is {_quote([v.decode('latin-1') for v in values])}; "
+            "Octoplex can only gzip a body (Content-Encoding: gzip)"
+        )
+    return True
 
 
 class _InvalidValue(ValueError):
@@ -340,7 +358,11 @@ def _check_headers(headers: dict[str, str], body_length: int) -> Headers:
 
 
 def success_outcome(
-    status: int, headers: Headers, content: bytes, duration_msec: int
+    status: int,
+    headers: Headers,
+    content: bytes,
+    duration_msec: int,
+    content_encoding: str | None = None,
 ) -> dict[str, Any]:
     """
     The ``Success`` outcome of the original format.
@@ -348,20 +370,23 @@ def success_outcome(
     Header names are lowercased; a repeated header keeps its last value (the
     original kept one value per name).  The body is decoded as UTF-8, each
     invalid sequence replaced with U+FFFD, as the original's lossy decoding
-    did.
+    did.  ``content_encoding``, only when the upstream compressed the body
+    (which ``content`` holds decoded), is the one field the original never
+    sent.
     """
     folded = {
         name.decode("ascii", "replace").lower(): values[-1].decode("utf-8", "replace")
         for name, values in headers.getAllRawHeaders()
     }
-    return {
-        "Success": {
-            "headers": folded,
-            "status": status,
-            "content": content.decode("utf-8", "replace"),
-            "duration_msec": duration_msec,
-        }
+    success = {
+        "headers": folded,
+        "status": status,
+        "content": content.decode("utf-8", "replace"),
+        "duration_msec": duration_msec,
     }
+    if content_encoding is not None:
+        success["content_encoding"] = content_encoding
+    return {"Success": success}
 
 
 def failure_outcome(error: str, duration_msec: int) -> dict[str, Any]:

@@ -151,6 +151,11 @@ class _Upstream(Resource):
         body = b"".join(squeeze.compress(zeros) for _ in range(int(megabytes)))
         return body + squeeze.flush()
 
+    def route_inflate(self, request: Request) -> bytes:
+        assert request.content is not None
+        encoding = request.getHeader(b"content-encoding") or b"none"
+        return encoding + b": " + gzip.decompress(request.content.read())
+
     def route_bad_gzip(self, request: Request) -> bytes:
         request.setHeader(b"content-encoding", b"gzip")
         return b"this is not gzip"

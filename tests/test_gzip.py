@@ -6,13 +6,22 @@ past it, so that a bomb fails its own request and nothing else.
 
 from __future__ import annotations
 
+import gzip
+import json
+import socket
 import tracemalloc
+from typing import Any
 
 import pytest_twisted
+import treq
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.web.client import Agent
 
 from octoplex.limits import Limits
 
-from .servers import Caller, Octoplex, Upstream, start_octoplex
+from .servers import Caller, Octoplex, Upstream, _QuietPool, start_octoplex
 
 
 @pytest_twisted.ensureDeferred
@@ -64,3 +73,121 @@ async def test_bad_gzip_is_explained(
     _, _, body = await caller.post(octoplex.url + "/multiplex", batch)
     error = body["responses"][0]["Failure"]["error"]
     assert error.startswith("upstream sent a gzip-encoded body that does not decode: "), error
+
+
+@pytest_twisted.ensureDeferred
+async def test_compressed_response_is_reported(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """A decoded body's Success says content_encoding gzip; a plain one has no such field."""
+    batch = {
+        "timeout_msec": 2000,
+        "requests": [{"uri": upstream.url + "/gzip/10"}, {"uri": upstream.url + "/hello"}],
+    }
+    _, _, body = await caller.post(octoplex.url + "/multiplex", batch)
+    compressed, plain = (o["Success"] for o in body["responses"])
+    assert compressed["content_encoding"] == "gzip"
+    assert "content_encoding" not in plain
+
+
+@pytest_twisted.ensureDeferred
+async def test_item_body_sent_gzipped_on_request(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """An item with Content-Encoding: gzip has its text body compressed on the way out."""
+    text = "bid request " * 200
+    batch = {
+        "timeout_msec": 2000,
+        "requests": [
+            {
+                "method": "POST",
+                "uri": upstream.url + "/inflate",
+                "headers": {"Content-Encoding": "gzip"},
+                "body": text,
+            },
+            {
+                "method": "POST",
+                "uri": upstream.url + "/inflate",
+                "body": "x",
+                "headers": {"Content-Encoding": "br"},
+            },
+        ],
+    }
+    _, _, body = await caller.post(octoplex.url + "/multiplex", batch)
+    sent, refused = body["responses"]
+    assert sent["Success"]["content"] == "gzip: " + text
+    assert "Octoplex can only gzip a body" in refused["Failure"]["error"]
+    assert refused["Failure"]["duration_msec"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_may_arrive_gzipped(upstream: Upstream, caller: Caller) -> None:
+    """A gzip batch is decoded; one inflating past the limit is 413; bad gzip is 400."""
+    server = start_octoplex(Limits(max_request_bytes=10_000))
+    try:
+        document = {"timeout_msec": 2000, "requests": [{"uri": upstream.url + "/hello"}]}
+        packed = gzip.compress(json.dumps(document).encode())
+        status, _, body = await _post_raw(server.url, packed, {"Content-Encoding": "gzip"})
+        assert status == 200 and body["responses"][0]["Success"]["content"] == "Hello world!"
+
+        bomb = gzip.compress(b" " * 1_000_000)
+        assert len(bomb) < 10_000
+        status, _, body = await _post_raw(server.url, bomb, {"Content-Encoding": "gzip"})
+        assert (status, body["error"]) == (
+            413,
+            "request body inflates past 10000 bytes, the most allowed",
+        )
+        status, _, body = await _post_raw(server.url, b"nope", {"Content-Encoding": "gzip"})
+        assert status == 400 and body["error"].startswith("request body is not valid gzip")
+        status, _, body = await _post_raw(server.url, b"{}", {"Content-Encoding": "br"})
+        assert (status, body["error"]) == (
+            400,
+            "Content-Encoding 'br' is not supported; send gzip or none",
+        )
+    finally:
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_answer_is_gzipped_when_accepted(octoplex: Octoplex, upstream: Upstream) -> None:
+    """A caller that accepts gzip gets a gzip answer that decodes to the same JSON."""
+    document = {"timeout_msec": 2000, "requests": [{"uri": upstream.url + "/hello"}] * 5}
+    raw = json.dumps(document).encode()
+    port = octoplex.port.getHost().port
+    head = (
+        b"POST /multiplex HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(raw)
+    )
+    answer = await deferToThread(_exchange, port, head + raw)
+    headers, _, payload = answer.partition(b"\r\n\r\n")
+    assert b"Content-Encoding: gzip" in headers
+    assert b"Transfer-Encoding: chunked" in headers
+    decoded = json.loads(gzip.decompress(_dechunk(payload)))
+    assert [o["Success"]["content"] for o in decoded["responses"]] == ["Hello world!"] * 5
+
+
+async def _post_raw(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any, Any]:
+    http = HTTPClient(Agent(reactor, pool=_QuietPool(reactor, persistent=False)))
+    response = await http.post(url + "/multiplex", data=body, headers=headers)
+    return response.code, response.headers, json.loads(await treq.content(response))
+
+
+def _exchange(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _dechunk(payload: bytes) -> bytes:
+    out = b""
+    while payload:
+        size, _, rest = payload.partition(b"\r\n")
+        length = int(size, 16)
+        if length == 0:
+            break
+        out += rest[:length]
+        payload = rest[length + 2 :]
+    return out
