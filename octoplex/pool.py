@@ -125,7 +125,11 @@ class OctoplexPool(HTTPConnectionPool):
         The request waiting on ``connecting`` was cancelled: let the
         connection open anyway, within the grace period, for the next one.
         """
-        give_up = self._reactor.callLater(self._connect_grace, connecting.cancel)
+        # A pool that is closing keeps nothing warm: give up on the next turn
+        # (cancelling here, inside the canceller, would fail the request with
+        # the connect's error instead of CancelledError).
+        grace = 0 if self._closed else self._connect_grace
+        give_up = self._reactor.callLater(grace, connecting.cancel)
         self._warming.add(connecting)
 
         def settled(result: Any) -> Any:
