@@ -211,9 +211,27 @@ http {{
         location / {{
             return 200 "hello world\\n";
         }}
+        # Accepted connections, to count the upstream connections Octoplex opens.
+        location = /nginx_status {{
+            stub_status;
+        }}
     }}
 }}
 """
+
+
+def nginx_accepts(port: int) -> int | None:
+    """
+    The connections nginx has accepted so far (its stub_status), counting
+    the one this call opens.
+    """
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/nginx_status", timeout=5) as answer:
+            text = answer.read().decode("ascii", "replace")
+    except (OSError, urllib.error.URLError):
+        return None
+    m = re.search(r"^\s*(\d+)\s+\d+\s+\d+\s*$", text, re.M)
+    return int(m.group(1)) if m else None
 
 
 def nginx_version(nginx: str) -> tuple[str, tuple[int, ...]]:
@@ -481,6 +499,7 @@ def measured(
     batch_size: int,
     daemon: subprocess.Popen[Any] | None,
     upstream: subprocess.Popen[Any],
+    accepts: Any = None,
 ) -> dict[str, Any]:
     if args.warmup > 0:
         print(f"  {label}: warm-up {args.warmup} s ...", flush=True)
@@ -490,14 +509,22 @@ def measured(
     def cpu(p: subprocess.Popen[Any] | None) -> float | None:
         return None if p is None else cpu_seconds(p.pid)
 
+    a0 = accepts() if accepts else None
     d0, u0, t0 = cpu(daemon), cpu(upstream), time.monotonic()
     raw, out = run_wrk(wrk, pin, watch, url, args.connections, args.duration, script_args)
     d1, u1, elapsed = cpu(daemon), cpu(upstream), time.monotonic() - t0
+    a1 = accepts() if accepts else None
 
     def pct(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else 100 * (b - a) / elapsed
 
     result = summarise(raw, batch_size, pct(d0, d1), pct(u0, u1))
+    # Connections the upstream accepted during the measured run (less the
+    # status request's own), per 1,000 sub-requests: near 0 once warm.
+    subs = raw["requests"] * max(batch_size, 1)
+    result["upstream_connections_per_1k"] = (
+        None if a0 is None or a1 is None or not subs else round((a1 - a0 - 1) * 1000 / subs, 2)
+    )
     if args.verbose:
         print(out)
     print(
@@ -522,8 +549,8 @@ def fmt(value: float | None, digits: int = 1) -> str:
 def markdown_table(direct: dict[str, Any], batches: list[dict[str, Any]]) -> str:
     rows = [
         "| batch size | batches/s | sub-requests/s | p50 ms | p99 ms | errors "
-        "| failed sub-requests | vs direct | daemon CPU % |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| failed sub-requests | vs direct | daemon CPU % | new upstream conns / 1k |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = direct["requests_per_s"]
     for r in batches:
@@ -531,11 +558,12 @@ def markdown_table(direct: dict[str, Any], batches: list[dict[str, Any]]) -> str
         rows.append(
             f"| {r['batch_size']} | {fmt(r['requests_per_s'])} | {fmt(r['sub_requests_per_s'])} "
             f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} "
-            f"| {r['failed_sub_requests']} | {fmt(ratio, 3)} | {fmt(r['daemon_cpu_pct'], 0)} |"
+            f"| {r['failed_sub_requests']} | {fmt(ratio, 3)} | {fmt(r['daemon_cpu_pct'], 0)} "
+            f"| {fmt(r.get('upstream_connections_per_1k'), 2)} |"
         )
     rows.append(
         f"| direct GET (upstream) | - | {fmt(base)} | {direct['p50_ms']:.2f} "
-        f"| {direct['p99_ms']:.2f} | {direct['errors']} | - | 1.000 | - |"
+        f"| {direct['p99_ms']:.2f} | {direct['errors']} | - | 1.000 | - | - |"
     )
     return "\n".join(rows)
 
@@ -733,6 +761,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         upstream_url = f"http://{HOST}:{upstream_port}/"
         print(f"Upstream: {upstream_label} at {upstream_url}")
+        accepts = None
+        if nginx_accepts(upstream_port) is not None:
+
+            def accepts() -> int | None:
+                return nginx_accepts(upstream_port)
 
         daemon, port, daemon_log, daemon_argv, source = start_octoplex(
             args.octoplex_cmd, tmp, pin, procs
@@ -772,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
                     size,
                     daemon,
                     upstream,
+                    accepts,
                 )
             )
 

@@ -187,7 +187,7 @@ class PoolSettings:
         the next batch.
     """
 
-    max_idle_per_host: int = 32
+    max_idle_per_host: int = 128
     idle_timeout: float = 30.0
     connect_timeout: float = 10.0
     max_per_host: int = 128
