@@ -15,8 +15,9 @@ timeout and the pool never shrinks; and it keeps a connection for ever.
   follows DNS changes and upstream deploys;
 - a request on a pooled connection the upstream had closed is retried once
   on a new connection when its method is idempotent, PUT and requests with
-  a (replayable) body included, where Twisted retries only bodiless GET,
-  HEAD, OPTIONS, DELETE and TRACE (twisted#7843);
+  a (replayable) body included, or when it carries an ``Idempotency-Key``
+  header, where Twisted retries only bodiless GET, HEAD, OPTIONS, DELETE
+  and TRACE (twisted#7843);
 - a connection still being opened (DNS, TCP, TLS) when its request is
   cancelled, by a batch deadline say, is finished in the background within
   ``connect_grace`` seconds and pooled for the next request, where Twisted
@@ -45,12 +46,20 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 
 class _Retrying(_RetryingHTTP11ClientProtocol):
     """
-    Twisted's retry-once wrapper, allowing every idempotent method and any
-    body whose producer can produce it again.
+    Twisted's retry-once wrapper, allowing every idempotent method, any
+    request that carries an ``Idempotency-Key`` header (its sender opted in:
+    the upstream de-duplicates it), and any body whose producer can produce
+    it again.
     """
 
+    _opted_in = False
+
+    def request(self, request: Any) -> Any:
+        self._opted_in = request.headers.hasHeader(b"idempotency-key")
+        return super().request(request)
+
     def _shouldRetry(self, method: bytes, exception: Exception, bodyProducer: Any) -> bool:
-        if method not in IDEMPOTENT:
+        if method not in IDEMPOTENT and not self._opted_in:
             return False
         if not isinstance(
             exception, (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)

@@ -392,7 +392,7 @@ class _AnswerOnceWholeRequests(Protocol):
 
 @pytest_twisted.ensureDeferred
 async def test_idempotent_methods_with_a_body_are_retried_on_a_stale_connection() -> None:
-    """PUT and DELETE with a body on a connection found closed are retried whole; POST is not."""
+    """PUT, DELETE and a POST with an Idempotency-Key are retried whole; a plain POST is not."""
     factory = Factory.forProtocol(_AnswerOnceWholeRequests)
     factory.noisy = False
     factory.connections = 0  # type: ignore[attr-defined]
@@ -405,6 +405,12 @@ async def test_idempotent_methods_with_a_body_are_retried_on_a_stale_connection(
         {"uri": base},
         {"uri": base, "method": "PUT", "body": "p" * 1000},
         {"uri": base, "method": "DELETE", "body": "d" * 500},
+        {
+            "uri": base,
+            "method": "POST",
+            "body": "k" * 200,
+            "headers": {"Idempotency-Key": "bid-42"},
+        },
         {"uri": base, "method": "POST", "body": "x" * 300},
     ]
     outcomes = []
@@ -416,10 +422,11 @@ async def test_idempotent_methods_with_a_body_are_retried_on_a_stale_connection(
     finally:
         await octoplex.stop()
         await port.stopListening()
-    get, put, delete, posted = outcomes
+    get, put, delete, keyed, posted = outcomes
     assert get["Success"]["content"] == "GET 0"
     assert put["Success"]["content"] == "PUT 1000"
     assert delete["Success"]["content"] == "DELETE 500"
+    assert keyed["Success"]["content"] == "POST 200"
     assert posted["Failure"]["error"] == CLOSED_EARLY
     # (connection, method, body bytes received, answered)
     assert factory.requests == [  # type: ignore[attr-defined]
@@ -428,9 +435,11 @@ async def test_idempotent_methods_with_a_body_are_retried_on_a_stale_connection(
         (2, "PUT", 1000, True),
         (2, "DELETE", 500, False),
         (3, "DELETE", 500, True),
-        (3, "POST", 300, False),
+        (3, "POST", 200, False),
+        (4, "POST", 200, True),
+        (4, "POST", 300, False),
     ]
-    assert factory.connections == opened == 3  # type: ignore[attr-defined]
+    assert factory.connections == opened == 4  # type: ignore[attr-defined]
 
 
 @pytest_twisted.ensureDeferred
