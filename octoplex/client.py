@@ -25,6 +25,8 @@ from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IConsumer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python.components import proxyForInterface
 from twisted.web.client import Agent, HostnameCachingHTTPSPolicy
 from twisted.web.http_headers import Headers
@@ -58,6 +60,9 @@ class QueueTimeout(Exception):
             f"(all {self.cap} in use); the request was never sent"
         )
 
+
+#: Seconds between the log events that count new connections per address.
+CONNECTION_REPORT_INTERVAL = 60.0
 
 #: Upstream hosts whose TLS context is kept.
 TLS_CONTEXT_HOSTS = 1000
@@ -213,6 +218,7 @@ class UpstreamClient(Service):
     """
 
     name = "upstream-client"
+    log = Logger()
 
     def __init__(
         self,
@@ -236,7 +242,11 @@ class UpstreamClient(Service):
         self._pool.maxPersistentPerHost = settings.max_idle_per_host
         # Typed int in Twisted, but it is only ever given to callLater.
         self._pool.cachedConnectionTimeout = settings.idle_timeout  # type: ignore[assignment]
-        endpoints = UpstreamEndpointFactory(reactor, tls_policy, settings.connect_timeout, resolver)
+        self._endpoints = endpoints = UpstreamEndpointFactory(
+            reactor, tls_policy, settings.connect_timeout, resolver
+        )
+        self._report = LoopingCall(self._report_connections)
+        self._report.clock = reactor
         agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
         self._http = HTTPClient(
             _OwnGzipDecoding(agent),
@@ -328,9 +338,25 @@ class UpstreamClient(Service):
             lambda body: UpstreamResponse(response.code, response.headers, body, encoding)
         )
 
+    def startService(self) -> None:
+        super().startService()
+        self._report.start(CONNECTION_REPORT_INTERVAL, now=False)
+
+    def _report_connections(self) -> None:
+        opened = self._endpoints.take_opened()
+        if opened:
+            self.log.info(
+                "upstream connections opened in the last {interval:.0f} s, by address: "
+                "{opened_by_address}",
+                interval=CONNECTION_REPORT_INTERVAL,
+                opened_by_address=dict(opened),
+            )
+
     def stopService(self) -> Deferred[None]:
         """
         Close every pooled connection.
         """
         super().stopService()
+        if self._report.running:
+            self._report.stop()
         return self._pool.closeCachedConnections()

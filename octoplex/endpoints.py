@@ -10,6 +10,8 @@ policy and the DNS cache.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -55,20 +57,24 @@ def set_tcp_nodelay(transport: Any) -> None:
 @implementer(IStreamClientEndpoint)
 class _TunedEndpoint:
     """
-    Wrap an endpoint so each connection it makes has TCP_NODELAY, and its
-    factory does not log "Starting factory" for every connection.
+    Wrap an endpoint so each connection it makes has TCP_NODELAY, is counted
+    by the address it reached, and its factory does not log "Starting
+    factory" for every connection.
     """
 
-    def __init__(self, wrapped: IStreamClientEndpoint) -> None:
+    def __init__(self, wrapped: IStreamClientEndpoint, opened: Callable[[str], None]) -> None:
         self._wrapped = wrapped
+        self._opened = opened
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         protocolFactory.noisy = False  # type: ignore[attr-defined]
         return self._wrapped.connect(protocolFactory).addCallback(self._connected)
 
-    @staticmethod
-    def _connected(protocol: IProtocol) -> IProtocol:
-        set_tcp_nodelay(protocol.transport)  # type: ignore[attr-defined]
+    def _connected(self, protocol: IProtocol) -> IProtocol:
+        transport = protocol.transport  # type: ignore[attr-defined]
+        set_tcp_nodelay(transport)
+        peer = transport.getPeer()
+        self._opened(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}")
         return protocol
 
 
@@ -121,6 +127,21 @@ class UpstreamEndpointFactory:
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout
         self._resolver = resolver
+        #: Connections opened per upstream address ("ip:port") since the
+        #: last :meth:`take_opened`, so the spread across a name's
+        #: addresses can be seen.
+        self._opened: Counter[str] = Counter()
+
+    def _count(self, address: str) -> None:
+        self._opened[address] += 1
+
+    def take_opened(self) -> Counter[str]:
+        """
+        The connections opened per address since the last call, resetting
+        the count.
+        """
+        opened, self._opened = self._opened, Counter()
+        return opened
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host
@@ -128,10 +149,10 @@ class UpstreamEndpointFactory:
             host = host[1:-1]
         tcp = self._tcp_endpoint(host, uri.port)
         if uri.scheme == b"http":
-            return _TunedEndpoint(tcp)
+            return _TunedEndpoint(tcp, self._count)
         if uri.scheme == b"https":
             creator = self._tls_policy.creatorForNetloc(host, uri.port)
-            return _TunedEndpoint(wrapClientTLS(creator, tcp))
+            return _TunedEndpoint(wrapClientTLS(creator, tcp), self._count)
         raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
 
     def _tcp_endpoint(self, host: bytes, port: int) -> IStreamClientEndpoint:

@@ -588,16 +588,28 @@ async def _in_world(test: Callable[[_World], Any], **settings: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_batch_spreads_connections_across_a_names_addresses() -> None:
-    """30 requests to one name open 30 connections, spread evenly over its three addresses."""
+async def test_batch_spreads_connections_across_a_names_addresses(
+    log_events: list[dict[str, Any]],
+) -> None:
+    """30 requests to one name open 30 connections, spread evenly and reported per address."""
 
     async def test(world: _World) -> None:
         uris = [f"http://multi.test:{world.port}/hello?n={n}" for n in range(30)]
-        outcomes = await post_batch(world.octoplex(), uris)
+        octoplex = world.octoplex()
+        outcomes = await post_batch(octoplex, uris)
         assert [o["Success"]["content"] for o in outcomes] == ["Hello world!"] * 30
         spread = world.spread()
         assert sum(spread) == 30, spread
         assert all(8 <= count <= 12 for count in spread), spread
+        # The client's periodic report counts them by the address reached.
+        octoplex.client._report_connections()
+        [report] = [e for e in log_events if "opened_by_address" in e]
+        expected = {
+            f"127.0.0.{n}:{world.port}": count for n, count in zip((2, 3, 4), spread, strict=True)
+        }
+        assert report["opened_by_address"] == expected
+        octoplex.client._report_connections()
+        assert len([e for e in log_events if "opened_by_address" in e]) == 1
 
     await _in_world(test, min_ttl=1)
 
