@@ -93,12 +93,15 @@ class DNSSettings:
         longer, so that traffic follows DNS changes.
     :ivar negative_ttl: how long a failed lookup is remembered.
     :ivar timeouts: the seconds each query attempt waits, in turn.
+    :ivar refused_for: seconds an address that refused a connection is left
+        out of a name's addresses.
     """
 
     min_ttl: float = 1.0
     max_ttl: float = 300.0
     negative_ttl: float = 5.0
     timeouts: tuple[float, ...] = (1.0, 2.0)
+    refused_for: float = 10.0
 
 
 class NameNotResolved(DNSLookupError):
@@ -194,6 +197,7 @@ class CachingResolver:
         self._settings = settings
         self._hosts = hosts
         self._cache: dict[str, _Entry] = {}
+        self._refusing: dict[str, float] = {}
         self._waiting: dict[str, list[Deferred[list[str]]]] = {}
         #: Queries sent to name servers, per name: for tests and operators.
         self.queries: dict[str, int] = {}
@@ -229,6 +233,24 @@ class CachingResolver:
         self.lookup(hostName).addCallbacks(deliver, failed)
         return resolution
 
+    def refused(self, address: str) -> None:
+        """
+        ``address`` refused a connection: leave it out of lookups for
+        :attr:`DNSSettings.refused_for` seconds.
+        """
+        self._refusing[address] = self._clock.seconds() + self._settings.refused_for
+
+    def usable(self, addresses: list[str]) -> list[str]:
+        """
+        ``addresses`` without those that refused a connection lately; all of
+        them if every one did, since one may have come back.
+        """
+        now = self._clock.seconds()
+        for address, until in list(self._refusing.items()):
+            if until <= now:
+                del self._refusing[address]
+        return [a for a in addresses if a not in self._refusing] or addresses
+
     def explain(self, name: str) -> str | None:
         """
         Why ``name`` last failed to resolve, if its failure is still cached.
@@ -250,7 +272,14 @@ class CachingResolver:
         entry = self._cache.get(key)
         if entry is not None and entry.expires > self._clock.seconds():
             return self._answer(key, entry)
-        waiting: Deferred[list[str]] = Deferred()
+
+        def give_up(d: Deferred[list[str]]) -> None:
+            # The shared query goes on for the others and fills the cache.
+            others = self._waiting.get(key, [])
+            if d in others:
+                others.remove(d)
+
+        waiting: Deferred[list[str]] = Deferred(give_up)
         if key in self._waiting:
             self._waiting[key].append(waiting)
             return waiting

@@ -15,14 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.error import DNSLookupError
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -35,7 +35,7 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-from octoplex.dns import CachingResolver, NameNotResolved
+from octoplex.dns import CachingResolver
 
 __all__ = ["UpstreamEndpointFactory", "set_tcp_nodelay"]
 
@@ -78,30 +78,114 @@ class _TunedEndpoint:
         return protocol
 
 
+#: Seconds between connection attempts to a name's successive addresses,
+#: as HostnameEndpoint (and RFC 8305's "Connection Attempt Delay") uses.
+ATTEMPT_DELAY = 0.3
+
+
 @implementer(IStreamClientEndpoint)
-class _ExplainedName:
+class _NameEndpoint:
     """
-    Wrap a ``HostnameEndpoint`` so that a failed lookup says why (NXDOMAIN,
-    SERVFAIL, timeout): an ``IHostnameResolver`` can only report "no
-    addresses", so the reason is asked of the resolver afterwards.
+    Dial a host name through the caching resolver: its addresses in the
+    resolver's rotated order, less those that refused a connection lately,
+    one attempt every :data:`ATTEMPT_DELAY` seconds (or at once when the
+    previous attempt fails), the first to connect winning.  An address that
+    refuses is reported to the resolver, which leaves it out for a while.
     """
 
     def __init__(
-        self, wrapped: IStreamClientEndpoint, host: str, resolver: CachingResolver
+        self, reactor: Any, resolver: CachingResolver, host: str, port: int, timeout: float
     ) -> None:
-        self._wrapped = wrapped
-        self._host = host
+        self._reactor = reactor
         self._resolver = resolver
+        self._host = host
+        self._port = port
+        self._timeout = timeout
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        return self._wrapped.connect(protocolFactory).addErrback(self._explain)
+        d = self._resolver.lookup(self._host)
+        return d.addCallback(self._race, protocolFactory)
 
-    def _explain(self, failure: Failure) -> Failure:
-        if failure.check(DNSLookupError) and not failure.check(NameNotResolved):
-            reason = self._resolver.explain(self._host)
-            if reason is not None:
-                return Failure(NameNotResolved(f"DNS lookup for {self._host} failed: {reason}"))
-        return failure
+    def _race(self, addresses: list[str], factory: IProtocolFactory) -> Deferred[IProtocol]:
+        return _Race(self, self._resolver.usable(addresses), factory).winner
+
+    def _endpoint(self, address: str) -> IStreamClientEndpoint:
+        endpoint = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+        return endpoint(self._reactor, address, self._port, timeout=self._timeout)
+
+
+class _Race:
+    """
+    One connection race over a name's addresses.
+    """
+
+    def __init__(
+        self, endpoint: _NameEndpoint, addresses: list[str], factory: IProtocolFactory
+    ) -> None:
+        self._endpoint = endpoint
+        self._waiting = list(addresses)
+        self._factory = factory
+        self._attempts: dict[str, Deferred[IProtocol]] = {}
+        self._next: Any = None
+        self._failure: Failure | None = None
+        self.winner: Deferred[IProtocol] = Deferred(self._cancel)
+        self._start_next()
+
+    def _start_next(self) -> None:
+        self._next = None
+        if not self._waiting:
+            self._maybe_lost()
+            return
+        address = self._waiting.pop(0)
+        attempt = self._endpoint._endpoint(address).connect(self._factory)
+        self._attempts[address] = attempt
+        attempt.addCallbacks(
+            self._won, self._failed, callbackArgs=(address,), errbackArgs=(address,)
+        )
+        if self._waiting and not self.winner.called and self._next is None:
+            self._next = self._endpoint._reactor.callLater(ATTEMPT_DELAY, self._start_next)
+
+    def _won(self, protocol: IProtocol, address: str) -> None:
+        del self._attempts[address]
+        if self.winner.called:
+            # Another address won first: this connection is not needed.
+            protocol.transport.loseConnection()  # type: ignore[attr-defined]
+            return
+        self.winner.callback(protocol)
+        self._stop_others()
+
+    def _failed(self, failure: Failure, address: str) -> None:
+        del self._attempts[address]
+        if failure.check(CancelledError, ConnectingCancelledError):
+            return
+        if failure.check(ConnectionRefusedError):
+            self._endpoint._resolver.refused(address)
+        self._failure = failure
+        if self.winner.called:
+            return
+        if self._waiting:
+            # Do not wait out the attempt delay behind a failure.
+            if self._next is not None:
+                self._next.cancel()
+            self._start_next()
+        else:
+            self._maybe_lost()
+
+    def _maybe_lost(self) -> None:
+        if not self._attempts and not self.winner.called:
+            assert self._failure is not None
+            self.winner.errback(self._failure)
+
+    def _stop_others(self) -> None:
+        self._waiting = []
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+        for attempt in list(self._attempts.values()):
+            attempt.cancel()
+
+    def _cancel(self, _: Deferred[IProtocol]) -> None:
+        self._stop_others()
 
 
 @implementer(IAgentEndpointFactory)
@@ -166,7 +250,6 @@ class UpstreamEndpointFactory:
             return TCP4ClientEndpoint(self._reactor, text, port, timeout=timeout)
         if isIPv6Address(text):
             return TCP6ClientEndpoint(self._reactor, text, port, timeout=timeout)
-        endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
         if self._resolver is None:
-            return endpoint
-        return _ExplainedName(endpoint, text, self._resolver)
+            return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        return _NameEndpoint(self._reactor, self._resolver, text, port, timeout)

@@ -573,7 +573,10 @@ class _World:
         for octoplex in self.octoplexes:
             await octoplex.stop()
         for upstream in self.upstreams:
-            await upstream.stop()
+            stopping = upstream.stop()
+            # None when a test already stopped it listening.
+            if stopping is not None:
+                await stopping
         if self._dns_port is not None:
             await self._dns_port.stopListening()
 
@@ -722,3 +725,54 @@ async def test_daemon_installs_and_restores_its_resolver() -> None:
     assert reactor.nameResolver is before
     assert tripwire.asked == []
     assert resolver.queries == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusing_address_is_skipped_for_a_while() -> None:
+    """An address that refuses fails over at once to the next, and is then left out."""
+
+    async def test(world: _World) -> None:
+        # 127.0.0.3 stops listening: its connections are refused.
+        await world.upstreams[1].port.stopListening()
+        octoplex = world.octoplex()
+        uris = [f"http://multi.test:{world.port}/hello?n={n}" for n in range(12)]
+        started = reactor.seconds()
+        outcomes = await post_batch(octoplex, uris)
+        elapsed = reactor.seconds() - started
+        assert [o["Success"]["content"] for o in outcomes] == ["Hello world!"] * 12
+        # A refusal moves on to the next address at once, not after 0.3 s.
+        assert elapsed < 0.3, elapsed
+        refusing = "127.0.0.3"
+        assert world.resolver.usable(["127.0.0.2", refusing, "127.0.0.4"]) == [
+            "127.0.0.2",
+            "127.0.0.4",
+        ]
+        # The next lookups leave it out: every new connection goes elsewhere.
+        before = [len(u.site.connections) for u in world.upstreams]
+        fresh = world.octoplex()
+        outcomes = await post_batch(fresh, uris)
+        assert [o["Success"]["content"] for o in outcomes] == ["Hello world!"] * 12
+        after = [len(u.site.connections) for u in world.upstreams]
+        assert after[1] == before[1] == 0
+        assert after[0] - before[0] + after[2] - before[2] == 12
+
+    await _in_world(test, min_ttl=60, refused_for=60.0)
+
+
+def test_every_address_refusing_leaves_all_usable() -> None:
+    """When every address of a name refused lately, all are tried again."""
+    resolver = CachingResolver(Clock(), object(), DNSSettings(refused_for=5.0), hosts=None)
+    resolver.refused("127.0.0.2")
+    resolver.refused("127.0.0.3")
+    assert resolver.usable(["127.0.0.2", "127.0.0.3"]) == ["127.0.0.2", "127.0.0.3"]
+    assert resolver.usable(["127.0.0.2", "127.0.0.4"]) == ["127.0.0.4"]
+
+
+def test_refusal_is_forgotten_after_a_while() -> None:
+    """An address is usable again refused_for seconds after it refused."""
+    clock = Clock()
+    resolver = CachingResolver(clock, object(), DNSSettings(refused_for=5.0), hosts=None)
+    resolver.refused("127.0.0.2")
+    assert resolver.usable(["127.0.0.2", "127.0.0.3"]) == ["127.0.0.3"]
+    clock.advance(5.0)
+    assert resolver.usable(["127.0.0.2", "127.0.0.3"]) == ["127.0.0.2", "127.0.0.3"]

@@ -1,0 +1,115 @@
+"""
+How a host name is dialled, on a memory reactor: one attempt per address,
+0.3 s apart or at once after a failure, the first to connect winning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+
+from octoplex.endpoints import ATTEMPT_DELAY, UpstreamEndpointFactory
+
+
+class Addresses:
+    """
+    The resolver as the endpoint sees it: fixed addresses, refusals noted.
+    """
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = list(addresses)
+        self.refusing: list[str] = []
+
+    def lookup(self, name: str) -> Deferred[list[str]]:
+        return succeed(self.addresses)
+
+    def usable(self, addresses: list[str]) -> list[str]:
+        return [a for a in addresses if a not in self.refusing] or addresses
+
+    def refused(self, address: str) -> None:
+        self.refusing.append(address)
+
+
+def _dial(reactor: MemoryReactorClock, resolver: Addresses) -> list[Any]:
+    endpoints = UpstreamEndpointFactory(reactor, BrowserLikePolicyForHTTPS(), 5.0, resolver)  # type: ignore[arg-type]
+    endpoint = endpoints.endpointForURI(URI.fromBytes(b"http://multi.test:8080/"))
+    results: list[Any] = []
+    endpoint.connect(Factory.forProtocol(Protocol)).addBoth(results.append)
+    return results
+
+
+def _connect(reactor: MemoryReactorClock, index: int) -> None:
+    host, port, factory, _, _ = reactor.tcpClients[index]
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    protocol.makeConnection(StringTransport())
+
+
+def _refuse(reactor: MemoryReactorClock, index: int) -> None:
+    connector = reactor.connectors[index]
+    reactor.tcpClients[index][2].clientConnectionFailed(
+        connector, Failure(ConnectionRefusedError())
+    )
+
+
+def test_addresses_are_tried_one_attempt_delay_apart() -> None:
+    """A second address is tried 0.3 s after the first, and the first to connect wins."""
+    reactor = MemoryReactorClock()
+    results = _dial(reactor, Addresses("127.0.0.2", "127.0.0.3"))
+    assert [c[0] for c in reactor.tcpClients] == ["127.0.0.2"]
+    reactor.advance(ATTEMPT_DELAY)
+    assert [c[0] for c in reactor.tcpClients] == ["127.0.0.2", "127.0.0.3"]
+    _connect(reactor, 1)
+    [protocol] = results
+    assert isinstance(protocol, Protocol)
+    # The slower attempt is given up.
+    assert reactor.connectors[0].stoppedConnecting
+    assert reactor.getDelayedCalls() == []
+
+
+def test_a_refusal_moves_on_at_once_and_is_reported() -> None:
+    """A refused address hands over to the next without waiting, and the resolver hears of it."""
+    reactor = MemoryReactorClock()
+    resolver = Addresses("127.0.0.2", "127.0.0.3")
+    results = _dial(reactor, resolver)
+    _refuse(reactor, 0)
+    assert [c[0] for c in reactor.tcpClients] == ["127.0.0.2", "127.0.0.3"]
+    assert resolver.refusing == ["127.0.0.2"]
+    _connect(reactor, 1)
+    assert isinstance(results[0], Protocol)
+
+
+def test_all_refusing_fails_with_the_last_reason() -> None:
+    """When every address refuses, the dial fails with a refusal."""
+    reactor = MemoryReactorClock()
+    results = _dial(reactor, Addresses("127.0.0.2", "127.0.0.3"))
+    _refuse(reactor, 0)
+    _refuse(reactor, 1)
+    [failure] = results
+    assert failure.check(ConnectionRefusedError)
+
+
+def test_cancelling_gives_up_every_attempt() -> None:
+    """Cancelling the dial stops the attempts under way and the ones to come."""
+    reactor = MemoryReactorClock()
+    endpoints = UpstreamEndpointFactory(
+        reactor,
+        BrowserLikePolicyForHTTPS(),
+        5.0,
+        Addresses("127.0.0.2", "127.0.0.3"),  # type: ignore[arg-type]
+    )
+    endpoint = endpoints.endpointForURI(URI.fromBytes(b"http://multi.test:8080/"))
+    d = endpoint.connect(Factory.forProtocol(Protocol))
+    results: list[Any] = []
+    d.addBoth(results.append)
+    d.cancel()
+    reactor.advance(ATTEMPT_DELAY * 2)
+    assert len(reactor.tcpClients) == 1
+    assert reactor.connectors[0].stoppedConnecting
+    assert results and isinstance(results[0], Failure)
