@@ -95,6 +95,8 @@ class DNSSettings:
     :ivar timeouts: the seconds each query attempt waits, in turn.
     :ivar refused_for: seconds an address that refused a connection is left
         out of a name's addresses.
+    :ivar stale_grace: seconds past its TTL an answer may still be served
+        while a refresh is in flight; 0 serves nothing stale.
     """
 
     min_ttl: float = 1.0
@@ -102,6 +104,7 @@ class DNSSettings:
     negative_ttl: float = 5.0
     timeouts: tuple[float, ...] = (1.0, 2.0)
     refused_for: float = 10.0
+    stale_grace: float = 5.0
 
 
 class NameNotResolved(DNSLookupError):
@@ -270,7 +273,20 @@ class CachingResolver:
             # HostnameEndpoint hands IP literals to the resolver too.
             return succeed([key])
         entry = self._cache.get(key)
-        if entry is not None and entry.expires > self._clock.seconds():
+        now = self._clock.seconds()
+        if entry is not None and entry.expires > now:
+            return self._answer(key, entry)
+        if (
+            entry is not None
+            and entry.error is None
+            and now < entry.expires + self._settings.stale_grace
+        ):
+            # Serve the answer that just expired while one refresh, shared
+            # by every lookup, is in flight: no caller waits on DNS for a
+            # name it had a moment ago.
+            if key not in self._waiting:
+                self._waiting[key] = []
+                maybeDeferred(self._query, key).addBoth(self._settle, key)
             return self._answer(key, entry)
 
         def give_up(d: Deferred[list[str]]) -> None:
@@ -300,7 +316,18 @@ class CachingResolver:
             now = self._clock.seconds()
             result = _Entry([], [], now + self._settings.negative_ttl, result.getErrorMessage())
         entry = result
-        self._store(key, entry)
+        previous = self._cache.get(key)
+        if (
+            entry.error is not None
+            and previous is not None
+            and previous.error is None
+            and self._clock.seconds() < previous.expires + self._settings.stale_grace
+        ):
+            # A failed refresh does not take away an answer still within its
+            # stale grace; the next lookup after the grace asks again.
+            entry = previous
+        else:
+            self._store(key, entry)
         for waiting in self._waiting.pop(key):
             self._answer(key, entry).chainDeferred(waiting)
 

@@ -61,6 +61,18 @@ def _positive(kind: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     return coerce
 
 
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{text!r} must be a finite number of seconds, 0 or more")
+    return value
+
+
+_non_negative_seconds.coerceDoc = "Must be a number of seconds, 0 or more."  # type: ignore[attr-defined]
+
 _count = _positive(int, "a whole number")
 _seconds = _positive(float, "a number of seconds")
 
@@ -176,6 +188,13 @@ class Options(usage.Options):
             DNSSettings().max_ttl,
             "Seconds a DNS answer is cached at most, whatever its TTL.",
             _seconds,
+        ],
+        [
+            "dns-stale-grace",
+            None,
+            DNSSettings().stale_grace,
+            "Seconds past its TTL a DNS answer may be served while it is refreshed.",
+            _non_negative_seconds,
         ],
         [
             "dns-negative-ttl",
@@ -357,6 +376,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
             min_ttl=options["dns-min-ttl"],
             max_ttl=options["dns-max-ttl"],
             negative_ttl=options["dns-negative-ttl"],
+            stale_grace=options["dns-stale-grace"],
         ),
     )
     root = _Octoplex(options["listen"] + options["listen-tls"], limits, reactor, resolver)

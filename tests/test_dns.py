@@ -776,3 +776,54 @@ def test_refusal_is_forgotten_after_a_while() -> None:
     assert resolver.usable(["127.0.0.2", "127.0.0.3"]) == ["127.0.0.3"]
     clock.advance(5.0)
     assert resolver.usable(["127.0.0.2", "127.0.0.3"]) == ["127.0.0.2", "127.0.0.3"]
+
+
+def test_stale_answer_is_served_while_one_refresh_runs() -> None:
+    """Just past its TTL an answer is served at once while a single refresh is in flight."""
+    clock, names = Clock(), FakeNames()
+    resolver = caching(names, clock, min_ttl=1, stale_grace=5)
+    first = resolver.lookup("stale.test")
+    names.respond("stale.test", "A", [rr_a("stale.test", "127.0.0.2", 10)])
+    names.respond("stale.test", "AAAA", [])
+    assert result_of(first) == ["127.0.0.2"]
+    clock.advance(11)
+    # Expired, within the grace: answered from the cache, refreshed once.
+    assert result_of(resolver.lookup("stale.test")) == ["127.0.0.2"]
+    assert result_of(resolver.lookup("stale.test")) == ["127.0.0.2"]
+    assert resolver.queries == {"stale.test": 2}
+    names.respond("stale.test", "A", [rr_a("stale.test", "127.0.0.3", 10)])
+    names.respond("stale.test", "AAAA", [])
+    assert result_of(resolver.lookup("stale.test")) == ["127.0.0.3"]
+
+
+def test_failed_refresh_keeps_the_stale_answer_within_the_grace() -> None:
+    """A refresh that fails does not take away an answer still within its grace."""
+    clock, names = Clock(), FakeNames()
+    names.program("flaky.test", "A", [rr_a("flaky.test", "127.0.0.2", 10)])
+    names.program("flaky.test", "AAAA", [])
+    resolver = caching(names, clock, min_ttl=1, stale_grace=5)
+    assert result_of(resolver.lookup("flaky.test")) == ["127.0.0.2"]
+    names.program("flaky.test", "A", DNSServerError("flaky.test"))
+    names.program("flaky.test", "AAAA", DNSServerError("flaky.test"))
+    clock.advance(12)
+    assert result_of(resolver.lookup("flaky.test")) == ["127.0.0.2"]
+    clock.advance(4)
+    # Past TTL + grace: the lookup waits for the name servers, which fail.
+    failure = failure_of(resolver.lookup("flaky.test"))
+    assert failure.check(NameNotResolved)
+
+
+def test_no_stale_answer_without_a_grace() -> None:
+    """With stale_grace 0, a lookup past the TTL waits for the fresh answer."""
+    clock, names = Clock(), FakeNames()
+    resolver = caching(names, clock, min_ttl=1, stale_grace=0)
+    first = resolver.lookup("fresh.test")
+    names.respond("fresh.test", "A", [rr_a("fresh.test", "127.0.0.2", 10)])
+    names.respond("fresh.test", "AAAA", [])
+    result_of(first)
+    clock.advance(11)
+    waiting = resolver.lookup("fresh.test")
+    assert not waiting.called
+    names.respond("fresh.test", "A", [rr_a("fresh.test", "127.0.0.4", 10)])
+    names.respond("fresh.test", "AAAA", [])
+    assert result_of(waiting) == ["127.0.0.4"]
