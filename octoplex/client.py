@@ -213,8 +213,8 @@ class UpstreamClient(Service):
     :param tls_policy: the TLS policy for ``https`` upstreams; by default an
         :class:`~octoplex.tls.UpstreamTLSPolicy` that verifies certificates
         against the platform's trust store.  One TLS context is kept per host.
-    :param resolver: the caching resolver installed on ``reactor``, if any;
-        it lets a failed lookup say why.
+    :param resolver: the caching resolver installed on ``reactor``, if any:
+        host names are then dialled through it, over all their addresses.
     """
 
     name = "upstream-client"
@@ -274,6 +274,8 @@ class UpstreamClient(Service):
         host = self._hosts.get(key)
         if host is None:
             host = self._hosts[key] = DeferredSemaphore(self._settings.max_per_host)
+        # A request queued here holds nothing; the holder's release later
+        # forgets the host's entry once nothing is in flight or queued.
         await self._wait(host, f"{url.host}:{url.port}", self._settings.max_per_host)
         try:
             await self._wait(self._all, "any upstream", self._settings.max_total)
@@ -294,8 +296,14 @@ class UpstreamClient(Service):
 
     def _released(self, semaphore: DeferredSemaphore, key: Any) -> None:
         semaphore.release()
-        if key is not None and semaphore.tokens == semaphore.limit and not semaphore.waiting:
-            self._hosts.pop(key, None)
+        if key is not None:
+            self._forget(key, semaphore)
+
+    def _forget(self, key: Any, semaphore: DeferredSemaphore) -> None:
+        # A host with nothing in flight and nobody waiting needs no entry.
+        if semaphore.tokens == semaphore.limit and not semaphore.waiting:
+            if self._hosts.get(key) is semaphore:
+                del self._hosts[key]
 
     @staticmethod
     async def _wait(semaphore: DeferredSemaphore, what: str, cap: int) -> None:

@@ -178,6 +178,8 @@ async def test_request_still_queued_at_the_deadline_is_never_sent(caller: Caller
         await _sleep(0.1)
         seen_by_then = resource.in_flight.seen
         connections_by_then = len(upstream.site.connections)
+        # Nothing in flight, nobody queued: no per-host cap is left behind.
+        hosts_by_then = dict(octoplex.client._hosts)
         _, _, after = await caller.post(
             octoplex.url + "/multiplex", _batch(2000, [upstream.url + "/hello"])
         )
@@ -195,6 +197,7 @@ async def test_request_still_queued_at_the_deadline_is_never_sent(caller: Caller
     assert 200 <= queued["Failure"]["duration_msec"] < 400
     assert seen_by_then == 1
     assert connections_by_then == 1
+    assert hosts_by_then == {}
     # The daemon still serves, and the cap's slot was given back.
     assert after["responses"][0]["Success"]["content"] == "Hello world!"
 
