@@ -5,7 +5,8 @@ answer's TTL, and spread across a name's addresses.
 Twisted's default resolver runs a blocking ``getaddrinfo`` in a thread pool
 for every new connection, and caches nothing.  :class:`CachingResolver` is
 installed on the reactor instead (``reactor.installNameResolver``), so every
-``HostnameEndpoint`` uses it.  It:
+``HostnameEndpoint`` in the process uses it, and Octoplex's own dialler
+(:mod:`octoplex.endpoints`) asks it directly.  It:
 
 - answers from ``/etc/hosts`` first (so ``localhost`` works);
 - queries A and AAAA records at once with ``twisted.names``;
@@ -14,8 +15,10 @@ installed on the reactor instead (``reactor.installNameResolver``), so every
 - lets concurrent lookups of one name share a single query;
 - rotates the order of a name's addresses on every lookup, so new
   connections spread across them;
-- remembers why a name failed (NXDOMAIN, SERVFAIL, timeout), so that the
-  failure a caller reads can say so (:meth:`CachingResolver.explain`).
+- serves an answer just past its TTL while one refresh runs;
+- leaves out, for a while, an address that refused a connection;
+- fails a lookup with why the name failed (NXDOMAIN, SERVFAIL, timeout),
+  which is the error a caller reads.
 """
 
 from __future__ import annotations
@@ -253,13 +256,6 @@ class CachingResolver:
             if until <= now:
                 del self._refusing[address]
         return [a for a in addresses if a not in self._refusing] or addresses
-
-    def explain(self, name: str) -> str | None:
-        """
-        Why ``name`` last failed to resolve, if its failure is still cached.
-        """
-        entry = self._cache.get(name.lower())
-        return None if entry is None else entry.error
 
     def lookup(self, name: str) -> Deferred[list[str]]:
         """
