@@ -60,7 +60,9 @@ def _run(batch: Batch) -> tuple[Clock, ControlledClient, Deferred[Any], list[Any
 
 def test_outcomes_keep_request_order() -> None:
     """Answers that arrive in reverse order are reported in request order, with durations."""
-    clock, client, _, results = _run(_batch(1000, "http://a/1", "http://a/2", "http://a/3"))
+    clock, client, _, results = _run(
+        _batch(1000, "http://a.test/1", "http://a.test/2", "http://a.test/3")
+    )
     for index in (2, 1, 0):
         clock.advance(0.010)
         client.answer(index, body=f"answer {index}".encode())
@@ -74,7 +76,7 @@ def test_outcomes_keep_request_order() -> None:
 
 def test_deadline_times_out_and_cancels_what_is_left() -> None:
     """At the deadline the unanswered requests fail as timeouts and are cancelled."""
-    clock, client, _, results = _run(_batch(250, "http://a/fast", "http://a/slow"))
+    clock, client, _, results = _run(_batch(250, "http://a.test/fast", "http://a.test/slow"))
     clock.advance(0.1)
     client.answer(0)
     assert results == []
@@ -82,7 +84,7 @@ def test_deadline_times_out_and_cancels_what_is_left() -> None:
     [result] = results
     assert result.outcomes[0]["Success"]["duration_msec"] == 100
     assert result.outcomes[1] == {"Failure": {"error": "timeout elapsed", "duration_msec": 250}}
-    assert client.cancelled == ["http://a/slow"]
+    assert client.cancelled == ["http://a.test/slow"]
     assert (result.succeeded, result.failed, result.timed_out) == (1, 0, 1)
     assert clock.getDelayedCalls() == []
 
@@ -99,7 +101,7 @@ def test_deadline_cancels_a_request_reading_its_body() -> None:
             return succeed(None).addCallback(lambda _: body)
 
     results: list[Any] = []
-    Multiplexer(clock, BodyStage()).run(_batch(100, "http://a/"), "b").addBoth(results.append)
+    Multiplexer(clock, BodyStage()).run(_batch(100, "http://a.test/"), "b").addBoth(results.append)
     clock.advance(0.1)
     assert body_cancelled == [True]
     assert results[0].outcomes[0]["Failure"]["error"] == "timeout elapsed"
@@ -107,8 +109,8 @@ def test_deadline_cancels_a_request_reading_its_body() -> None:
 
 def test_invalid_requests_fail_alone_without_being_sent() -> None:
     """An invalid request fails with duration 0 and is never sent; the rest run."""
-    clock, client, _, results = _run(_batch(1000, "ftp://a/", "http://a/ok"))
-    assert [r.uri for r in client.sent] == ["http://a/ok"]
+    clock, client, _, results = _run(_batch(1000, "ftp://a/", "http://a.test/ok"))
+    assert [r.uri for r in client.sent] == ["http://a.test/ok"]
     clock.advance(0.5)
     client.answer(0)
     [result] = results
@@ -129,7 +131,7 @@ def test_a_fetch_that_raises_fails_that_request_alone() -> None:
             return succeed(UpstreamResponse(204, Headers(), b""))
 
     results: list[Any] = []
-    batch = _batch(1000, "http://a/bad", "http://a/good")
+    batch = _batch(1000, "http://a.test/bad", "http://a.test/good")
     Multiplexer(clock, Picky()).run(batch, "b").addBoth(results.append)
     [result] = results
     assert result.outcomes[0] == {
@@ -141,7 +143,7 @@ def test_a_fetch_that_raises_fails_that_request_alone() -> None:
 
 def test_upstream_failure_is_explained() -> None:
     """A failed request becomes a Failure whose error explains it, at its own time."""
-    clock, client, _, results = _run(_batch(1000, "http://a/"))
+    clock, client, _, results = _run(_batch(1000, "http://a.test/"))
     clock.advance(0.003)
     client.pending[0].errback(Failure(ConnectionRefusedError()))
     assert results[0].outcomes == [
@@ -151,10 +153,10 @@ def test_upstream_failure_is_explained() -> None:
 
 def test_caller_departure_cancels_everything() -> None:
     """Cancelling the batch (the caller hung up) cancels every request and the deadline."""
-    clock, client, d, results = _run(_batch(1000, "http://a/1", "http://a/2"))
+    clock, client, d, results = _run(_batch(1000, "http://a.test/1", "http://a.test/2"))
     client.answer(0)
     d.cancel()
-    assert client.cancelled == ["http://a/2"]
+    assert client.cancelled == ["http://a.test/2"]
     [failure] = results
     assert isinstance(failure, Failure) and failure.check(CancelledError)
     assert clock.getDelayedCalls() == []
@@ -163,7 +165,7 @@ def test_caller_departure_cancels_everything() -> None:
 @pytest.mark.parametrize("timeout_msec", [0, 1, 3_600_000])
 def test_deadline_is_scheduled_at_the_batch_timeout(timeout_msec: int) -> None:
     """The deadline is exactly timeout_msec after the batch starts."""
-    clock, _, _, results = _run(_batch(timeout_msec, "http://a/"))
+    clock, _, _, results = _run(_batch(timeout_msec, "http://a.test/"))
     [call] = clock.getDelayedCalls()
     assert call.getTime() == pytest.approx(timeout_msec / 1000.0)
     clock.advance(timeout_msec / 1000.0)
@@ -174,7 +176,7 @@ def test_deadline_answers_even_if_a_cancellation_is_slow() -> None:
     """A request whose cancellation does not settle it at once does not delay the answer."""
     clock = Clock()
     results: list[Any] = []
-    batch = _batch(100, "http://a/")
+    batch = _batch(100, "http://a.test/")
     # Deferred.cancel always settles a Deferred; a request stuck in a
     # broken canceller is one whose cancel does nothing.
     stuck_cancel: list[bool] = []

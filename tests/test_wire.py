@@ -50,7 +50,7 @@ def test_defaults() -> None:
 
 def test_body_is_utf8() -> None:
     """A body string is sent as its UTF-8 bytes."""
-    assert _ok({"uri": "http://a/", "body": "café ☕"}).body == "café ☕".encode()
+    assert _ok({"uri": "http://a.test/", "body": "café ☕"}).body == "café ☕".encode()
 
 
 def test_hop_by_hop_headers_are_dropped() -> None:
@@ -63,15 +63,15 @@ def test_hop_by_hop_headers_are_dropped() -> None:
         "TE": "trailers",
         "X-Kept": "yes",
     }
-    request = _ok({"uri": "http://a/", "headers": headers})
+    request = _ok({"uri": "http://a.test/", "headers": headers})
     assert list(request.headers.getAllRawHeaders()) == [(b"X-Kept", [b"yes"])]
 
 
 def test_content_length_must_match_the_body() -> None:
     """A Content-Length that matches the body is accepted; one that lies fails the request."""
-    request = _ok({"uri": "http://a/", "body": "abc", "headers": {"Content-Length": "3"}})
+    request = _ok({"uri": "http://a.test/", "body": "abc", "headers": {"Content-Length": "3"}})
     assert not request.headers.hasHeader(b"content-length")
-    error = _invalid({"uri": "http://a/", "body": "abc", "headers": {"Content-Length": "30"}})
+    error = _invalid({"uri": "http://a.test/", "body": "abc", "headers": {"Content-Length": "30"}})
     assert error == (
         'header Content-Length is "30" but the body is 3 bytes; leave it out and Octoplex sets it'
     )
@@ -79,9 +79,9 @@ def test_content_length_must_match_the_body() -> None:
 
 def test_header_values_may_be_utf8_and_tabs() -> None:
     """Non-ASCII header text is sent as UTF-8; HTAB is legal; DEL is not."""
-    request = _ok({"uri": "http://a/", "headers": {"X-Name": "Zoë\tB"}})
+    request = _ok({"uri": "http://a.test/", "headers": {"X-Name": "Zoë\tB"}})
     assert request.headers.getRawHeaders(b"x-name") == ["Zoë\tB".encode()]
-    assert "control character" in _invalid({"uri": "http://a/", "headers": {"X": "a\x7f"}})
+    assert "control character" in _invalid({"uri": "http://a.test/", "headers": {"X": "a\x7f"}})
 
 
 @pytest.mark.parametrize(
@@ -100,11 +100,11 @@ def test_uris_are_normalised_to_ascii(uri: str, sent: str) -> None:
 @pytest.mark.parametrize(
     ("uri", "message"),
     [
-        ("http://user:pw@a/", "carries credentials"),
-        ("http://a:0/", "port 0"),
+        ("http://user:pw@a.test/", "carries credentials"),
+        ("http://a.test:0/", "port 0"),
         ("http://[::1]:80/", "IPv6 literal"),
         ("http://xn--/", "invalid host"),
-        ("http://a:/", "does not parse"),
+        ("http://a.test:/", "does not parse"),
     ],
 )
 def test_unsendable_uris_fail_alone(uri: str, message: str) -> None:
