@@ -23,6 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from octoplex import __version__
+from octoplex.auth import TokenError, load_tokens
 from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.dns import CachingResolver, DNSSettings, nameservers
 from octoplex.limits import (
@@ -203,6 +204,12 @@ class Options(usage.Options):
             "Seconds a failed DNS lookup is remembered.",
             _seconds,
         ],
+        [
+            "api-tokens-file",
+            None,
+            None,
+            "File of NAME=TOKEN lines: /multiplex then needs Authorization: Bearer TOKEN.",
+        ],
         ["tls-cert", None, None, "PEM certificate (intermediates may follow) for --listen-tls."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
         ["tls-chain", None, None, "PEM intermediate certificates for --listen-tls."],
@@ -226,6 +233,7 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["listen-tls"] = []
+        self["api-token"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -238,6 +246,12 @@ class Options(usage.Options):
         Listen with TLS (--tls-cert, --tls-key) on this endpoint, e.g. tcp:8443; repeatable.
         """
         self["listen-tls"].append(description)
+
+    def opt_api_token(self, entry: str) -> None:
+        """
+        NAME=TOKEN: require this bearer token on /multiplex; repeatable (a file keeps it out of ps).
+        """
+        self["api-token"].append(entry)
 
     def opt_version(self) -> None:
         """
@@ -261,7 +275,8 @@ class Options(usage.Options):
                     ) from None
         try:
             self._load_tls()
-        except TLSConfigError as e:
+            self["tokens"] = load_tokens(self["api-token"], self["api-tokens-file"])
+        except (TLSConfigError, TokenError) as e:
             raise usage.UsageError(str(e)) from None
 
     def _load_tls(self) -> None:
@@ -384,7 +399,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         reactor, pool, limits.max_response_bytes, options["upstream-tls"], resolver
     )
     client.setServiceParent(root)
-    app = OctoplexApp(Multiplexer(reactor, client), limits, reactor)
+    app = OctoplexApp(Multiplexer(reactor, client), limits, reactor, options["tokens"])
     site = OctoplexSite(app, reactor)
     for description in options["listen"]:
         strports.service(description, site, reactor=reactor).setServiceParent(root)

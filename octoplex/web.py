@@ -23,6 +23,7 @@ from twisted.web.resource import EncodingResourceWrapper
 from twisted.web.server import GzipEncoderFactory, Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from octoplex.auth import Tokens
 from octoplex.endpoints import set_tcp_nodelay
 from octoplex.limits import Limits
 from octoplex.multiplexer import BatchResult, Multiplexer
@@ -96,6 +97,8 @@ class OctoplexApp:
     :ivar multiplexer: runs each batch.
     :ivar limits: the limits each batch is held to.
     :ivar clock: the time source for the elapsed time logged per batch.
+    :ivar tokens: the API tokens; when there are any, ``/multiplex`` needs
+        one as ``Authorization: Bearer``.
     """
 
     router: ClassVar[Klein] = Klein()
@@ -104,6 +107,7 @@ class OctoplexApp:
     multiplexer: Multiplexer
     limits: Limits
     clock: IReactorTime
+    tokens: Tokens = attr.Factory(lambda: Tokens({}))
 
     @router.route("/", methods=["GET"])
     @router.route("/healthz", methods=["GET"])
@@ -126,6 +130,12 @@ class OctoplexApp:
         identity = peer_identity(request.channel.transport)
         if identity is not None:
             client = f"{client} ({identity})"
+        token_name = None
+        if self.tokens:
+            token_name = self.tokens.identify(request.getHeader(b"authorization"))
+            if token_name is None:
+                return self._unauthorized(request, client)
+            client = f"{client} [token {token_name}]"
         try:
             body = _decode(request.getHeader(b"content-encoding"), body, self.limits)
             batch = parse_batch(body, self.limits)
@@ -143,6 +153,23 @@ class OctoplexApp:
         d = self.multiplexer.run(batch, batch_id)
         d.addCallback(self._answer, request, batch_id, client, identity, started, bytes_in)
         return d
+
+    def _unauthorized(self, request: IRequest, client: str) -> bytes:
+        """
+        ``401`` with a JSON error and a ``WWW-Authenticate`` challenge; the
+        token presented, if any, is never logged.
+        """
+        presented = request.getHeader(b"authorization") is not None
+        if presented:
+            error = "the bearer token is not one this server accepts"
+            challenge = b'Bearer realm="octoplex", error="invalid_token"'
+        else:
+            error = "this server needs an Authorization: Bearer <token> header"
+            challenge = b'Bearer realm="octoplex"'
+        self.log.warn("batch from {client} refused: {error}", client=client, error=error)
+        request.setResponseCode(401)
+        request.setHeader(b"www-authenticate", challenge)
+        return _respond(request, JSON_CONTENT_TYPE, error_body(error))
 
     def _answer(
         self,
