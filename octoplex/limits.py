@@ -22,6 +22,12 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 #: Bytes of (decoded) body Octoplex reads from one upstream response.
 DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 
+#: Batches being answered at once; past it a batch is shed with 503.
+DEFAULT_MAX_BATCHES_IN_FLIGHT = 1000
+
+#: Upstream requests of those batches, running or queued; past it, likewise.
+DEFAULT_MAX_REQUESTS_IN_FLIGHT = 10_000
+
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
 class Limits:
@@ -33,12 +39,18 @@ class Limits:
     :ivar max_request_bytes: the largest ``/multiplex`` body accepted.
     :ivar max_response_bytes: the largest upstream body read for one item;
         a larger one fails that item.
+    :ivar max_batches_in_flight: batches being answered at once; one more
+        is shed at once with ``503`` and ``Retry-After``.
+    :ivar max_requests_in_flight: upstream requests of the batches in
+        flight; a batch that would pass it is shed likewise.
     """
 
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_timeout_msec: int = DEFAULT_MAX_TIMEOUT_MSEC
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_batches_in_flight: int = DEFAULT_MAX_BATCHES_IN_FLIGHT
+    max_requests_in_flight: int = DEFAULT_MAX_REQUESTS_IN_FLIGHT
 
     def __attrs_post_init__(self) -> None:
         for field in attr.fields(Limits):

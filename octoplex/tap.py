@@ -28,7 +28,9 @@ from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.dns import CachingResolver, DNSSettings, nameservers
 from octoplex.limits import (
     DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_BATCHES_IN_FLIGHT,
     DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_REQUESTS_IN_FLIGHT,
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_TIMEOUT_MSEC,
     Limits,
@@ -118,6 +120,20 @@ class Options(usage.Options):
             DEFAULT_MAX_RESPONSE_BYTES,
             "The most body bytes read from one upstream response; a larger "
             "body fails that request.",
+            _count,
+        ],
+        [
+            "max-batches-in-flight",
+            None,
+            DEFAULT_MAX_BATCHES_IN_FLIGHT,
+            "Batches answered at once; past it a batch gets 503 with Retry-After.",
+            _count,
+        ],
+        [
+            "max-requests-in-flight",
+            None,
+            DEFAULT_MAX_REQUESTS_IN_FLIGHT,
+            "Upstream requests of the batches in flight; past it, likewise 503.",
             _count,
         ],
         [
@@ -295,6 +311,11 @@ class Options(usage.Options):
             self["tls-options"] = server_options(
                 self["tls-cert"], self["tls-key"], self["tls-chain"], self["tls-client-ca"]
             )
+        if self["max-batch-size"] > self["max-requests-in-flight"]:
+            raise usage.UsageError(
+                f"--max-batch-size {self['max-batch-size']} is above --max-requests-in-flight "
+                f"{self['max-requests-in-flight']}: a full batch could never run"
+            )
         if self["dns-min-ttl"] > self["dns-max-ttl"]:
             raise usage.UsageError(
                 f"--dns-min-ttl {self['dns-min-ttl']} is above --dns-max-ttl {self['dns-max-ttl']}"
@@ -373,6 +394,8 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         max_timeout_msec=options["max-timeout-msec"],
         max_request_bytes=options["max-request-bytes"],
         max_response_bytes=options["max-response-bytes"],
+        max_batches_in_flight=options["max-batches-in-flight"],
+        max_requests_in_flight=options["max-requests-in-flight"],
     )
     pool = PoolSettings(
         max_idle_per_host=options["pool-max-idle-per-host"],

@@ -108,6 +108,11 @@ class OctoplexApp:
     limits: Limits
     clock: IReactorTime
     tokens: Tokens = attr.Factory(lambda: Tokens({}))
+    #: Batches and their upstream requests being answered now.
+    batches_in_flight: int = attr.ib(default=0, init=False)
+    requests_in_flight: int = attr.ib(default=0, init=False)
+    #: Batches shed with 503 since start, for statistics.
+    shed: int = attr.ib(default=0, init=False)
 
     @router.route("/", methods=["GET"])
     @router.route("/healthz", methods=["GET"])
@@ -149,10 +154,46 @@ class OctoplexApp:
             )
             request.setResponseCode(413 if isinstance(e, _TooLarge) else 400)
             return _respond(request, JSON_CONTENT_TYPE, error_body(str(e)))
+        size = len(batch.requests)
+        if (
+            self.batches_in_flight >= self.limits.max_batches_in_flight
+            or self.requests_in_flight + size > self.limits.max_requests_in_flight
+        ):
+            return self._shed(request, client, size)
+        self.batches_in_flight += 1
+        self.requests_in_flight += size
+
+        def done(result: Any) -> Any:
+            self.batches_in_flight -= 1
+            self.requests_in_flight -= size
+            return result
+
         batch_id = os.urandom(8).hex()
-        d = self.multiplexer.run(batch, batch_id)
+        d = self.multiplexer.run(batch, batch_id).addBoth(done)
         d.addCallback(self._answer, request, batch_id, client, identity, started, bytes_in)
         return d
+
+    def _shed(self, request: IRequest, client: str, size: int) -> bytes:
+        """
+        ``503`` with ``Retry-After`` at once: past the in-flight caps a batch
+        is refused rather than queued without bound.
+        """
+        self.shed += 1
+        error = (
+            f"overloaded: {self.batches_in_flight} batches with {self.requests_in_flight} "
+            f"requests in flight (at most {self.limits.max_batches_in_flight} batches and "
+            f"{self.limits.max_requests_in_flight} requests); retry shortly"
+        )
+        self.log.warn(
+            "batch from {client} of {size} requests shed: {error}",
+            client=client,
+            size=size,
+            error=error,
+            shed_total=self.shed,
+        )
+        request.setResponseCode(503)
+        request.setHeader(b"retry-after", b"1")
+        return _respond(request, JSON_CONTENT_TYPE, error_body(error))
 
     def _unauthorized(self, request: IRequest, client: str) -> bytes:
         """
