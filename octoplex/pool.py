@@ -32,13 +32,14 @@ from weakref import WeakKeyDictionary
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.logger import Logger
 from twisted.web._newclient import (
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseNeverReceived,
 )
 from twisted.web.client import HTTPConnectionPool, _RetryingHTTP11ClientProtocol
+
+__all__ = ["OctoplexPool"]
 
 #: RFC 9110 section 9.2.2: repeating these has the effect of sending once.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -71,9 +72,6 @@ class _Retrying(_RetryingHTTP11ClientProtocol):
         return bodyProducer is None or getattr(bodyProducer, "replayable", False)
 
 
-__all__ = ["OctoplexPool"]
-
-
 class OctoplexPool(HTTPConnectionPool):
     """
     A persistent connection pool that reuses the newest idle connection and
@@ -85,8 +83,6 @@ class OctoplexPool(HTTPConnectionPool):
     :param connect_grace: seconds a connection whose request was cancelled
         may still take to open, to be pooled.
     """
-
-    log = Logger()
 
     def __init__(
         self, reactor: Any, max_requests: int, max_age: float, connect_grace: float
@@ -159,16 +155,6 @@ class OctoplexPool(HTTPConnectionPool):
         return super().closeCachedConnections()
 
     def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
-        d = self._get_connection(key, endpoint)
-        return d.addCallback(self._retrying, key, endpoint)
-
-    def _retrying(self, connection: Any, key: Hashable, endpoint: IStreamClientEndpoint) -> Any:
-        # Twisted wraps a pooled connection in its own retry wrapper; widen it.
-        if isinstance(connection, _RetryingHTTP11ClientProtocol):
-            return _Retrying(connection._clientProtocol, lambda: self._newConnection(key, endpoint))
-        return connection
-
-    def _get_connection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
         """
         Retire the idle connections for ``key`` that have grown too old,
         then let Twisted hand out the newest of the rest, or a new one.
@@ -179,7 +165,13 @@ class OctoplexPool(HTTPConnectionPool):
             connections.remove(connection)
             self._timeouts.pop(connection).cancel()
             self._retire(connection)
-        return super().getConnection(key, endpoint)
+        return super().getConnection(key, endpoint).addCallback(self._retrying, key, endpoint)
+
+    def _retrying(self, connection: Any, key: Hashable, endpoint: IStreamClientEndpoint) -> Any:
+        # Twisted wraps a pooled connection in its own retry wrapper; widen it.
+        if isinstance(connection, _RetryingHTTP11ClientProtocol):
+            return _Retrying(connection._clientProtocol, lambda: self._newConnection(key, endpoint))
+        return connection
 
     def _too_old(self, connection: Any, now: float) -> bool:
         return now - self._born.get(connection, now) >= self._max_age

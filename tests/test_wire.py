@@ -103,7 +103,7 @@ def test_uris_are_normalised_to_ascii(uri: str, sent: str) -> None:
         ("http://user:pw@a.test/", "carries credentials"),
         ("http://a.test:0/", "port 0"),
         ("http://[::1]:80/", "IPv6 literal"),
-        ("http://xn--/", "invalid host"),
+        ("http://xn--.test/", "invalid host"),
         ("http://a.test:/", "does not parse"),
     ],
 )
