@@ -26,6 +26,7 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "trustme>=1.1",
+            "hypothesis>=6.100",
         ],
     },
     classifiers=[
