@@ -27,6 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, 
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.names import client as names_client
 from twisted.python.components import proxyForInterface
 from twisted.web.client import Agent, HostnameCachingHTTPSPolicy
 from twisted.web.http_headers import Headers
@@ -34,7 +35,8 @@ from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from octoplex.body import read_body
-from octoplex.dns import CachingResolver
+from octoplex.dns import CachingResolver, DNSSettings, nameservers
+from octoplex.egress import EgressPolicy
 from octoplex.endpoints import UpstreamEndpointFactory
 from octoplex.pool import OctoplexPool
 from octoplex.tls import UpstreamTLSPolicy
@@ -213,8 +215,12 @@ class UpstreamClient(Service):
     :param tls_policy: the TLS policy for ``https`` upstreams; by default an
         :class:`~octoplex.tls.UpstreamTLSPolicy` that verifies certificates
         against the platform's trust store.  One TLS context is kept per host.
-    :param resolver: the caching resolver installed on ``reactor``, if any:
-        host names are then dialled through it, over all their addresses.
+    :param resolver: the caching resolver that host names are dialled
+        through, over all their addresses; by default a new one that asks
+        the name servers of ``/etc/resolv.conf``.
+    :param egress: which upstream addresses may be dialled; by default
+        :class:`~octoplex.egress.EgressPolicy`'s, which refuses loopback,
+        private, link-local and other internal ranges.
     """
 
     name = "upstream-client"
@@ -227,6 +233,7 @@ class UpstreamClient(Service):
         max_response_bytes: int,
         tls_policy: IPolicyForHTTPS | None = None,
         resolver: CachingResolver | None = None,
+        egress: EgressPolicy | None = None,
     ) -> None:
         self._reactor = reactor
         self._max_response_bytes = max_response_bytes
@@ -242,8 +249,18 @@ class UpstreamClient(Service):
         self._pool.maxPersistentPerHost = settings.max_idle_per_host
         # Typed int in Twisted, but it is only ever given to callLater.
         self._pool.cachedConnectionTimeout = settings.idle_timeout  # type: ignore[assignment]
+        if resolver is None:
+            resolver = CachingResolver(
+                reactor,
+                names_client.Resolver(servers=nameservers(), reactor=reactor),
+                DNSSettings(),
+            )
         self._endpoints = endpoints = UpstreamEndpointFactory(
-            reactor, tls_policy, settings.connect_timeout, resolver
+            reactor,
+            tls_policy,
+            settings.connect_timeout,
+            resolver,
+            EgressPolicy() if egress is None else egress,
         )
         self._report = LoopingCall(self._report_connections)
         self._report.clock = reactor

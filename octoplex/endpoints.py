@@ -4,8 +4,8 @@ How the pool dials an upstream: the endpoint built for each new connection.
 The Agent asks :class:`UpstreamEndpointFactory` for an endpoint whenever the
 pool has no idle connection for a ``(scheme, host, port)``.  This is the one
 place every outbound connection passes through, so it is where connection
-policy lives: TCP_NODELAY, quiet factories, TLS, and (later) the egress
-policy and the DNS cache.
+policy lives: TCP_NODELAY, quiet factories, TLS, the DNS cache, and the
+egress policy, which is asked about every address just before it is dialled.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import (
-    HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
@@ -29,6 +27,7 @@ from twisted.internet.interfaces import (
     IReactorCore,
     IStreamClientEndpoint,
 )
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI
 from twisted.web.error import SchemeNotSupported
@@ -36,6 +35,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from octoplex.dns import CachingResolver
+from octoplex.egress import EgressPolicy, EgressRefused
 
 __all__ = ["UpstreamEndpointFactory", "set_tcp_nodelay"]
 
@@ -86,28 +86,67 @@ ATTEMPT_DELAY = 0.3
 @implementer(IStreamClientEndpoint)
 class _NameEndpoint:
     """
-    Dial a host name through the caching resolver: its addresses in the
-    resolver's rotated order, less those that refused a connection lately,
-    one attempt every :data:`ATTEMPT_DELAY` seconds (or at once when the
-    previous attempt fails), the first to connect winning.  An address that
-    refuses is reported to the resolver, which leaves it out for a while.
+    Dial a host (a name or an IP literal) through the caching resolver: its
+    addresses the egress policy allows, in the resolver's rotated order,
+    less those that refused a connection lately, one attempt every
+    :data:`ATTEMPT_DELAY` seconds (or at once when the previous attempt
+    fails), the first to connect winning.  An address that refuses is
+    reported to the resolver, which leaves it out for a while.
+
+    If the policy allows none of the addresses, the connection fails with
+    :class:`~octoplex.egress.EgressRefused` and nothing is sent.
     """
 
+    log = Logger()
+
     def __init__(
-        self, reactor: Any, resolver: CachingResolver, host: str, port: int, timeout: float
+        self,
+        reactor: Any,
+        resolver: CachingResolver,
+        egress: EgressPolicy,
+        host: str,
+        port: int,
+        timeout: float,
     ) -> None:
         self._reactor = reactor
         self._resolver = resolver
+        self._egress = egress
         self._host = host
         self._port = port
         self._timeout = timeout
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        try:
+            self._egress.check_name(self._host, self._port)
+        except EgressRefused as e:
+            return self._refused(e)
         d = self._resolver.lookup(self._host)
         return d.addCallback(self._race, protocolFactory)
 
     def _race(self, addresses: list[str], factory: IProtocolFactory) -> Deferred[IProtocol]:
-        return _Race(self, self._resolver.usable(addresses), factory).winner
+        allowed = []
+        refusal = None
+        for address in addresses:
+            try:
+                self._egress.check_address(self._host, address, self._port)
+            except EgressRefused as e:
+                refusal = refusal or e
+            else:
+                allowed.append(address)
+        if not allowed:
+            assert refusal is not None
+            return self._refused(refusal)
+        return _Race(self, self._resolver.usable(allowed), factory).winner
+
+    def _refused(self, refusal: EgressRefused) -> Deferred[IProtocol]:
+        self.log.info(
+            "egress refused: {reason}",
+            reason=str(refusal),
+            host=refusal.host,
+            port=refusal.port,
+            egress_refused=True,
+        )
+        return fail(refusal)
 
     def _endpoint(self, address: str) -> IStreamClientEndpoint:
         endpoint = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
@@ -196,8 +235,8 @@ class UpstreamEndpointFactory:
     :param reactor: the reactor to connect with.
     :param tls_policy: chooses the TLS settings for an ``https`` upstream.
     :param connect_timeout: seconds a TCP connect may take.
-    :param resolver: the resolver installed on ``reactor``, if it is
-        Octoplex's; it explains failed lookups.
+    :param resolver: resolves host names (and explains failed lookups).
+    :param egress: decides which addresses may be dialled.
     """
 
     def __init__(
@@ -205,12 +244,14 @@ class UpstreamEndpointFactory:
         reactor: IReactorCore,
         tls_policy: IPolicyForHTTPS,
         connect_timeout: float,
-        resolver: CachingResolver | None = None,
+        resolver: CachingResolver,
+        egress: EgressPolicy,
     ) -> None:
         self._reactor = reactor
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout
         self._resolver = resolver
+        self._egress = egress
         #: Connections opened per upstream address ("ip:port") since the
         #: last :meth:`take_opened`, so the spread across a name's
         #: addresses can be seen.
@@ -240,16 +281,13 @@ class UpstreamEndpointFactory:
         raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
 
     def _tcp_endpoint(self, host: bytes, port: int) -> IStreamClientEndpoint:
-        # An IP literal is dialled directly: HostnameEndpoint would send it
-        # through the resolver's thread pool, and it reports a refused
-        # connection only on its next 0.3 s attempt tick, which under a
-        # 100 ms deadline turns "connection refused" into a timeout.
-        text = host.decode("ascii")
-        timeout = self._connect_timeout
-        if isIPAddress(text):
-            return TCP4ClientEndpoint(self._reactor, text, port, timeout=timeout)
-        if isIPv6Address(text):
-            return TCP6ClientEndpoint(self._reactor, text, port, timeout=timeout)
-        if self._resolver is None:
-            return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
-        return _NameEndpoint(self._reactor, self._resolver, text, port, timeout)
+        # IP literals take the same path as names: the resolver hands a
+        # literal back at once, and the egress policy must see it.
+        return _NameEndpoint(
+            self._reactor,
+            self._resolver,
+            self._egress,
+            host.decode("ascii"),
+            port,
+            self._connect_timeout,
+        )

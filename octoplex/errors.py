@@ -22,6 +22,7 @@ from twisted.web._newclient import (
 )
 
 from octoplex.body import BadGzip, BodyTooLarge
+from octoplex.egress import EgressRefused
 from octoplex.tls import CertificateRejected
 
 __all__ = ["TIMEOUT_ELAPSED", "describe"]
@@ -74,7 +75,7 @@ def describe(failure: Failure) -> str:
     :return: a human-readable message.
     """
     value = failure.value
-    if isinstance(value, (BodyTooLarge, BadGzip)):
+    if isinstance(value, (BodyTooLarge, BadGzip, EgressRefused)):
         return str(value)
     if isinstance(value, ResponseNeverReceived):
         return _lost(_cause(value.reasons), "before sending a response")

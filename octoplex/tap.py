@@ -26,6 +26,7 @@ from octoplex import __version__
 from octoplex.auth import TokenError, load_tokens
 from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.dns import CachingResolver, DNSSettings, nameservers
+from octoplex.egress import EgressPolicy
 from octoplex.limits import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_BATCHES_IN_FLIGHT,
@@ -243,6 +244,12 @@ class Options(usage.Options):
         ],
         ["upstream-client-cert", None, None, "PEM client certificate for https upstreams."],
         ["upstream-client-key", None, None, "PEM private key of --upstream-client-cert."],
+        [
+            "egress-ports",
+            None,
+            "any",
+            "Upstream ports that may be dialled, e.g. 80,443,8000-8999; any for all.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -250,6 +257,8 @@ class Options(usage.Options):
         self["listen"] = []
         self["listen-tls"] = []
         self["api-token"] = []
+        for option in ("allow-egress", "deny-egress", "allow-egress-host", "deny-egress-host"):
+            self[option] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -268,6 +277,32 @@ class Options(usage.Options):
         NAME=TOKEN: require this bearer token on /multiplex; repeatable (a file keeps it out of ps).
         """
         self["api-token"].append(entry)
+
+    def opt_allow_egress(self, cidr: str) -> None:
+        """
+        Let upstream connections reach this CIDR, though blocked by default
+        (e.g. 127.0.0.0/8 for local upstreams); repeatable.
+        """
+        self["allow-egress"].append(cidr)
+
+    def opt_deny_egress(self, cidr: str) -> None:
+        """
+        Never let upstream connections reach this CIDR; beats any allow; repeatable.
+        """
+        self["deny-egress"].append(cidr)
+
+    def opt_allow_egress_host(self, pattern: str) -> None:
+        """
+        Let upstream connections reach this host name (or *.domain), whatever
+        its address, unless denied; repeatable.
+        """
+        self["allow-egress-host"].append(pattern)
+
+    def opt_deny_egress_host(self, pattern: str) -> None:
+        """
+        Never connect to this host name (or *.domain); repeatable.
+        """
+        self["deny-egress-host"].append(pattern)
 
     def opt_version(self) -> None:
         """
@@ -292,7 +327,14 @@ class Options(usage.Options):
         try:
             self._load_tls()
             self["tokens"] = load_tokens(self["api-token"], self["api-tokens-file"])
-        except (TLSConfigError, TokenError) as e:
+            self["egress"] = EgressPolicy.from_strings(
+                allow=self["allow-egress"],
+                deny=self["deny-egress"],
+                allow_hosts=self["allow-egress-host"],
+                deny_hosts=self["deny-egress-host"],
+                ports=self["egress-ports"],
+            )
+        except (TLSConfigError, TokenError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
 
     def _load_tls(self) -> None:
@@ -419,7 +461,12 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
     )
     root = _Octoplex(options["listen"] + options["listen-tls"], limits, reactor, resolver)
     client = UpstreamClient(
-        reactor, pool, limits.max_response_bytes, options["upstream-tls"], resolver
+        reactor,
+        pool,
+        limits.max_response_bytes,
+        options["upstream-tls"],
+        resolver,
+        options["egress"],
     )
     client.setServiceParent(root)
     app = OctoplexApp(Multiplexer(reactor, client), limits, reactor, options["tokens"])

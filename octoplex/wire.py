@@ -327,9 +327,61 @@ def _check_uri(uri: str) -> EncodedURL:
         # fails, so treq cannot send to one.
         raise _InvalidValue(f"URI {_quote(uri)} has an IPv6 literal host, not yet supported")
     try:
-        return url.to_uri()
+        url = url.to_uri()
     except ValueError as e:
         raise _InvalidValue(f"URI {_quote(uri)} has an invalid host: {e}") from None
+    address = _numeric_ipv4(url.host)
+    if address is not None:
+        url = url.replace(host=address)
+    return url
+
+
+def _numeric_ipv4(host: str) -> str | None:
+    """
+    The dotted-quad form of a host that is an IPv4 address in one of the
+    other spellings that URL parsers and ``inet_aton`` accept (``2130706433``,
+    ``0x7f.1``, ``0177.0.0.1``, ``127.1``), as the WHATWG URL standard reads
+    them; ``None`` for a host name.  Octoplex dials (and its egress policy
+    judges) the address every such spelling means.
+
+    :raises _InvalidValue: for a host that ends in a number but is no valid
+        IPv4 address (``1.2.3.4.5``, ``256.1.1.1``), which the URL standard
+        rejects too.
+    """
+    parts = host.split(".")
+    if parts[-1] == "" and len(parts) > 1:
+        parts.pop()
+    if not _NUMBER.match(parts[-1]):
+        return None
+    numbers = [_ipv4_number(part) for part in parts]
+    if len(parts) > 4 or None in numbers:
+        raise _InvalidValue(
+            f"host {_quote(host)} ends in a number, so it must be an IPv4 address, and is not one"
+        )
+    *leading, last = numbers
+    assert last is not None
+    if any(n is None or n > 255 for n in leading) or last >= 256 ** (5 - len(numbers)):
+        raise _InvalidValue(f"host {_quote(host)} is an IPv4 address out of range")
+    value = last
+    for index, n in enumerate(leading):
+        assert n is not None
+        value += n << (8 * (3 - index))
+    return ".".join(str((value >> shift) & 0xFF) for shift in (24, 16, 8, 0))
+
+
+# The last label of a host that the URL standard reads as a number.
+_NUMBER = re.compile(r"([0-9]+|0[xX][0-9a-fA-F]*)\Z")
+
+
+def _ipv4_number(part: str) -> int | None:
+    try:
+        if part[:2] in ("0x", "0X"):
+            return int(part[2:] or "0", 16)
+        if len(part) > 1 and part.startswith("0"):
+            return int(part[1:], 8)
+        return int(part, 10)
+    except ValueError:
+        return None
 
 
 def _check_headers(headers: dict[str, str], body_length: int) -> Headers:

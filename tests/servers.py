@@ -18,12 +18,15 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
+from twisted.names import client as names_client
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from octoplex.client import PoolSettings, UpstreamClient
+from octoplex.dns import CachingResolver, DNSSettings
+from octoplex.egress import EgressPolicy
 from octoplex.limits import Limits
 from octoplex.multiplexer import Multiplexer
 from octoplex.web import OctoplexApp, OctoplexSite
@@ -260,17 +263,38 @@ class Octoplex:
         )
 
 
+#: The egress policy of the tests' Octoplex: its upstreams are local, as
+#: with ``--allow-egress 127.0.0.0/8`` (and ``::1``).
+LOOPBACK = EgressPolicy.from_strings(allow=["127.0.0.0/8", "::1/128"])
+
+
+def local_resolver(reactor: Any = global_reactor) -> CachingResolver:
+    """
+    A resolver that answers from /etc/hosts (``localhost``) and sends any
+    other query to a closed port on 127.0.0.1, never to the machine's name
+    servers.
+    """
+    dead = names_client.Resolver(servers=[("127.0.0.1", 9)], reactor=reactor)
+    return CachingResolver(reactor, dead, DNSSettings(timeouts=(0.2,)))
+
+
 def start_octoplex(
     limits: Limits | None = None,
     pool: PoolSettings | None = None,
     tls_policy: IPolicyForHTTPS | None = None,
+    egress: EgressPolicy = LOOPBACK,
 ) -> Octoplex:
     """
     Start Octoplex on 127.0.0.1, wired as the tap wires it.
     """
     limits = limits or Limits()
     client = UpstreamClient(
-        global_reactor, pool or PoolSettings(), limits.max_response_bytes, tls_policy
+        global_reactor,
+        pool or PoolSettings(),
+        limits.max_response_bytes,
+        tls_policy,
+        local_resolver(),
+        egress,
     )
     client.startService()
     app = OctoplexApp(Multiplexer(global_reactor, client), limits, global_reactor)

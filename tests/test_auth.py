@@ -24,7 +24,7 @@ from octoplex.multiplexer import Multiplexer
 from octoplex.tap import Options
 from octoplex.web import OctoplexApp, OctoplexSite
 
-from .servers import Upstream, _QuietPool
+from .servers import LOOPBACK, Upstream, _QuietPool, local_resolver
 
 TOKEN = "s3cret-token-of-bidder-7"
 
@@ -90,7 +90,9 @@ async def test_multiplex_needs_a_token(
 ) -> None:
     """Without a configured token /multiplex is 401 with a challenge; /healthz stays open."""
     limits = Limits()
-    client = UpstreamClient(reactor, PoolSettings(), limits.max_response_bytes)
+    client = UpstreamClient(
+        reactor, PoolSettings(), limits.max_response_bytes, None, local_resolver(), LOOPBACK
+    )
     client.startService()
     app = OctoplexApp(Multiplexer(reactor, client), limits, reactor, Tokens({"bidder-7": TOKEN}))
     port = reactor.listenTCP(0, OctoplexSite(app, reactor), interface="127.0.0.1")

@@ -24,7 +24,15 @@ from octoplex.limits import Limits
 from octoplex.multiplexer import Multiplexer
 from octoplex.web import OctoplexApp, OctoplexSite
 
-from .servers import Caller, Octoplex, Upstream, _Upstream, start_octoplex
+from .servers import (
+    LOOPBACK,
+    Caller,
+    Octoplex,
+    Upstream,
+    _Upstream,
+    local_resolver,
+    start_octoplex,
+)
 
 
 def _nodelay(transport: Any) -> int:
@@ -34,7 +42,9 @@ def _nodelay(transport: Any) -> int:
 @pytest_twisted.ensureDeferred
 async def test_outbound_connections_have_tcp_nodelay(upstream: Upstream) -> None:
     """Every connection the pool dials has Nagle's algorithm off, quietly."""
-    endpoints = UpstreamEndpointFactory(reactor, BrowserLikePolicyForHTTPS(), 5.0)
+    endpoints = UpstreamEndpointFactory(
+        reactor, BrowserLikePolicyForHTTPS(), 5.0, local_resolver(), LOOPBACK
+    )
     factory = Factory.forProtocol(Protocol)
     endpoint = endpoints.endpointForURI(URI.fromBytes(upstream.url.encode() + b"/"))
     protocol = await endpoint.connect(factory)
@@ -57,7 +67,9 @@ async def test_inbound_connections_have_tcp_nodelay(caller: Caller) -> None:
             return channel
 
     limits = Limits()
-    client = UpstreamClient(reactor, PoolSettings(), limits.max_response_bytes)
+    client = UpstreamClient(
+        reactor, PoolSettings(), limits.max_response_bytes, None, local_resolver(), LOOPBACK
+    )
     site = Recording(OctoplexApp(Multiplexer(reactor, client), limits, reactor), reactor)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     try:

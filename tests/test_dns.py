@@ -51,7 +51,7 @@ from octoplex.multiplexer import Multiplexer
 from octoplex.tap import Options, makeService
 from octoplex.web import OctoplexApp, OctoplexSite
 
-from .servers import Octoplex, Upstream, _CountingSite, _QuietPool, _Upstream
+from .servers import LOOPBACK, Octoplex, Upstream, _CountingSite, _QuietPool, _Upstream
 
 NXDOMAIN = "NXDOMAIN (the name does not exist)"
 SERVFAIL = "SERVFAIL (the name server failed)"
@@ -493,7 +493,12 @@ def start_resolving_octoplex(resolver: CachingResolver) -> Octoplex:
     """
     limits = Limits()
     client = UpstreamClient(
-        reactor, PoolSettings(), limits.max_response_bytes, tls_policy=None, resolver=resolver
+        reactor,
+        PoolSettings(),
+        limits.max_response_bytes,
+        tls_policy=None,
+        resolver=resolver,
+        egress=LOOPBACK,
     )
     client.startService()
     app = OctoplexApp(Multiplexer(reactor, client), limits, reactor)

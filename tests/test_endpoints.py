@@ -17,6 +17,8 @@ from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 
 from octoplex.endpoints import ATTEMPT_DELAY, UpstreamEndpointFactory
 
+from .servers import LOOPBACK
+
 
 class Addresses:
     """
@@ -38,7 +40,13 @@ class Addresses:
 
 
 def _dial(reactor: MemoryReactorClock, resolver: Addresses) -> list[Any]:
-    endpoints = UpstreamEndpointFactory(reactor, BrowserLikePolicyForHTTPS(), 5.0, resolver)  # type: ignore[arg-type]
+    endpoints = UpstreamEndpointFactory(
+        reactor,
+        BrowserLikePolicyForHTTPS(),
+        5.0,
+        resolver,  # type: ignore[arg-type]
+        LOOPBACK,
+    )
     endpoint = endpoints.endpointForURI(URI.fromBytes(b"http://multi.test:8080/"))
     results: list[Any] = []
     endpoint.connect(Factory.forProtocol(Protocol)).addBoth(results.append)
@@ -103,6 +111,7 @@ def test_cancelling_gives_up_every_attempt() -> None:
         BrowserLikePolicyForHTTPS(),
         5.0,
         Addresses("127.0.0.2", "127.0.0.3"),  # type: ignore[arg-type]
+        LOOPBACK,
     )
     endpoint = endpoints.endpointForURI(URI.fromBytes(b"http://multi.test:8080/"))
     d = endpoint.connect(Factory.forProtocol(Protocol))

@@ -89,10 +89,11 @@ def pki(tmp_path: Path) -> ServerPKI:
 
 def parse(*argv: str) -> Options:
     """
-    Parse ``argv`` as ``twistd octoplex`` would.
+    Parse ``argv`` as ``twistd octoplex`` would, with the test upstreams'
+    loopback range allowed.
     """
     options = Options()
-    options.parseOptions(list(argv))
+    options.parseOptions(["--allow-egress", "127.0.0.0/8", *argv])
     return options
 
 

@@ -161,6 +161,8 @@ async def test_daemon_serves_a_batch_and_stops_on_sigterm(tmp_path: Path, caller
                     "octoplex",
                     "--listen",
                     f"tcp:{port}:interface=127.0.0.1",
+                    "--allow-egress",
+                    "127.0.0.0/8",
                 ],
                 cwd=ROOT,
                 env=environment(),

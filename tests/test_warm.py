@@ -40,7 +40,7 @@ from octoplex.multiplexer import Multiplexer
 from octoplex.pool import OctoplexPool
 from octoplex.web import OctoplexApp, OctoplexSite
 
-from .servers import Octoplex, _QuietPool, start_octoplex, start_upstream
+from .servers import LOOPBACK, Octoplex, _QuietPool, start_octoplex, start_upstream
 from .test_dns import _Direct, rr_a
 from .test_pool import _serve, _Tracking
 
@@ -131,7 +131,12 @@ def start_resolving_octoplex(resolver: CachingResolver, pool: PoolSettings) -> O
     """
     limits = Limits()
     client = UpstreamClient(
-        reactor, pool, limits.max_response_bytes, tls_policy=None, resolver=resolver
+        reactor,
+        pool,
+        limits.max_response_bytes,
+        tls_policy=None,
+        resolver=resolver,
+        egress=LOOPBACK,
     )
     client.startService()
     app = OctoplexApp(Multiplexer(reactor, client), limits, reactor)
