@@ -90,10 +90,21 @@ def test_header_values_may_be_utf8_and_tabs() -> None:
         ("HTTP://Example.COM/Path", "http://example.com/Path"),
         ("https://bücher.example/ä?q=ü", "https://xn--bcher-kva.example/%C3%A4?q=%C3%BC"),
         ("http://127.0.0.1:8080/a%20b", "http://127.0.0.1:8080/a%20b"),
+        # Other spellings of an IPv4 address, read as the URL standard does.
+        ("http://2130706433:8080/", "http://127.0.0.1:8080/"),
+        ("http://0177.0.0.1/", "http://127.0.0.1/"),
+        ("http://0x7f.1/", "http://127.0.0.1/"),
+        ("http://127.1/", "http://127.0.0.1/"),
+        ("http://0xA9.0xFE.0xA9.0xFE/", "http://169.254.169.254/"),
+        ("http://0251.0376.0251.0376/", "http://169.254.169.254/"),
+        ("http://1.2.3.4./", "http://1.2.3.4/"),
     ],
 )
 def test_uris_are_normalised_to_ascii(uri: str, sent: str) -> None:
-    """Schemes are case-insensitive and IRIs become URIs before they are sent."""
+    """
+    Schemes are case-insensitive, IRIs become URIs and a numeric host is
+    the dotted quad it means, before they are sent.
+    """
     assert _ok({"uri": uri}).url.to_text() == sent
 
 
@@ -105,6 +116,10 @@ def test_uris_are_normalised_to_ascii(uri: str, sent: str) -> None:
         ("http://[::1]:80/", "IPv6 literal"),
         ("http://xn--.test/", "invalid host"),
         ("http://a.test:/", "does not parse"),
+        ("http://1.2.3.4.5/", 'host "1.2.3.4.5" ends in a number, so it must be an IPv4 address'),
+        ("http://a.test.09/", "ends in a number"),
+        ("http://256.0.0.1/", 'host "256.0.0.1" is an IPv4 address out of range'),
+        ("http://1.16777216/", "out of range"),
     ],
 )
 def test_unsendable_uris_fail_alone(uri: str, message: str) -> None:
