@@ -36,6 +36,7 @@ from twisted.web.server import Site
 
 from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.dns import CachingResolver, DNSSettings
+from octoplex.egress import EgressPolicy
 from octoplex.limits import Limits
 from octoplex.multiplexer import Multiplexer
 from octoplex.wire import parse_batch
@@ -103,7 +104,11 @@ async def main(duration: float, callers: int, size: int) -> dict[str, Any]:
     names = names_client.Resolver(servers=[("127.0.0.1", dns_port.getHost().port)], reactor=reactor)
     resolver = CachingResolver(reactor, names, DNSSettings(), hosts=None)
     previous = reactor.installNameResolver(resolver)
-    client = UpstreamClient(reactor, PoolSettings(), Limits().max_response_bytes, None, resolver)
+    # The upstream is local, which the default egress policy refuses.
+    local = EgressPolicy.from_strings(allow=["127.0.0.0/8"])
+    client = UpstreamClient(
+        reactor, PoolSettings(), Limits().max_response_bytes, None, resolver, local
+    )
     client.startService()
     multiplexer = Multiplexer(reactor, client)
     uri = f"http://bench.test:{http_port.getHost().port}/"

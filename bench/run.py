@@ -311,7 +311,9 @@ def octoplex_argv(cmd: str | None, port: int) -> tuple[list[str], str]:
     listen = f"tcp:{port}:interface={HOST}"
     if cmd is None:
         twistd, where = default_twistd()
+        # The upstream is local, and local addresses are refused by default.
         argv = [twistd, "-n", "--pidfile=", "octoplex", "--listen", listen]
+        argv += ["--allow-egress", "127.0.0.0/8"]
         return argv, f"{twistd} (found {where})"
     if "{port}" in cmd or "{listen}" in cmd:
         argv = shlex.split(cmd.replace("{port}", str(port)).replace("{listen}", listen))
