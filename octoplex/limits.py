@@ -28,6 +28,30 @@ DEFAULT_MAX_BATCHES_IN_FLIGHT = 1000
 #: Upstream requests of those batches, running or queued; past it, likewise.
 DEFAULT_MAX_REQUESTS_IN_FLIGHT = 10_000
 
+#: Bytes of (decoded) body read from all the upstream responses of a batch.
+DEFAULT_MAX_BATCH_RESPONSE_BYTES = 64 * 1024 * 1024
+
+#: Header lines of any HTTP message Octoplex reads or sends: a request to
+#: it, an item's request, an upstream's response.
+DEFAULT_MAX_HEADER_COUNT = 100
+
+#: Bytes of the head of any such message (start line and headers).
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+
+#: Inbound connections open at once; one more is answered 503 and closed.
+DEFAULT_MAX_CONNECTIONS = 10_000
+
+#: Seconds a caller has to send a request's headers, from its first byte.
+DEFAULT_HEADER_TIMEOUT = 10.0
+
+#: Seconds a caller has to send a request's body, once its headers are in.
+DEFAULT_BODY_TIMEOUT = 30.0
+
+#: Seconds an inbound keep-alive connection may sit idle between requests.
+DEFAULT_IDLE_TIMEOUT = 60.0
+
+_SECONDS = ("header_timeout", "body_timeout", "idle_timeout")
+
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
 class Limits:
@@ -43,6 +67,17 @@ class Limits:
         is shed at once with ``503`` and ``Retry-After``.
     :ivar max_requests_in_flight: upstream requests of the batches in
         flight; a batch that would pass it is shed likewise.
+    :ivar max_batch_response_bytes: body bytes read from all the upstream
+        responses of one batch; the item whose response passes it fails,
+        and the rest of the batch is untouched.
+    :ivar max_header_count: header lines in a request to Octoplex, in an
+        item's request, and in an upstream's response.
+    :ivar max_header_bytes: bytes in the head (start line and headers) of
+        each of those.
+    :ivar max_connections: inbound connections open at once.
+    :ivar header_timeout: seconds a caller has to send a request's headers.
+    :ivar body_timeout: seconds a caller has to send a request's body.
+    :ivar idle_timeout: seconds an idle inbound connection is kept open.
     """
 
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
@@ -51,11 +86,23 @@ class Limits:
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     max_batches_in_flight: int = DEFAULT_MAX_BATCHES_IN_FLIGHT
     max_requests_in_flight: int = DEFAULT_MAX_REQUESTS_IN_FLIGHT
+    max_batch_response_bytes: int = DEFAULT_MAX_BATCH_RESPONSE_BYTES
+    max_header_count: int = DEFAULT_MAX_HEADER_COUNT
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
 
     def __attrs_post_init__(self) -> None:
         for field in attr.fields(Limits):
             value = getattr(self, field.name)
-            if type(value) is not int or value < 1:
+            if field.name in _SECONDS:
+                if type(value) not in (int, float) or not 0 < value < float("inf"):
+                    raise ValueError(
+                        f"{field.name} is {value!r}; it must be a number of seconds above 0"
+                    )
+            elif type(value) is not int or value < 1:
                 raise ValueError(
                     f"{field.name} is {value!r}; it must be a whole number of at least 1"
                 )

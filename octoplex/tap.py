@@ -10,6 +10,7 @@ per ``--listen``.  Only this module imports the global reactor.
 from __future__ import annotations
 
 import math
+import resource
 from collections.abc import Callable
 from typing import Any
 
@@ -27,15 +28,7 @@ from octoplex.auth import TokenError, load_tokens
 from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.dns import CachingResolver, DNSSettings, nameservers
 from octoplex.egress import EgressPolicy
-from octoplex.limits import (
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_BATCHES_IN_FLIGHT,
-    DEFAULT_MAX_REQUEST_BYTES,
-    DEFAULT_MAX_REQUESTS_IN_FLIGHT,
-    DEFAULT_MAX_RESPONSE_BYTES,
-    DEFAULT_MAX_TIMEOUT_MSEC,
-    Limits,
-)
+from octoplex.limits import Limits
 from octoplex.multiplexer import Multiplexer
 from octoplex.tls import (
     TLSConfigError,
@@ -78,6 +71,7 @@ def _non_negative_seconds(text: str) -> float:
 _non_negative_seconds.coerceDoc = "Must be a number of seconds, 0 or more."  # type: ignore[attr-defined]
 
 _count = _positive(int, "a whole number")
+_LIMITS = Limits()
 _seconds = _positive(float, "a number of seconds")
 
 
@@ -97,28 +91,28 @@ class Options(usage.Options):
         [
             "max-batch-size",
             None,
-            DEFAULT_MAX_BATCH_SIZE,
+            _LIMITS.max_batch_size,
             "The most requests one batch may hold.",
             _count,
         ],
         [
             "max-timeout-msec",
             None,
-            DEFAULT_MAX_TIMEOUT_MSEC,
+            _LIMITS.max_timeout_msec,
             "The longest deadline (timeout_msec) a batch may ask for.",
             _count,
         ],
         [
             "max-request-bytes",
             None,
-            DEFAULT_MAX_REQUEST_BYTES,
+            _LIMITS.max_request_bytes,
             "The largest /multiplex body accepted; a larger one gets 413.",
             _count,
         ],
         [
             "max-response-bytes",
             None,
-            DEFAULT_MAX_RESPONSE_BYTES,
+            _LIMITS.max_response_bytes,
             "The most body bytes read from one upstream response; a larger "
             "body fails that request.",
             _count,
@@ -126,16 +120,67 @@ class Options(usage.Options):
         [
             "max-batches-in-flight",
             None,
-            DEFAULT_MAX_BATCHES_IN_FLIGHT,
+            _LIMITS.max_batches_in_flight,
             "Batches answered at once; past it a batch gets 503 with Retry-After.",
             _count,
         ],
         [
             "max-requests-in-flight",
             None,
-            DEFAULT_MAX_REQUESTS_IN_FLIGHT,
+            _LIMITS.max_requests_in_flight,
             "Upstream requests of the batches in flight; past it, likewise 503.",
             _count,
+        ],
+        [
+            "max-batch-response-bytes",
+            None,
+            _LIMITS.max_batch_response_bytes,
+            "The most body bytes read from all the upstream responses of one batch; "
+            "the item that passes it fails.",
+            _count,
+        ],
+        [
+            "max-header-count",
+            None,
+            _LIMITS.max_header_count,
+            "Header lines allowed in a request to Octoplex, an item's request and "
+            "an upstream's response.",
+            _count,
+        ],
+        [
+            "max-header-bytes",
+            None,
+            _LIMITS.max_header_bytes,
+            "Bytes allowed in the request line (or status line) and headers of each of those.",
+            _count,
+        ],
+        [
+            "max-connections",
+            None,
+            _LIMITS.max_connections,
+            "Inbound connections open at once; one more gets 503 and is closed.",
+            _count,
+        ],
+        [
+            "header-timeout",
+            None,
+            _LIMITS.header_timeout,
+            "Seconds a caller has to send a request's headers; past it 408 and close.",
+            _seconds,
+        ],
+        [
+            "body-timeout",
+            None,
+            _LIMITS.body_timeout,
+            "Seconds a caller has to send a request's body after its headers; likewise.",
+            _seconds,
+        ],
+        [
+            "idle-timeout",
+            None,
+            _LIMITS.idle_timeout,
+            "Seconds an inbound keep-alive connection may be idle before it is closed.",
+            _seconds,
         ],
         [
             "pool-max-idle-per-host",
@@ -380,11 +425,17 @@ class _Octoplex(MultiService):
     log = Logger()
 
     def __init__(
-        self, listen: list[str], limits: Limits, reactor: Any, resolver: CachingResolver
+        self,
+        listen: list[str],
+        limits: Limits,
+        reactor: Any,
+        resolver: CachingResolver,
+        upstream_connections: int,
     ) -> None:
         super().__init__()
         self._listen = listen
         self._limits = limits
+        self._upstream_connections = upstream_connections
         self._reactor = reactor
         self._resolver = resolver
         self._previous_resolver: Any = None
@@ -399,6 +450,7 @@ class _Octoplex(MultiService):
             raise SystemExit(f"octoplex: cannot listen on {address}: {e.socketError}") from None
 
     def startService(self) -> None:
+        self._raise_file_limit()
         if self._previous_resolver is None:
             self._previous_resolver = self._reactor.installNameResolver(self._resolver)
         super().startService()
@@ -408,6 +460,31 @@ class _Octoplex(MultiService):
             listen=self._listen,
             limits=self._limits,
         )
+
+    def _raise_file_limit(self) -> None:
+        """
+        Raise the soft limit on open files to the hard one, as servers do:
+        every inbound and upstream connection is a file, and the usual soft
+        limit of 1024 is below the default connection caps.
+        """
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                soft = wanted
+            except (ValueError, OSError) as e:
+                self.log.warn(
+                    "could not raise the open-file limit above {soft}: {e}", soft=soft, e=e
+                )
+        needed = self._limits.max_connections + self._upstream_connections + 64
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            self.log.warn(
+                "the open-file limit is {soft}, below the {needed} that --max-connections and "
+                "--pool-max-total may need; raise it (ulimit -n, LimitNOFILE=) or lower them",
+                soft=soft,
+                needed=needed,
+            )
 
     def stopService(self) -> Any:
         self.log.info("octoplex {version} stopping", version=__version__)
@@ -438,6 +515,13 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         max_response_bytes=options["max-response-bytes"],
         max_batches_in_flight=options["max-batches-in-flight"],
         max_requests_in_flight=options["max-requests-in-flight"],
+        max_batch_response_bytes=options["max-batch-response-bytes"],
+        max_header_count=options["max-header-count"],
+        max_header_bytes=options["max-header-bytes"],
+        max_connections=options["max-connections"],
+        header_timeout=options["header-timeout"],
+        body_timeout=options["body-timeout"],
+        idle_timeout=options["idle-timeout"],
     )
     pool = PoolSettings(
         max_idle_per_host=options["pool-max-idle-per-host"],
@@ -459,7 +543,9 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
             stale_grace=options["dns-stale-grace"],
         ),
     )
-    root = _Octoplex(options["listen"] + options["listen-tls"], limits, reactor, resolver)
+    root = _Octoplex(
+        options["listen"] + options["listen-tls"], limits, reactor, resolver, pool.max_total
+    )
     client = UpstreamClient(
         reactor,
         pool,

@@ -18,6 +18,7 @@ from klein import Klein
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.iweb import IRequest
 from twisted.web.resource import EncodingResourceWrapper
 from twisted.web.server import GzipEncoderFactory, Request, Site
@@ -25,6 +26,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from octoplex.auth import Tokens
 from octoplex.endpoints import set_tcp_nodelay
+from octoplex.inbound import ConnectionRefuser, OctoplexChannel, raw_error
 from octoplex.limits import Limits
 from octoplex.multiplexer import BatchResult, Multiplexer
 from octoplex.tls import peer_identity
@@ -317,22 +319,25 @@ class OctoplexRequest(Request):
             client=format_address(self.getClientAddress()),
             error=message,
         )
-        body = error_body(message)
         transport = self.channel.transport
         assert transport is not None
-        transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\n"
-            b"content-type: " + JSON_CONTENT_TYPE + b"\r\n"
-            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n"
-            b"connection: close\r\n\r\n" + body
-        )
+        transport.write(raw_error(413, message))
         transport.loseConnection()
+
+
+def _channel(factory: Any) -> Any:
+    # As twisted.web's own factory (_genericHTTPChannelProtocolFactory) does,
+    # so that the wrapper can still hand a TLS connection that negotiated h2
+    # to an HTTP/2 channel, but with Octoplex's HTTP/1.1 channel.
+    return _GenericHTTPChannelProtocol(OctoplexChannel())
 
 
 class OctoplexSite(Site):
     """
     The ``Site`` for the app: no per-request access log (the app writes one
-    structured event per batch) and no "Starting factory" line.
+    structured event per batch) and no "Starting factory" line; its
+    channels hold callers to the limits of :mod:`octoplex.inbound`, and at
+    most ``max_connections`` are open at once.
 
     :param app: the app to serve.
     :param reactor: the reactor, for the channel's timers.
@@ -341,13 +346,42 @@ class OctoplexSite(Site):
     noisy = False
     displayTracebacks = False
     requestFactory = OctoplexRequest
+    protocol = _channel
 
     def __init__(self, app: OctoplexApp, reactor: Any) -> None:
         # A caller that sends Accept-Encoding: gzip gets its answers gzipped.
         gzip = GzipEncoderFactory()
         gzip.compressLevel = GZIP_LEVEL
-        super().__init__(EncodingResourceWrapper(app.router.resource(), [gzip]), reactor=reactor)
+        super().__init__(
+            EncodingResourceWrapper(app.router.resource(), [gzip]),
+            reactor=reactor,
+            timeout=app.limits.idle_timeout,
+        )
         self.limits = app.limits
+        #: Inbound connections open now.
+        self.connections = 0
+        #: Connections refused because ``max_connections`` were open.
+        self.refused_connections = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        if self.connections >= self.limits.max_connections:
+            self.refused_connections += 1
+            OctoplexApp.log.warn(
+                "connection from {client} refused: {open} connections open, the most allowed "
+                "(refused so far: {refused})",
+                client="?" if addr is None else format_address(addr),
+                open=self.connections,
+                refused=self.refused_connections,
+            )
+            return ConnectionRefuser(self.limits.max_connections)
+        self.connections += 1
+        return super().buildProtocol(addr)
+
+    def connection_closed(self) -> None:
+        """
+        One of this site's channels lost its connection.
+        """
+        self.connections -= 1
 
     def log(self, request: Any) -> None:
         """

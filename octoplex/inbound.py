@@ -1,0 +1,211 @@
+"""
+Inbound connections: how much a caller's connection may hold, and for how
+long, before a request reaches the app.
+
+twisted.web's ``HTTPChannel`` answers a head that is too large with a bare
+``400`` and closes, and its only timer is an idle timeout that every byte
+resets, so a client sending one byte every few seconds (slowloris) holds a
+connection for ever.  :class:`OctoplexChannel` adds what a daemon facing
+callers needs:
+
+- a head (request line and headers) over ``max_header_bytes`` bytes or
+  ``max_header_count`` lines gets ``431`` with a JSON error naming the
+  limit;
+- the headers must arrive within ``header_timeout`` seconds of the
+  request's first byte, and the body within ``body_timeout`` seconds of the
+  headers, else ``408``;
+- any other malformed request gets ``400`` with a JSON error.
+
+Each answer closes the connection, and is logged.  The cap on connections
+open at once is the site's (:class:`octoplex.web.OctoplexSite`), which
+answers past it with :class:`ConnectionRefuser`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+
+from octoplex.limits import Limits
+from octoplex.wire import JSON_CONTENT_TYPE, error_body
+
+__all__ = ["ConnectionRefuser", "OctoplexChannel", "raw_error"]
+
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+
+
+def raw_error(status: int, message: str, extra: bytes = b"") -> bytes:
+    """
+    A whole HTTP/1.1 response with a JSON error, for the connection to be
+    closed after it; written straight to the transport, where no request
+    object can answer.
+    """
+    body = error_body(message)
+    return (
+        b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status])
+        + b"content-type: "
+        + JSON_CONTENT_TYPE
+        + b"\r\ncontent-length: %d\r\nconnection: close\r\n" % (len(body),)
+        + extra
+        + b"\r\n"
+        + body
+    )
+
+
+class OctoplexChannel(HTTPChannel):
+    """
+    An ``HTTPChannel`` holding its caller to the site's limits on the head's
+    size and on how long the head and body take to arrive.
+    """
+
+    log = Logger()
+
+    _read_timer: IDelayedCall | None = None
+    _refused = False
+
+    @property
+    def _limits(self) -> Limits:
+        # HTTPFactory.buildProtocol gives every channel its site.
+        return self.site.limits  # type: ignore[attr-defined]
+
+    def connectionMade(self) -> None:
+        limits = self._limits
+        self.maxHeaders = limits.max_header_count
+        self.totalHeadersSize = limits.max_header_bytes
+        # The longest line LineReceiver buffers waiting for its end.
+        self.MAX_LENGTH = limits.max_header_bytes
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._read_timer is None and self.line_mode and not self._handlingRequest:
+            # The first byte of a request's head: its clock starts.
+            limits = self._limits
+            self._read_timer = self.callLater(
+                limits.header_timeout,
+                partial(
+                    self._too_slow,
+                    f"request headers did not arrive within {limits.header_timeout:g} s "
+                    "(--header-timeout)",
+                ),
+            )
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse(
+                431,
+                f"request line and headers exceed {self.totalHeadersSize} bytes "
+                "(--max-header-bytes)",
+            )
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(
+            431, f"a request header line exceeds {self.MAX_LENGTH} bytes (--max-header-bytes)"
+        )
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._refuse(
+                431, f"request has more than {self.maxHeaders} header lines (--max-header-count)"
+            )
+            return False
+        return bool(super().headerReceived(line))
+
+    def allHeadersReceived(self) -> None:
+        self._stop_timer()
+        super().allHeadersReceived()
+        if self.length != 0 and not self._refused and self.transport is not None:
+            timeout = self._limits.body_timeout
+            self._read_timer = self.callLater(
+                timeout,
+                partial(
+                    self._too_slow,
+                    f"request body did not arrive within {timeout:g} s (--body-timeout)",
+                ),
+            )
+
+    def allContentReceived(self) -> None:
+        self._stop_timer()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_timer()
+        super().connectionLost(reason)
+        closed = getattr(self.site, "connection_closed", None)  # type: ignore[attr-defined]
+        if closed is not None:
+            closed()
+
+    def _stop_timer(self) -> None:
+        if self._read_timer is not None:
+            if self._read_timer.active():
+                self._read_timer.cancel()
+            self._read_timer = None
+
+    def _too_slow(self, message: str) -> None:
+        self._read_timer = None
+        self._refuse(408, message)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # HTTPChannel's answer to every other malformed request.
+        self._refuse(400, "malformed HTTP request")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """
+        Answer ``status`` with ``message`` and close the connection.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        self._stop_timer()
+        transport = self.transport
+        if transport is None:
+            return
+        self.log.info(
+            "inbound request from {client} refused with {status}: {error}",
+            client=_client(transport),
+            status=status,
+            error=message,
+        )
+        transport.write(raw_error(status, message))
+        # Nothing more of this connection is read.
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        self.loseConnection()
+
+
+def _client(transport: Any) -> str:
+    peer = transport.getPeer()
+    return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+
+
+class ConnectionRefuser(Protocol):
+    """
+    Answer a connection past the cap with ``503`` and close it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        message = (
+            f"too many connections: at most {self._limit} are open at once (--max-connections)"
+        )
+        self.transport.write(raw_error(503, message, b"retry-after: 1\r\n"))
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
