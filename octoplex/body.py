@@ -19,7 +19,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
-__all__ = ["BadGzip", "BodyTooLarge", "read_body"]
+__all__ = ["BadGzip", "BatchResponsesTooLarge", "BodyTooLarge", "ResponseBudget", "read_body"]
 
 
 class BodyTooLarge(Exception):
@@ -35,6 +35,48 @@ class BodyTooLarge(Exception):
 
     def __str__(self) -> str:
         return f"upstream response body exceeded {self.limit} bytes (--max-response-bytes)"
+
+
+class BatchResponsesTooLarge(BodyTooLarge):
+    """
+    The bodies of one batch's responses, together, are larger than the
+    batch's limit; the response that passed it fails.
+    """
+
+    def __str__(self) -> str:
+        return (
+            f"upstream response bodies of this batch exceeded {self.limit} bytes in total "
+            "(--max-batch-response-bytes)"
+        )
+
+
+class ResponseBudget:
+    """
+    The body bytes one batch's responses may still take, shared by their
+    readers.  A reader that fails gives its bytes back, since they will not
+    be in the answer.
+
+    :ivar limit: the batch's limit, in bytes.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._remaining = limit
+
+    def take(self, count: int) -> bool:
+        """
+        Take ``count`` bytes; ``False`` (taking nothing) if fewer are left.
+        """
+        if count > self._remaining:
+            return False
+        self._remaining -= count
+        return True
+
+    def give_back(self, count: int) -> None:
+        """
+        Return ``count`` bytes taken earlier.
+        """
+        self._remaining += count
 
 
 class BadGzip(Exception):
@@ -54,8 +96,12 @@ class _BodyReader(Protocol):
     past it, so a small bomb cannot exhaust memory.
     """
 
-    def __init__(self, finished: Deferred[bytes], limit: int, gzip: bool) -> None:
+    def __init__(
+        self, finished: Deferred[bytes], limit: int, gzip: bool, budget: ResponseBudget | None
+    ) -> None:
         self._finished = finished
+        self._budget = budget
+        self._taken = 0
         self._limit = limit
         self._remaining = limit
         self._chunks: list[bytes] = []
@@ -79,12 +125,23 @@ class _BodyReader(Protocol):
         if self._remaining < 0:
             self._fail(BodyTooLarge(self._limit))
             return
+        if self._budget is not None:
+            if not self._budget.take(len(data)):
+                self._fail(BatchResponsesTooLarge(self._budget.limit))
+                return
+            self._taken += len(data)
         self._chunks.append(data)
 
     def _fail(self, error: Exception) -> None:
         self._chunks.clear()
+        self._give_back()
         self._finished.errback(error)
         self.abort()
+
+    def _give_back(self) -> None:
+        if self._budget is not None:
+            self._budget.give_back(self._taken)
+            self._taken = 0
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
         if self._finished.called:
@@ -93,10 +150,12 @@ class _BodyReader(Protocol):
         # connection closes, which is how such a body is meant to end.
         if reason.check(ResponseDone, PotentialDataLoss):
             if self._inflate is not None and not self._inflate.eof:
+                self._give_back()
                 self._finished.errback(BadGzip("it ends early"))
             else:
                 self._finished.callback(b"".join(self._chunks))
         else:
+            self._give_back()
             self._finished.errback(reason)
         self._chunks = []
 
@@ -104,12 +163,15 @@ class _BodyReader(Protocol):
         """
         Close the upstream connection; the body will not be read.
         """
+        self._give_back()
         transport = self.transport
         if transport is not None:
             transport.loseConnection()
 
 
-def read_body(response: IResponse, limit: int, gzip: bool = False) -> Deferred[bytes]:
+def read_body(
+    response: IResponse, limit: int, gzip: bool = False, budget: ResponseBudget | None = None
+) -> Deferred[bytes]:
     """
     Read ``response``'s whole body.
 
@@ -119,6 +181,8 @@ def read_body(response: IResponse, limit: int, gzip: bool = False) -> Deferred[b
         is closed.
     :param gzip: decode the body as gzip; one that does not decode fails
         with :class:`BadGzip`.
+    :param budget: the bytes left to the batch, if it has a limit; a body
+        that passes it fails with :class:`BatchResponsesTooLarge`.
     :return: a Deferred that fires with the body.  Cancelling it closes the
         connection.
     """
@@ -129,6 +193,6 @@ def read_body(response: IResponse, limit: int, gzip: bool = False) -> Deferred[b
         reader.abort()
 
     finished: Deferred[bytes] = Deferred(cancel)
-    reader = _BodyReader(finished, limit, gzip)
+    reader = _BodyReader(finished, limit, gzip, budget)
     response.deliverBody(reader)
     return finished

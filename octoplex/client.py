@@ -34,10 +34,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
-from octoplex.body import read_body
+from octoplex.body import ResponseBudget, read_body
 from octoplex.dns import CachingResolver, DNSSettings, nameservers
 from octoplex.egress import EgressPolicy
 from octoplex.endpoints import UpstreamEndpointFactory
+from octoplex.limits import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_COUNT
 from octoplex.pool import OctoplexPool
 from octoplex.tls import UpstreamTLSPolicy
 from octoplex.wire import UpstreamRequest
@@ -221,6 +222,8 @@ class UpstreamClient(Service):
     :param egress: which upstream addresses may be dialled; by default
         :class:`~octoplex.egress.EgressPolicy`'s, which refuses loopback,
         private, link-local and other internal ranges.
+    :param max_header_count: header lines allowed in an upstream response.
+    :param max_header_bytes: bytes allowed in its status line and headers.
     """
 
     name = "upstream-client"
@@ -234,6 +237,8 @@ class UpstreamClient(Service):
         tls_policy: IPolicyForHTTPS | None = None,
         resolver: CachingResolver | None = None,
         egress: EgressPolicy | None = None,
+        max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ) -> None:
         self._reactor = reactor
         self._max_response_bytes = max_response_bytes
@@ -244,7 +249,12 @@ class UpstreamClient(Service):
         )
         self._settings = settings
         self._pool = OctoplexPool(
-            reactor, settings.max_requests, settings.max_age, settings.connect_grace
+            reactor,
+            settings.max_requests,
+            settings.max_age,
+            settings.connect_grace,
+            max_header_count,
+            max_header_bytes,
         )
         self._pool.maxPersistentPerHost = settings.max_idle_per_host
         # Typed int in Twisted, but it is only ever given to callLater.
@@ -273,19 +283,24 @@ class UpstreamClient(Service):
         self._all = DeferredSemaphore(settings.max_total)
         self._hosts: dict[tuple[str, str, int | None], DeferredSemaphore] = {}
 
-    def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+    def fetch(
+        self, request: UpstreamRequest, budget: ResponseBudget | None = None
+    ) -> Deferred[UpstreamResponse]:
         """
         Send one request and read its whole response.
 
         :param request: the request to send.
+        :param budget: the body bytes its batch may still read, if limited.
         :return: a Deferred that fires with the response, or fails with why
             it could not be had.  Cancelling it closes the connection, at
             whatever stage the exchange is; cancelling it while it waits for
             a connection fails it with :class:`QueueTimeout`.
         """
-        return Deferred.fromCoroutine(self._fetch(request))
+        return Deferred.fromCoroutine(self._fetch(request, budget))
 
-    async def _fetch(self, request: UpstreamRequest) -> UpstreamResponse:
+    async def _fetch(
+        self, request: UpstreamRequest, budget: ResponseBudget | None
+    ) -> UpstreamResponse:
         url = request.url
         key = (url.scheme, url.host, url.port)
         host = self._hosts.get(key)
@@ -298,7 +313,7 @@ class UpstreamClient(Service):
             await self._wait(self._all, "any upstream", self._settings.max_total)
             try:
                 response = await self._send(request)
-                return await self._read(response)
+                return await self._read(response, budget)
             finally:
                 self._release(self._all)
         finally:
@@ -340,7 +355,9 @@ class UpstreamClient(Service):
             reactor=self._reactor,
         )
 
-    def _read(self, response: IResponse) -> Deferred[UpstreamResponse]:
+    def _read(
+        self, response: IResponse, budget: ResponseBudget | None
+    ) -> Deferred[UpstreamResponse]:
         headers = response.headers
         gzip = getattr(getattr(response, "original", response), "gzip", False)
         if headers.getRawHeaders(b"content-encoding") == [b""]:
@@ -357,7 +374,7 @@ class UpstreamClient(Service):
             # Twisted's parser keeps Content-Length among the connection
             # headers, out of response.headers; the original reported it.
             headers.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
-        d = read_body(response, self._max_response_bytes, gzip)
+        d = read_body(response, self._max_response_bytes, gzip, budget)
         encoding = "gzip" if gzip else None
         return d.addCallback(
             lambda body: UpstreamResponse(response.code, response.headers, body, encoding)

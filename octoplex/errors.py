@@ -23,6 +23,7 @@ from twisted.web._newclient import (
 
 from octoplex.body import BadGzip, BodyTooLarge
 from octoplex.egress import EgressRefused
+from octoplex.pool import HeadTooLarge
 from octoplex.tls import CertificateRejected
 
 __all__ = ["TIMEOUT_ELAPSED", "describe"]
@@ -40,6 +41,8 @@ def _cause(reasons: list[Failure]) -> Failure:
 def _lost(cause: Failure, when: str) -> str:
     if cause.check(error.ConnectionDone):
         return f"upstream closed the connection {when}"
+    if cause.check(HeadTooLarge):
+        return str(cause.value)
     if cause.check(ParseError):
         return f"upstream sent an invalid HTTP response: {_parse_detail(cause.value)}"
     if cause.check(CertificateRejected):

@@ -19,8 +19,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from octoplex.body import ResponseBudget
 from octoplex.client import QueueTimeout, UpstreamResponse
 from octoplex.errors import TIMEOUT_ELAPSED, describe
+from octoplex.limits import DEFAULT_MAX_BATCH_RESPONSE_BYTES
 from octoplex.wire import (
     Batch,
     InvalidRequest,
@@ -40,9 +42,12 @@ class Fetcher(Protocol):
     What the multiplexer needs of an upstream client.
     """
 
-    def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+    def fetch(
+        self, request: UpstreamRequest, budget: ResponseBudget | None = None
+    ) -> Deferred[UpstreamResponse]:
         """
-        Send ``request``; cancelling the result must abandon it.
+        Send ``request``, reading no more body than ``budget`` has left;
+        cancelling the result must abandon it.
         """
 
 
@@ -70,13 +75,21 @@ class Multiplexer:
 
     :param clock: the time source for deadlines and durations.
     :param client: sends each request.
+    :param max_batch_response_bytes: the body bytes all the responses of one
+        batch may hold together.
     """
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, client: Fetcher) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        client: Fetcher,
+        max_batch_response_bytes: int = DEFAULT_MAX_BATCH_RESPONSE_BYTES,
+    ) -> None:
         self._clock = clock
         self._client = client
+        self._max_batch_response_bytes = max_batch_response_bytes
 
     def run(self, batch: Batch, batch_id: str) -> Deferred[BatchResult]:
         """
@@ -89,7 +102,8 @@ class Multiplexer:
             Cancelling it, as Klein does when the caller disconnects,
             cancels every request still running.
         """
-        return _BatchRun(self._clock, self._client, batch, batch_id, self.log).start()
+        budget = ResponseBudget(self._max_batch_response_bytes)
+        return _BatchRun(self._clock, self._client, batch, batch_id, self.log, budget).start()
 
 
 class _BatchRun:
@@ -104,7 +118,9 @@ class _BatchRun:
         batch: Batch,
         batch_id: str,
         log: Logger,
+        budget: ResponseBudget,
     ) -> None:
+        self._budget = budget
         self._clock = clock
         self._client = client
         self._batch = batch
@@ -138,7 +154,7 @@ class _BatchRun:
             self._fail(index, request.error, 0)
             return succeed(None)
         try:
-            d = self._client.fetch(request)
+            d = self._client.fetch(request, self._budget)
         except Exception:
             # treq parses and builds the request synchronously; a value it
             # rejects fails this request alone, like any invalid value.

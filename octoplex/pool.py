@@ -21,7 +21,11 @@ timeout and the pool never shrinks; and it keeps a connection for ever.
 - a connection still being opened (DNS, TCP, TLS) when its request is
   cancelled, by a batch deadline say, is finished in the background within
   ``connect_grace`` seconds and pooled for the next request, where Twisted
-  throws that work away.
+  throws that work away;
+- a response head (status line and headers) is held to ``max_header_count``
+  lines and ``max_header_bytes`` bytes, where Twisted's parser takes any
+  number of header lines and closes a connection without a word on a line
+  over 16 KiB.
 """
 
 from __future__ import annotations
@@ -33,13 +37,20 @@ from weakref import WeakKeyDictionary
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web._newclient import (
+    HEADER,
+    STATUS,
+    HTTP11ClientProtocol,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseNeverReceived,
 )
-from twisted.web.client import HTTPConnectionPool, _RetryingHTTP11ClientProtocol
+from twisted.web.client import (
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+    _RetryingHTTP11ClientProtocol,
+)
 
-__all__ = ["OctoplexPool"]
+__all__ = ["HeadTooLarge", "OctoplexPool"]
 
 #: RFC 9110 section 9.2.2: repeating these has the effect of sending once.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -72,6 +83,64 @@ class _Retrying(_RetryingHTTP11ClientProtocol):
         return bodyProducer is None or getattr(bodyProducer, "replayable", False)
 
 
+class HeadTooLarge(Exception):
+    """
+    An upstream response's status line and headers pass a limit.
+    """
+
+    def __str__(self) -> str:
+        return f"upstream response head {self.args[0]}"
+
+
+class _HeadLimit:
+    """
+    Stand in for a response parser's ``lineReceived`` while it reads the
+    head, counting its lines and bytes.  Raising from here makes
+    ``HTTP11ClientProtocol`` fail the response and drop the connection.
+    """
+
+    def __init__(self, parser: Any, max_count: int, max_bytes: int) -> None:
+        self._parser = parser
+        self._line = parser.lineReceived
+        self._max_count = max_count
+        self._max_bytes = max_bytes
+        self._count = -1  # the status line is not a header
+        self._bytes = 0
+        parser.MAX_LENGTH = max_bytes
+        parser.lineReceived = self
+        parser.lineLengthExceeded = self._line_too_long
+
+    def __call__(self, line: bytes) -> None:
+        if self._parser.state in (STATUS, HEADER):
+            self._bytes += len(line) + 2
+            if self._bytes > self._max_bytes:
+                raise HeadTooLarge(f"exceeds {self._max_bytes} bytes (--max-header-bytes)")
+            if line[:1] not in (b" ", b"\t"):
+                self._count += 1
+                if self._count > self._max_count:
+                    raise HeadTooLarge(
+                        f"has more than {self._max_count} header lines (--max-header-count)"
+                    )
+        self._line(line)
+
+    def _line_too_long(self, line: bytes) -> None:
+        raise HeadTooLarge(f"has a line over {self._max_bytes} bytes (--max-header-bytes)")
+
+
+class _LimitedProtocol(HTTP11ClientProtocol):
+    """
+    A client protocol whose every response head is held to the limits.
+    """
+
+    head_limits = (100, 65536)
+
+    def request(self, request: Any) -> Any:
+        d = super().request(request)
+        if self._parser is not None:
+            _HeadLimit(self._parser, *self.head_limits)
+        return d
+
+
 class OctoplexPool(HTTPConnectionPool):
     """
     A persistent connection pool that reuses the newest idle connection and
@@ -82,12 +151,30 @@ class OctoplexPool(HTTPConnectionPool):
     :param max_age: seconds after which a connection is closed once idle.
     :param connect_grace: seconds a connection whose request was cancelled
         may still take to open, to be pooled.
+    :param max_header_count: header lines allowed in a response.
+    :param max_header_bytes: bytes allowed in a response's status line and
+        headers.
     """
 
     def __init__(
-        self, reactor: Any, max_requests: int, max_age: float, connect_grace: float
+        self,
+        reactor: Any,
+        max_requests: int,
+        max_age: float,
+        connect_grace: float,
+        max_header_count: int = 100,
+        max_header_bytes: int = 65536,
     ) -> None:
         super().__init__(reactor, persistent=True)
+        limits = (max_header_count, max_header_bytes)
+
+        class Factory(_HTTP11ClientFactory):
+            def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+                protocol = _LimitedProtocol(self._quiescentCallback)
+                protocol.head_limits = limits
+                return protocol
+
+        self._factory = Factory
         self._max_requests = max_requests
         self._max_age = max_age
         self._connect_grace = connect_grace

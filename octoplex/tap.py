@@ -553,9 +553,12 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         options["upstream-tls"],
         resolver,
         options["egress"],
+        limits.max_header_count,
+        limits.max_header_bytes,
     )
     client.setServiceParent(root)
-    app = OctoplexApp(Multiplexer(reactor, client), limits, reactor, options["tokens"])
+    multiplexer = Multiplexer(reactor, client, limits.max_batch_response_bytes)
+    app = OctoplexApp(multiplexer, limits, reactor, options["tokens"])
     site = OctoplexSite(app, reactor)
     for description in options["listen"]:
         strports.service(description, site, reactor=reactor).setServiceParent(root)

@@ -221,11 +221,11 @@ def parse_batch(body: bytes, limits: Limits) -> Batch:
 
     return Batch(
         timeout_msec=timeout,
-        requests=[_parse_request(item, index) for index, item in enumerate(items)],
+        requests=[_parse_request(item, index, limits) for index, item in enumerate(items)],
     )
 
 
-def _parse_request(item: Any, index: int) -> UpstreamRequest | InvalidRequest:
+def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | InvalidRequest:
     """
     Check one request's types (a type error fails the whole batch, as serde
     did) and then its values (a bad value fails this request alone).
@@ -259,6 +259,7 @@ def _parse_request(item: Any, index: int) -> UpstreamRequest | InvalidRequest:
 
     encoded = None if body is None else body.encode("utf-8")
     try:
+        _check_header_size(headers, limits)
         checked = _check_headers(headers, 0 if encoded is None else len(encoded))
         if encoded is not None and _asks_for_gzip(checked):
             # A text body cannot already be gzip: the header asks Octoplex
@@ -382,6 +383,21 @@ def _ipv4_number(part: str) -> int | None:
         return int(part, 10)
     except ValueError:
         return None
+
+
+def _check_header_size(headers: dict[str, str], limits: Limits) -> None:
+    if len(headers) > limits.max_header_count:
+        raise _InvalidValue(
+            f"request has {len(headers)} headers; at most {limits.max_header_count} are allowed "
+            "(--max-header-count)"
+        )
+    # As on the wire: "name: value" and CR LF.
+    size = sum(len(name) + len(value.encode("utf-8")) + 4 for name, value in headers.items())
+    if size > limits.max_header_bytes:
+        raise _InvalidValue(
+            f"request headers are {size} bytes; at most {limits.max_header_bytes} are allowed "
+            "(--max-header-bytes)"
+        )
 
 
 def _check_headers(headers: dict[str, str], body_length: int) -> Headers:

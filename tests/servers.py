@@ -295,9 +295,12 @@ def start_octoplex(
         tls_policy,
         local_resolver(),
         egress,
+        limits.max_header_count,
+        limits.max_header_bytes,
     )
     client.startService()
-    app = OctoplexApp(Multiplexer(global_reactor, client), limits, global_reactor)
+    multiplexer = Multiplexer(global_reactor, client, limits.max_batch_response_bytes)
+    app = OctoplexApp(multiplexer, limits, global_reactor)
     site = OctoplexSite(app, global_reactor)
     port = global_reactor.listenTCP(0, site, interface="127.0.0.1")
     return Octoplex(f"http://127.0.0.1:{port.getHost().port}", client, site, port)

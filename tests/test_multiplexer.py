@@ -31,7 +31,7 @@ class ControlledClient:
         self.pending: list[Deferred[UpstreamResponse]] = []
         self.cancelled: list[str] = []
 
-    def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+    def fetch(self, request: UpstreamRequest, budget: Any = None) -> Deferred[UpstreamResponse]:
         def cancel(_: Deferred[UpstreamResponse]) -> None:
             self.cancelled.append(request.uri)
 
@@ -95,7 +95,7 @@ def test_deadline_cancels_a_request_reading_its_body() -> None:
     body_cancelled: list[bool] = []
 
     class BodyStage:
-        def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+        def fetch(self, request: UpstreamRequest, budget: Any = None) -> Deferred[UpstreamResponse]:
             body: Deferred[UpstreamResponse] = Deferred(lambda _: body_cancelled.append(True))
             # Headers have arrived: the request's Deferred now waits on the body's.
             return succeed(None).addCallback(lambda _: body)
@@ -125,7 +125,7 @@ def test_a_fetch_that_raises_fails_that_request_alone() -> None:
     clock = Clock()
 
     class Picky:
-        def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+        def fetch(self, request: UpstreamRequest, budget: Any = None) -> Deferred[UpstreamResponse]:
             if request.uri.endswith("bad"):
                 raise ValueError("cannot build this one")
             return succeed(UpstreamResponse(204, Headers(), b""))
@@ -182,7 +182,7 @@ def test_deadline_answers_even_if_a_cancellation_is_slow() -> None:
     stuck_cancel: list[bool] = []
 
     class Swallow:
-        def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+        def fetch(self, request: UpstreamRequest, budget: Any = None) -> Deferred[UpstreamResponse]:
             d: Deferred[UpstreamResponse] = Deferred()
             d.cancel = lambda: stuck_cancel.append(True)  # type: ignore[method-assign]
             return d
