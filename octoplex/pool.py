@@ -110,18 +110,20 @@ class _HeadLimit:
         parser.lineReceived = self
         parser.lineLengthExceeded = self._line_too_long
 
-    def __call__(self, line: bytes) -> None:
+    def __call__(self, raw: bytes) -> None:
         if self._parser.state in (STATUS, HEADER):
-            self._bytes += len(line) + 2
+            # The parser splits on LF; its lines may still end in CR.
+            self._bytes += len(raw) + 1
+            line = raw.rstrip(b"\r")
             if self._bytes > self._max_bytes:
                 raise HeadTooLarge(f"exceeds {self._max_bytes} bytes (--max-header-bytes)")
-            if line[:1] not in (b" ", b"\t"):
+            if line and line[:1] not in (b" ", b"\t"):
                 self._count += 1
                 if self._count > self._max_count:
                     raise HeadTooLarge(
                         f"has more than {self._max_count} header lines (--max-header-count)"
                     )
-        self._line(line)
+        self._line(raw)
 
     def _line_too_long(self, line: bytes) -> None:
         raise HeadTooLarge(f"has a line over {self._max_bytes} bytes (--max-header-bytes)")

@@ -1,0 +1,379 @@
+"""
+The hard limits, each over real sockets: what a caller's connection may
+hold and for how long, how many connections may be open, how large each
+item's request head and each upstream's response head may be, and how much
+body one batch may read in all.  Each breach gets its own error naming the
+limit, and nothing else is disturbed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+
+from octoplex.limits import Limits
+
+from .servers import Caller, Octoplex, Upstream, start_octoplex
+
+
+def port_of(octoplex: Octoplex) -> int:
+    return octoplex.port.getHost().port  # type: ignore[no-any-return]
+
+
+def talk(
+    port: int, chunks: list[bytes], pause: float = 0.0, wait: float = 5.0
+) -> tuple[bytes, float]:
+    """
+    In a thread: connect, send ``chunks`` ``pause`` seconds apart (stopping
+    if the server closes), then read until the server closes (at most
+    ``wait`` seconds).  Return what was read and the seconds until the close.
+    """
+    started = time.monotonic()
+    received = b""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(wait)
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+            if pause:
+                time.sleep(pause)
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return received, time.monotonic() - started
+
+
+def parse(raw: bytes) -> tuple[int, dict[str, str], Any]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return status, {k.lower(): v for k, v in headers.items()}, json.loads(body)
+
+
+@pytest.fixture
+def limited() -> Iterator[Callable[..., Octoplex]]:
+    started: list[Octoplex] = []
+
+    def start(**limits: Any) -> Octoplex:
+        octoplex = start_octoplex(Limits(**limits))
+        started.append(octoplex)
+        return octoplex
+
+    yield start
+    for octoplex in started:
+        pytest_twisted.blockon(octoplex.stop())
+
+
+async def still_serves(octoplex: Octoplex, upstream: Upstream, caller: Caller) -> None:
+    batch = {"timeout_msec": 2000, "requests": [{"uri": upstream.url + "/hello"}]}
+    status, _, body = await caller.post(octoplex.url + "/multiplex", batch)
+    assert status == 200
+    assert body["responses"][0]["Success"]["content"] == "Hello world!"
+
+
+# ---------------------------------------------------------------------------
+# The caller's connection.
+# ---------------------------------------------------------------------------
+
+REQUEST_LINE = b"POST /multiplex HTTP/1.1\r\nHost: octoplex\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (
+            REQUEST_LINE + b"".join(b"X-H%d: v\r\n" % n for n in range(21)) + b"\r\n",
+            "request has more than 20 header lines (--max-header-count)",
+        ),
+        (
+            REQUEST_LINE + b"X-Long: " + b"a" * 5000 + b"\r\n\r\n",
+            "a request header line exceeds 4096 bytes (--max-header-bytes)",
+        ),
+        (
+            REQUEST_LINE
+            + b"".join(b"X-H%d: %s\r\n" % (n, b"b" * 300) for n in range(15))
+            + b"\r\n",
+            "request line and headers exceed 4096 bytes (--max-header-bytes)",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_heads_over_the_limits_get_431(
+    limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller, head: bytes, message: str
+) -> None:
+    """A head with too many lines, too long a line or too many bytes: 431 naming the limit."""
+    octoplex = limited(max_header_count=20, max_header_bytes=4096)
+    raw, _ = await deferToThread(talk, port_of(octoplex), [head])
+    status, headers, body = parse(raw)
+    assert (status, body) == (431, {"error": message})
+    assert headers["connection"] == "close"
+    await still_serves(octoplex, upstream, caller)
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_request_gets_400(
+    limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller
+) -> None:
+    """A request line that does not parse: 400 with a JSON error, not a bare status line."""
+    octoplex = limited()
+    raw, _ = await deferToThread(talk, port_of(octoplex), [b"NOT-HTTP\r\n\r\n"])
+    assert parse(raw)[::2] == (400, {"error": "malformed HTTP request"})
+    await still_serves(octoplex, upstream, caller)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slowloris_headers_time_out(
+    limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller
+) -> None:
+    """A caller that sends its head a byte at a time gets 408 once the header timeout passes."""
+    octoplex = limited(header_timeout=0.5)
+    # One header byte every 0.1 s, for up to 3 s: each byte would reset an
+    # idle timeout, but not the header timeout.
+    chunks = [REQUEST_LINE] + [b"X"] * 30
+    raw, elapsed = await deferToThread(talk, port_of(octoplex), chunks, 0.1)
+    assert parse(raw)[::2] == (
+        408,
+        {"error": "request headers did not arrive within 0.5 s (--header-timeout)"},
+    )
+    assert 0.45 <= elapsed < 2.0
+    await still_serves(octoplex, upstream, caller)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_body_times_out(
+    limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller
+) -> None:
+    """A caller that stops half-way through its body gets 408 once the body timeout passes."""
+    octoplex = limited(body_timeout=0.5)
+    head = REQUEST_LINE + b"Content-Length: 100\r\n\r\n"
+    raw, elapsed = await deferToThread(talk, port_of(octoplex), [head + b'{"timeout_msec"'])
+    assert parse(raw)[::2] == (
+        408,
+        {"error": "request body did not arrive within 0.5 s (--body-timeout)"},
+    )
+    assert 0.45 <= elapsed < 2.0
+    await still_serves(octoplex, upstream, caller)
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_connections_are_closed(limited: Callable[..., Octoplex]) -> None:
+    """A connection that sends nothing is closed, without an answer, after the idle timeout."""
+    octoplex = limited(idle_timeout=0.5)
+    raw, elapsed = await deferToThread(talk, port_of(octoplex), [])
+    assert raw == b""
+    assert 0.45 <= elapsed < 2.0
+    assert octoplex.site.connections == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_past_the_cap_get_503(
+    limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller
+) -> None:
+    """
+    With 3 connections open, a 4th gets 503 with Retry-After; once one
+    closes, a new one is served.
+    """
+    octoplex = limited(max_connections=3)
+    port = port_of(octoplex)
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        while octoplex.site.connections < 3:
+            await pause(0.01)
+        raw, _ = await deferToThread(talk, port, [])
+        status, headers, body = parse(raw)
+        assert (status, body) == (
+            503,
+            {"error": "too many connections: at most 3 are open at once (--max-connections)"},
+        )
+        assert headers["retry-after"] == "1"
+        assert octoplex.site.refused_connections == 1
+    finally:
+        held.pop().close()
+    while octoplex.site.connections > 2:
+        await pause(0.01)
+    # The test's own client is the third connection.
+    await still_serves(octoplex, upstream, caller)
+    for sock in held:
+        sock.close()
+    while octoplex.site.connections > 0:
+        await pause(0.01)
+
+
+async def pause(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+# ---------------------------------------------------------------------------
+# Each item's request head.
+# ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_item_heads_over_the_limits_fail_alone(
+    limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller
+) -> None:
+    """An item with too many headers, or too many header bytes, fails alone; no request is sent."""
+    # The caller's own request to Octoplex is held to the same limits.
+    octoplex = limited(max_header_count=8, max_header_bytes=2000)
+    hello = upstream.url + "/hello"
+    batch = {
+        "timeout_msec": 2000,
+        "requests": [
+            {"uri": hello, "headers": {f"X-{n}": "v" for n in range(9)}},
+            {"uri": hello, "headers": {"X-Big": "x" * 2000}},
+            {"uri": hello, "headers": {f"X-{n}": "v" for n in range(8)}},
+        ],
+    }
+    status, _, body = await caller.post(octoplex.url + "/multiplex", batch)
+    assert status == 200
+    many, big, fine = body["responses"]
+    assert many == {
+        "Failure": {
+            "error": "request has 9 headers; at most 8 are allowed (--max-header-count)",
+            "duration_msec": 0,
+        }
+    }
+    assert big == {
+        "Failure": {
+            "error": "request headers are 2009 bytes; at most 2000 are allowed "
+            "(--max-header-bytes)",
+            "duration_msec": 0,
+        }
+    }
+    assert fine["Success"]["content"] == "Hello world!"
+    assert len(upstream.site.connections) == 1
+
+
+# ---------------------------------------------------------------------------
+# Each upstream's response head.
+# ---------------------------------------------------------------------------
+
+
+class _Heads(Protocol):
+    """
+    Answer a request with a head as the factory's ``head`` says, then a
+    small body.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" not in data:
+            return
+        assert self.transport is not None
+        self.transport.write(self.factory.head + b"Content-Length: 2\r\n\r\nok")  # type: ignore[attr-defined]
+
+
+def upstream_sending(head: bytes) -> tuple[str, Any]:
+    factory = Factory.forProtocol(_Heads)
+    factory.noisy = False
+    factory.head = head  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    return f"http://127.0.0.1:{port.getHost().port}/", port
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % n for n in range(51)),
+            "upstream response head has more than 50 header lines (--max-header-count)",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 5000 + b"\r\n",
+            "upstream response head has a line over 4096 bytes (--max-header-bytes)",
+        ),
+        (
+            # Folded continuation lines: one header, ever longer.
+            b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n"
+            + b"".join(b" " + b"c" * 100 + b"\r\n" for _ in range(60)),
+            "upstream response head exceeds 4096 bytes (--max-header-bytes)",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_upstream_heads_over_the_limits_fail_alone(
+    limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller, head: bytes, message: str
+) -> None:
+    """An upstream response head past a limit fails that item alone, with the limit named."""
+    octoplex = limited(max_header_count=50, max_header_bytes=4096)
+    url, port = upstream_sending(head)
+    try:
+        batch = {"timeout_msec": 2000, "requests": [{"uri": url}, {"uri": upstream.url + "/hello"}]}
+        status, _, body = await caller.post(octoplex.url + "/multiplex", batch)
+    finally:
+        await port.stopListening()
+    assert status == 200
+    bad, good = body["responses"]
+    assert bad["Failure"]["error"] == message
+    assert good["Success"]["content"] == "Hello world!"
+    # Within the limits, the same server's answer passes.
+    small, port = upstream_sending(b"HTTP/1.1 200 OK\r\n" + b"X-H: v\r\n" * 49)
+    try:
+        batch = {"timeout_msec": 2000, "requests": [{"uri": small}]}
+        status, _, body = await caller.post(octoplex.url + "/multiplex", batch)
+    finally:
+        await port.stopListening()
+    assert body["responses"][0].get("Success", {}).get("content") == "ok", body
+
+
+# ---------------------------------------------------------------------------
+# All of a batch's response bodies.
+# ---------------------------------------------------------------------------
+
+BATCH_TOO_LARGE = (
+    "upstream response bodies of this batch exceeded 25000 bytes in total "
+    "(--max-batch-response-bytes)"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_response_total_is_capped(
+    limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller
+) -> None:
+    """
+    Past the batch's total, the item that passes it fails; those that fit
+    succeed, and the next batch has the whole budget again.
+    """
+    octoplex = limited(max_batch_response_bytes=25_000)
+    bytes_12k = upstream.url + "/bytes/12000"
+    for _ in range(2):
+        batch = {
+            "timeout_msec": 3000,
+            "requests": [{"uri": bytes_12k}] * 3 + [{"uri": upstream.url + "/hello"}],
+        }
+        status, _, body = await caller.post(octoplex.url + "/multiplex", batch)
+        assert status == 200
+        *large, hello = body["responses"]
+        assert hello["Success"]["content"] == "Hello world!"
+        failed = [o["Failure"]["error"] for o in large if "Failure" in o]
+        assert failed == [BATCH_TOO_LARGE]
+        assert sorted(len(o["Success"]["content"]) for o in large if "Success" in o) == [
+            12000,
+            12000,
+        ]
+    # One body over the whole budget fails, and gives its bytes back.
+    batch = {
+        "timeout_msec": 3000,
+        "requests": [{"uri": upstream.url + "/bytes/40000"}, {"uri": upstream.url + "/hello"}],
+    }
+    status, _, body = await caller.post(octoplex.url + "/multiplex", batch)
+    big, hello = body["responses"]
+    assert big["Failure"]["error"] == BATCH_TOO_LARGE
+    assert hello["Success"]["content"] == "Hello world!"
