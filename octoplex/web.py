@@ -284,6 +284,12 @@ class OctoplexRequest(Request):
         site: OctoplexSite = self.channel.site  # type: ignore[attr-defined]
         return site.limits
 
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        if name in (b"Server", b"server"):
+            # twisted.web would announce its name and version to anyone.
+            value = b"Octoplex"
+        super().setHeader(name, value)
+
     def gotLength(self, length: int | None) -> None:
         set_tcp_nodelay(self.channel.transport)
         limit = self._limits().max_request_bytes

@@ -402,6 +402,14 @@ def _check_header_size(headers: dict[str, str], limits: Limits) -> None:
 
 def _check_headers(headers: dict[str, str], body_length: int) -> Headers:
     result = Headers()
+    # RFC 9110 section 7.6.1: the headers a Connection header names are
+    # hop-by-hop too.
+    named = {
+        token.strip().lower()
+        for key, value in headers.items()
+        if key.lower() == "connection"
+        for token in value.split(",")
+    }
     for name, value in headers.items():
         if not _TOKEN.match(name):
             raise _InvalidValue(f"header name {_quote(name)} is not a valid HTTP token")
@@ -412,7 +420,7 @@ def _check_headers(headers: dict[str, str], body_length: int) -> Headers:
                 f"header {name} has a value with {what} at position {bad.start()}: {_quote(value)}"
             )
         lower = name.lower()
-        if lower in _HOP_BY_HOP:
+        if lower in _HOP_BY_HOP or lower.startswith("proxy-") or lower in named:
             continue
         if lower == "content-length":
             if value.strip() != str(body_length):

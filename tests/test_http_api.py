@@ -22,11 +22,15 @@ from .servers import Caller, Octoplex, Upstream, start_octoplex
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("path", ["/", "/healthz"])
 async def test_health_routes(octoplex: Octoplex, caller: Caller, path: str) -> None:
-    """GET / and GET /healthz answer {"healthy": true} as JSON."""
+    """
+    GET / and GET /healthz answer {"healthy": true} as JSON, and reveal
+    nothing: no software version in a Server header, no other field.
+    """
     status, headers, body = await caller.get(octoplex.url + path)
     assert status == 200
     assert headers.getRawHeaders(b"content-type") == [b"application/json; charset=utf-8"]
     assert json.loads(body) == {"healthy": True}
+    assert headers.getRawHeaders(b"server") == [b"Octoplex"]
 
 
 @pytest_twisted.ensureDeferred

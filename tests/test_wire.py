@@ -56,11 +56,15 @@ def test_body_is_utf8() -> None:
 def test_hop_by_hop_headers_are_dropped() -> None:
     """Connection-level headers are the pool's business and are not forwarded."""
     headers = {
-        "Connection": "close",
+        "Connection": "close, X-Named-By-Connection",
         "Keep-Alive": "timeout=5",
         "Transfer-Encoding": "chunked",
         "Upgrade": "h2c",
         "TE": "trailers",
+        "Trailer": "X-Checksum",
+        "Proxy-Connection": "keep-alive",
+        "Proxy-Authorization": "Basic c2VjcmV0",
+        "x-named-by-connection": "gone",
         "X-Kept": "yes",
     }
     request = _ok({"uri": "http://a.test/", "headers": headers})
