@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import sys
 from typing import Any
 
 import attr
@@ -155,6 +156,32 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _max_int_digits() -> int:
+    # Python 3.10.7 and later; the limit did not exist before.
+    return int(getattr(sys, "get_int_max_str_digits", lambda: 4300)())
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    # A well-formed pair of escapes decodes to one character outside the
+    # BMP, so any surrogate left in a string stands alone.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _reject_constant(name: str) -> None:
     raise BatchError(f"{name} is not valid JSON")
 
@@ -190,6 +217,21 @@ def parse_batch(body: bytes, limits: Limits) -> Batch:
         raise BatchError(f"request body is not valid JSON: {e}") from None
     except RecursionError:
         raise BatchError("request body nests JSON too deeply") from None
+    except BatchError:
+        raise
+    except ValueError:
+        # Python refuses to read an integer of over 4,300 digits, which would
+        # take quadratic time (CVE-2020-10735).
+        raise BatchError(
+            f"request body holds an integer of more than {_max_int_digits()} digits"
+        ) from None
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(document):
+        # JSON can escape half of a UTF-16 pair ("\ud800"), which is no
+        # Unicode text: it could be neither sent nor quoted in an error.
+        raise BatchError(
+            "request body has a string with a lone UTF-16 surrogate escape (\\ud800-\\udfff); "
+            "strings must be valid Unicode"
+        )
 
     if not isinstance(document, dict):
         raise BatchError(f"request body must be a JSON object, got {_quote(document)}")

@@ -138,6 +138,35 @@ def test_long_bad_values_are_cut_short_in_errors() -> None:
     assert "…" in error
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            b'{"timeout_msec": 100, "requests": [{"uri": "http://a.test/\\ud800"}]}',
+            "request body has a string with a lone UTF-16 surrogate escape",
+        ),
+        (b'{"\\udfff": 1}', "request body has a string with a lone UTF-16 surrogate escape"),
+        (
+            b'{"timeout_msec": ' + b"9" * 5000 + b', "requests": []}',
+            "request body holds an integer of more than 4300 digits",
+        ),
+    ],
+)
+def test_json_that_python_reads_but_cannot_use_is_400(body: bytes, message: str) -> None:
+    """A lone surrogate escape, or an integer too long to convert, is a batch error."""
+    with pytest.raises(BatchError) as raised:
+        parse_batch(body, Limits())
+    assert str(raised.value).startswith(message)
+
+
+def test_surrogate_pairs_are_text() -> None:
+    """A well-formed pair of escapes is one character, sent UTF-8 and percent-encoded."""
+    body = b'{"timeout_msec": 100, "requests": [{"uri": "http://a.test/\\ud83d\\ude00"}]}'
+    (request,) = parse_batch(body, Limits()).requests
+    assert isinstance(request, UpstreamRequest)
+    assert request.url.to_text() == "http://a.test/%F0%9F%98%80"
+
+
 def test_json_must_be_an_object_and_strict() -> None:
     """Infinity and a top-level array are rejected as batch errors."""
     with pytest.raises(BatchError, match="Infinity is not valid JSON"):
