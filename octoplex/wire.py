@@ -362,7 +362,9 @@ def _check_uri(uri: str) -> EncodedURL:
     if url.userinfo:
         raise _InvalidValue(f"URI {_quote(uri)} carries credentials; send them in a header instead")
     if url.scheme != scheme:
-        url = url.replace(scheme=scheme, port=None)
+        # The port stays: an explicit one is the caller's, and hyperlink
+        # gives a missing one the lower-case scheme's default.
+        url = url.replace(scheme=scheme)
     if url.port is not None and not 1 <= url.port <= 65535:
         raise _InvalidValue(f"URI {_quote(uri)} has port {url.port}; ports run from 1 to 65535")
     if ":" in url.host:

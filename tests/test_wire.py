@@ -92,6 +92,8 @@ def test_header_values_may_be_utf8_and_tabs() -> None:
     ("uri", "sent"),
     [
         ("HTTP://Example.COM/Path", "http://example.com/Path"),
+        ("HTTPS://Example.COM:8443/", "https://example.com:8443/"),
+        ("HtTp://127.0.0.1:8080/x", "http://127.0.0.1:8080/x"),
         ("https://bücher.example/ä?q=ü", "https://xn--bcher-kva.example/%C3%A4?q=%C3%BC"),
         ("http://127.0.0.1:8080/a%20b", "http://127.0.0.1:8080/a%20b"),
         # Other spellings of an IPv4 address, read as the URL standard does.
