@@ -24,6 +24,16 @@ idle connections for :data:`POOL_IDLE` seconds, longer than the module
 runs, so that one is not closed half-way either. Each faulty upstream
 records its connections, and a case also checks that none is left open.
 
+Callers misbehave too: bad JSON, wrong types, 100 MB bodies, a body cut
+short, a caller hanging up mid-batch, slowloris heads and 1,000 idle
+connections, against the daemon's short --header-timeout and
+--idle-timeout and a --max-connections just above those 1,000.
+
+Three tests assert what the daemon should do and does not yet: a
+``Content-Length: abc`` and a bad chunk size read as Twisted's bare
+exception text rather than "upstream sent an invalid HTTP response", and a
+413 is followed by a close that resets a caller still writing its body.
+
 DNS failures are the one fault tested in-process: the daemon asks the name
 servers of ``/etc/resolv.conf``, which are not on loopback here, and has
 no option to ask another, so that case wires Octoplex to a name server on
@@ -49,6 +59,7 @@ import pytest_twisted
 import trustme
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPullProducer
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol, connectionDone
 from twisted.internet.threads import deferToThread
@@ -87,6 +98,23 @@ POOL_IDLE = 600
 #: The daemon's --pool-connect-grace: how long a connect cut off by a
 #: deadline goes on in the background (a full backlog leaves one pending).
 CONNECT_GRACE = 1.0
+
+#: The daemon's --header-timeout: a slowloris caller is cut off after it.
+HEADER_TIMEOUT = 1
+
+#: The daemon's --idle-timeout: idle callers are closed after it.
+IDLE_TIMEOUT = 3
+
+#: How many idle connections a test holds open at once.
+IDLE_CONNECTIONS = 1000
+
+#: Connections opened at once, below the listen backlog (Twisted's default
+#: of 50, which ``--listen tcp:PORT`` keeps): past it, Linux drops the SYNs
+#: of a burst and each dropped connect waits a second to try again.
+WAVE = 40
+
+#: The daemon's --max-connections: the idle connections and one more.
+MAX_CONNECTIONS = IDLE_CONNECTIONS + 1
 
 #: How long the fd count may take to come back to its baseline.
 SETTLE_TIMEOUT = 5.0
@@ -342,6 +370,12 @@ def daemon(
         str(POOL_IDLE),
         "--pool-connect-grace",
         str(CONNECT_GRACE),
+        "--header-timeout",
+        str(HEADER_TIMEOUT),
+        "--idle-timeout",
+        str(IDLE_TIMEOUT),
+        "--max-connections",
+        str(MAX_CONNECTIONS),
     ]
     with output.open("wb") as out:
         process = subprocess.Popen(
@@ -1145,4 +1179,192 @@ async def test_caller_disconnect_cancels_its_requests(daemon: Watched) -> None:
     assert time.monotonic() - started < 1
     assert resource.finished_early[early:] == ["/delay/3000", "/delay/3000"]
     assert "caller disconnected; cancelling 2 pending requests" in daemon.new_log()
+    await daemon.check_recovered()
+
+
+# ---------------------------------------------------------------------------
+# Slow and idle callers.
+# ---------------------------------------------------------------------------
+
+
+class _Slowloris(Protocol):
+    """
+    Send the start of a request head, then one more byte of it every 0.25 s,
+    never finishing it; stop once an answer comes.
+
+    :ivar received: what came back.
+    :ivar closed: fires with the seconds from the first byte to the close.
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: Deferred[float] = Deferred()
+        self._started = 0.0
+        self._drip: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._started = time.monotonic()
+        self._send(b"POST /multiplex HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+
+    def _send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        self._drip = reactor.callLater(0.25, self._send, b"z")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self._drip is not None and self._drip.active():
+            self._drip.cancel()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._drip is not None and self._drip.active():
+            self._drip.cancel()
+        self.closed.callback(time.monotonic() - self._started)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slowloris_callers_get_408_at_the_header_timeout(daemon: Watched) -> None:
+    """
+    Callers that send their heads a byte at a time get 408 at
+    --header-timeout and are closed; a normal batch is served meanwhile.
+    """
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port)
+    callers = [_Slowloris() for _ in range(5)]
+    for caller in callers:
+        await within(5, connectProtocol(endpoint, caller))
+    started = time.monotonic()
+    [hello] = await daemon.multiplex(daemon.hello)
+    assert_hello(hello)
+    assert time.monotonic() - started < HEADER_TIMEOUT / 2
+    error = f"request headers did not arrive within {HEADER_TIMEOUT} s (--header-timeout)"
+    for caller in callers:
+        seconds = await within(HEADER_TIMEOUT + 5, caller.closed)
+        assert HEADER_TIMEOUT <= seconds < HEADER_TIMEOUT + SLACK, seconds
+        head, _, body = caller.received.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0] == b"HTTP/1.1 408 Request Timeout", caller.received
+        assert json.loads(body) == {"error": error}
+    await daemon.check_recovered()
+
+
+def _open_idle(port: int, count: int, pid: int) -> list[socket.socket]:
+    """
+    Open ``count`` connections to ``port`` that send nothing, in waves of
+    :data:`WAVE`, each once process ``pid`` has accepted the last. Blocking:
+    run it in a thread.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        while len(sockets) < count:
+            expected = _fd_count(pid) + min(WAVE, count - len(sockets))
+            for _ in range(min(WAVE, count - len(sockets))):
+                sockets.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            deadline = time.monotonic() + SETTLE_TIMEOUT
+            while _fd_count(pid) < expected:
+                assert time.monotonic() < deadline, "the daemon did not accept a wave"
+                time.sleep(0.005)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _read_to_end(sockets: list[socket.socket], seconds: float) -> list[bytes]:
+    """
+    What each socket receives until the server closes it, waiting at most
+    ``seconds`` in all. Blocking: run it in a thread.
+    """
+    deadline = time.monotonic() + seconds
+    received = []
+    for sock in sockets:
+        data = b""
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except OSError as e:
+                data += f"<{type(e).__name__}>".encode()
+                break
+            if not chunk:
+                break
+            data += chunk
+        received.append(data)
+    return received
+
+
+@pytest_twisted.ensureDeferred
+async def test_1000_idle_connections(daemon: Watched) -> None:
+    """
+    With 1,000 idle connections open, the daemon serves a normal batch at
+    once, answers one connection past --max-connections with 503, and
+    closes the idle ones at --idle-timeout.
+    """
+    started = time.monotonic()
+    idle = await within(30, deferToThread(_open_idle, daemon.port, IDLE_CONNECTIONS, daemon.pid))
+    extra: list[socket.socket] = []
+    try:
+        await eventually(
+            lambda: _fd_count(daemon.pid) == daemon.baseline_fds + IDLE_CONNECTIONS,
+            SETTLE_TIMEOUT,
+            lambda: f"{_fd_count(daemon.pid)} fds open, {daemon.baseline_fds} at the baseline",
+        )
+        # Opening them must leave the idle timeout ahead, or this test
+        # measures nothing.
+        assert time.monotonic() - started < IDLE_TIMEOUT / 2
+        before = time.monotonic()
+        [hello] = await daemon.multiplex(daemon.hello)
+        assert_hello(hello)
+        assert time.monotonic() - before < 0.5
+        # The caller's connection has closed; one more fits, the next does not.
+        await eventually(
+            lambda: _fd_count(daemon.pid) == daemon.baseline_fds + IDLE_CONNECTIONS,
+            SETTLE_TIMEOUT,
+            lambda: f"{_fd_count(daemon.pid)} fds open",
+        )
+        extra = await within(5, deferToThread(_open_idle, daemon.port, 1, daemon.pid))
+        extra.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=5))
+        [refused] = await within(5, deferToThread(_read_to_end, extra[1:], 2))
+        head, _, body = refused.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0] == b"HTTP/1.1 503 Service Unavailable", refused
+        assert b"\r\nretry-after: 1" in head
+        assert json.loads(body) == {
+            "error": f"too many connections: at most {MAX_CONNECTIONS} are open at once "
+            "(--max-connections)"
+        }
+        # The idle ones are closed at the idle timeout, with nothing sent.
+        closing = await within(
+            IDLE_TIMEOUT + 10,
+            deferToThread(_read_to_end, idle + extra[:1], IDLE_TIMEOUT + 5),
+        )
+        assert time.monotonic() - started < IDLE_TIMEOUT + 2
+        assert set(closing) == {b""}, set(closing)
+    finally:
+        for sock in idle + extra:
+            sock.close()
+    await daemon.check_recovered()
+
+
+def answer_late(p: _Fault) -> None:
+    # A whole answer after the idle timeout, and a close: the daemon pools
+    # no second upstream connection, so its fd count can return exactly.
+    def answer() -> None:
+        p.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nlate")
+        p.close()
+
+    p.later(IDLE_TIMEOUT + 0.5, answer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_outlasting_the_idle_timeout_is_answered(daemon: Watched) -> None:
+    """A caller waiting for a batch is not idle: --idle-timeout does not cut it off."""
+    server = start_fault(answer_late)
+    try:
+        late, hello = await daemon.multiplex(
+            server.url, daemon.hello, timeout_msec=IDLE_TIMEOUT * 2000
+        )
+        assert late["Success"]["content"] == "late"
+        assert_hello(hello)
+        await server.check_all_closed()
+    finally:
+        await server.stop()
     await daemon.check_recovered()
