@@ -20,6 +20,7 @@ from twisted.web._newclient import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http import _MalformedChunkedDataError
 
 from octoplex.body import BadGzip, BodyTooLarge
 from octoplex.egress import EgressRefused
@@ -51,6 +52,9 @@ def _lost(cause: Failure, when: str) -> str:
         return f"TLS error {when}: {_tls_detail(cause.value)}"
     if cause.check(error.ConnectionLost):
         return f"connection to upstream was lost or reset {when}"
+    if cause.check(ValueError, _MalformedChunkedDataError):
+        # What the parser raises on a bad Content-Length or chunk size.
+        return f"upstream sent an invalid HTTP response: {cause.getErrorMessage()}"
     return f"{cause.getErrorMessage()} {when}"
 
 

@@ -35,7 +35,11 @@ from twisted.web.http import HTTPChannel
 from octoplex.limits import Limits
 from octoplex.wire import JSON_CONTENT_TYPE, error_body
 
-__all__ = ["ConnectionRefuser", "OctoplexChannel", "raw_error"]
+__all__ = ["LINGER", "ConnectionRefuser", "OctoplexChannel", "raw_error"]
+
+#: Seconds a connection is read and drained after an error answer before it
+#: is closed, unless the caller closes it first.
+LINGER = 2.0
 
 _REASONS = {
     400: b"Bad Request",
@@ -104,7 +108,7 @@ class OctoplexChannel(HTTPChannel):
 
     def lineReceived(self, line: bytes) -> None:
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            self._refuse(
+            self.refuse(
                 431,
                 f"request line and headers exceed {self.totalHeadersSize} bytes "
                 "(--max-header-bytes)",
@@ -113,13 +117,13 @@ class OctoplexChannel(HTTPChannel):
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._refuse(
+        self.refuse(
             431, f"a request header line exceeds {self.MAX_LENGTH} bytes (--max-header-bytes)"
         )
 
     def headerReceived(self, line: bytes) -> bool:
         if self._receivedHeaderCount >= self.maxHeaders:
-            self._refuse(
+            self.refuse(
                 431, f"request has more than {self.maxHeaders} header lines (--max-header-count)"
             )
             return False
@@ -157,13 +161,13 @@ class OctoplexChannel(HTTPChannel):
 
     def _too_slow(self, message: str) -> None:
         self._read_timer = None
-        self._refuse(408, message)
+        self.refuse(408, message)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # HTTPChannel's answer to every other malformed request.
-        self._refuse(400, "malformed HTTP request")
+        self.refuse(400, "malformed HTTP request")
 
-    def _refuse(self, status: int, message: str) -> None:
+    def refuse(self, status: int, message: str) -> None:
         """
         Answer ``status`` with ``message`` and close the connection.
         """
@@ -181,9 +185,28 @@ class OctoplexChannel(HTTPChannel):
             error=message,
         )
         transport.write(raw_error(status, message))
-        # Nothing more of this connection is read.
+        self._linger(transport)
+
+    def _linger(self, transport: Any) -> None:
+        """
+        Close after an error answer the way RFC 9112 section 9.6 asks: close
+        the sending side, then read and drop what the caller still sends,
+        for at most :data:`LINGER` seconds.  Closing at once with its body
+        unread would make the kernel reset the connection, and a caller
+        busy writing would lose the answer.
+        """
+        # Nothing more of this connection is parsed: not the rest of what was
+        # read with the bad part, nor anything later.
+        self.clearLineBuffer()
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
-        self.loseConnection()
+        self.setTimeout(None)
+        self._read_timer = self.callLater(LINGER, transport.abortConnection)
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is None:
+            # TLS: no half-close; the answer says "connection: close".
+            self._read_timer = self.callLater(LINGER, self.loseConnection)
+            return
+        half_close()
 
 
 def _client(transport: Any) -> str:

@@ -26,7 +26,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from octoplex.auth import Tokens
 from octoplex.endpoints import set_tcp_nodelay
-from octoplex.inbound import ConnectionRefuser, OctoplexChannel, raw_error
+from octoplex.inbound import ConnectionRefuser, OctoplexChannel
 from octoplex.limits import Limits
 from octoplex.multiplexer import BatchResult, Multiplexer
 from octoplex.tls import peer_identity
@@ -320,15 +320,7 @@ class OctoplexRequest(Request):
         self._refused = True
         # Without this, the channel would answer "100 Continue" after us.
         self.requestHeaders.removeHeader(b"expect")
-        OctoplexApp.log.warn(
-            "request from {client} refused: {error}",
-            client=format_address(self.getClientAddress()),
-            error=message,
-        )
-        transport = self.channel.transport
-        assert transport is not None
-        transport.write(raw_error(413, message))
-        transport.loseConnection()
+        cast(OctoplexChannel, self.channel).refuse(413, message)
 
 
 def _channel(factory: Any) -> Any:

@@ -9,6 +9,7 @@ limit, and nothing else is disturbed.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
+from octoplex.inbound import LINGER
 from octoplex.limits import Limits
 
 from .servers import Caller, Octoplex, Upstream, start_octoplex
@@ -35,7 +37,7 @@ def talk(
 ) -> tuple[bytes, float]:
     """
     In a thread: connect, send ``chunks`` ``pause`` seconds apart (stopping
-    if the server closes), then read until the server closes (at most
+    once the server answers or closes), then read until the server closes (at most
     ``wait`` seconds).  Return what was read and the seconds until the close.
     """
     started = time.monotonic()
@@ -43,6 +45,8 @@ def talk(
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.settimeout(wait)
         for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the answer (or the close) is in: stop sending
             try:
                 sock.sendall(chunk)
             except OSError:
@@ -125,6 +129,57 @@ async def test_heads_over_the_limits_get_431(
     status, headers, body = parse(raw)
     assert (status, body) == (431, {"error": message})
     assert headers["connection"] == "close"
+    await still_serves(octoplex, upstream, caller)
+
+
+def flood(port: int, head: bytes, seconds: float) -> tuple[bytes, float, bool]:
+    """
+    In a thread: send ``head``, then keep writing a body without reading
+    until the server ends the connection or ``seconds`` pass.  Return the
+    answer read afterwards, the seconds the writes lasted, and whether the
+    server ended them.
+    """
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(1.0)
+        sock.sendall(head)
+        ended = False
+        while time.monotonic() - started < seconds:
+            try:
+                sock.sendall(b"x" * 65536)
+            except OSError:
+                ended = True
+                break
+            except TimeoutError:
+                continue
+        lasted = time.monotonic() - started
+        answer = b""
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except OSError:
+            pass
+    return answer, lasted, ended
+
+
+@pytest_twisted.ensureDeferred
+async def test_error_answers_linger_a_bounded_time(
+    limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller
+) -> None:
+    """
+    After a 413, the daemon drains what the caller still writes, so the
+    caller can read the answer, but for no more than LINGER seconds.
+    """
+    octoplex = limited(max_request_bytes=1000)
+    head = REQUEST_LINE + b"Content-Length: 100000000\r\n\r\n"
+    answer, lasted, ended = await deferToThread(flood, port_of(octoplex), head, 10.0)
+    assert ended
+    assert LINGER - 0.5 < lasted < LINGER + 2.0
+    assert parse(answer)[::2] == (
+        413,
+        {"error": "request body is 100000000 bytes; at most 1000 are allowed"},
+    )
+    assert octoplex.site.connections == 0
     await still_serves(octoplex, upstream, caller)
 
 
