@@ -41,7 +41,9 @@ from octoplex.web import OctoplexApp, OctoplexSite
 
 __all__ = ["Options", "makeService"]
 
-DEFAULT_LISTEN = "tcp:8080"
+# Twisted's listen backlog is 50: a burst of new callers past it has its SYNs
+# dropped and waits a second to retry.
+DEFAULT_LISTEN = "tcp:8080:backlog=1024"
 
 
 def _positive(kind: Callable[[str], Any], what: str) -> Callable[[str], Any]:
@@ -307,7 +309,8 @@ class Options(usage.Options):
 
     def opt_listen(self, description: str) -> None:
         """
-        Listen on this Twisted endpoint (tcp:8080, ssl:8443:...); repeatable. [default: tcp:8080]
+        Listen on this Twisted endpoint (tcp:8080:backlog=1024, ssl:8443:...); repeatable.
+        [default: tcp:8080:backlog=1024]
         """
         self["listen"].append(description)
 

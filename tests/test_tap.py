@@ -79,8 +79,8 @@ def test_plugin_is_discoverable() -> None:
 
 
 def test_default_listen() -> None:
-    """With no --listen the daemon listens on tcp:8080 alone."""
-    assert parse()["listen"] == ["tcp:8080"]
+    """With no --listen the daemon listens on tcp:8080 alone, with a listen backlog of 1024."""
+    assert parse()["listen"] == ["tcp:8080:backlog=1024"]
 
 
 def test_listen_is_repeatable_and_keeps_order() -> None:
@@ -93,7 +93,7 @@ def test_listen_is_repeatable_and_keeps_order() -> None:
 def test_options_are_fresh_per_instance() -> None:
     """Two Options instances do not share their --listen list."""
     parse("--listen", "tcp:9001")
-    assert parse()["listen"] == ["tcp:8080"]
+    assert parse()["listen"] == ["tcp:8080:backlog=1024"]
 
 
 def test_numeric_defaults() -> None:
