@@ -19,6 +19,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.names import client as names_client
+from twisted.names import dns
+from twisted.names.server import DNSServerFactory
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
@@ -304,6 +306,18 @@ def start_octoplex(
     site = OctoplexSite(app, global_reactor)
     port = global_reactor.listenTCP(0, site, interface="127.0.0.1")
     return Octoplex(f"http://127.0.0.1:{port.getHost().port}", client, site, port)
+
+
+def serve_dns(zone: Any) -> IListeningPort:
+    """
+    Serve ``zone`` (a ``twisted.names`` resolver holding the test's records)
+    as a DNS server on a UDP port of 127.0.0.1.
+    """
+    factory = DNSServerFactory(clients=[zone])
+    factory.noisy = False
+    protocol = dns.DNSDatagramProtocol(controller=factory)
+    protocol.noisy = False
+    return global_reactor.listenUDP(0, protocol, interface="127.0.0.1")
 
 
 class _QuietFactory(_HTTP11ClientFactory):

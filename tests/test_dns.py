@@ -37,7 +37,6 @@ from twisted.names.error import (
     DNSServerError,
     DomainError,
 )
-from twisted.names.server import DNSServerFactory
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.client import URI, Agent
@@ -51,7 +50,15 @@ from octoplex.multiplexer import Multiplexer
 from octoplex.tap import Options, makeService
 from octoplex.web import OctoplexApp, OctoplexSite
 
-from .servers import LOOPBACK, Octoplex, Upstream, _CountingSite, _QuietPool, _Upstream
+from .servers import (
+    LOOPBACK,
+    Octoplex,
+    Upstream,
+    _CountingSite,
+    _QuietPool,
+    _Upstream,
+    serve_dns,
+)
 
 NXDOMAIN = "NXDOMAIN (the name does not exist)"
 SERVFAIL = "SERVFAIL (the name server failed)"
@@ -455,12 +462,7 @@ def start_dns_server() -> tuple[MultiZone, Any]:
     Start the ``MultiZone`` DNS server on a UDP port of 127.0.0.1.
     """
     zone = MultiZone()
-    factory = DNSServerFactory(clients=[zone])
-    factory.noisy = False
-    protocol = dns.DNSDatagramProtocol(controller=factory)
-    protocol.noisy = False
-    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
-    return zone, port
+    return zone, serve_dns(zone)
 
 
 def start_three_upstreams() -> list[Upstream]:

@@ -27,7 +27,6 @@ from twisted.names import client as names_client
 from twisted.names import dns
 from twisted.names.common import ResolverBase
 from twisted.names.error import DomainError
-from twisted.names.server import DNSServerFactory
 from twisted.python import usage
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from zope.interface import directlyProvides, providedBy
@@ -48,6 +47,7 @@ from .servers import (
     _CountingSite,
     _Upstream,
     local_resolver,
+    serve_dns,
 )
 
 DEFAULT = EgressPolicy()
@@ -377,11 +377,7 @@ async def dns_server() -> AsyncIterator[tuple[Zone, CachingResolver]]:
     served stale) that asks it.
     """
     zone = Zone()
-    factory = DNSServerFactory(clients=[zone])
-    factory.noisy = False
-    protocol = dns.DNSDatagramProtocol(controller=factory)
-    protocol.noisy = False
-    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+    port = serve_dns(zone)
     names = names_client.Resolver(servers=[("127.0.0.1", port.getHost().port)], reactor=reactor)
     resolver = CachingResolver(
         reactor, names, DNSSettings(min_ttl=1, stale_grace=0, timeouts=(1.0,)), hosts=None
