@@ -11,19 +11,23 @@ from __future__ import annotations
 import json
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
+import trustme
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from octoplex.inbound import LINGER
 from octoplex.limits import Limits
+from octoplex.tls import server_options
 
 from .servers import Caller, Octoplex, Upstream, start_octoplex
 
@@ -432,3 +436,54 @@ async def test_batch_response_total_is_capped(
     big, hello = body["responses"]
     assert big["Failure"]["error"] == BATCH_TOO_LARGE
     assert hello["Success"]["content"] == "Hello world!"
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_count_survives_tls_failures(
+    limited: Callable[..., Octoplex], tmp_path: Any
+) -> None:
+    """
+    Behind TLS, connections that fail the handshake, or close before it,
+    are counted out again, so they cannot use up --max-connections.
+    """
+    octoplex = limited()
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    options = server_options(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"), None, None)
+    secure = TLSMemoryBIOFactory(options, False, octoplex.site)
+    port = reactor.listenTCP(0, secure, interface="127.0.0.1")
+    number = port.getHost().port
+
+    def callers() -> list[bytes]:
+        for _ in range(6):
+            with socket.create_connection(("127.0.0.1", number)) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not TLS
+                sock.settimeout(5)
+                try:
+                    sock.recv(100)
+                except OSError:
+                    pass
+        for _ in range(6):
+            socket.create_connection(("127.0.0.1", number)).close()
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        answers = []
+        for _ in range(6):
+            raw = socket.create_connection(("127.0.0.1", number))
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answers.append(sock.recv(12))
+        return answers
+
+    try:
+        answers = await deferToThread(callers)
+    finally:
+        await port.stopListening()
+    assert answers == [b"HTTP/1.1 200"] * 6
+    for _ in range(100):
+        if octoplex.site.connections == 0:
+            break
+        await pause(0.01)
+    assert octoplex.site.connections == 0
