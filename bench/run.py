@@ -24,99 +24,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(BENCH_DIR)
+import common
+from common import BENCH_DIR, HOST, REPO_ROOT, BenchError, positive_int
+
 LUA_SCRIPT = os.path.join(BENCH_DIR, "batch.lua")
 FALLBACK_UPSTREAM = os.path.join(BENCH_DIR, "upstream.py")
-HOST = "127.0.0.1"
 UPSTREAM_BODY = "hello world\n"
-
-
-class BenchError(Exception):
-    """A failure that ends the benchmark with a message, not a traceback."""
-
-
-class Terminated(BaseException):
-    """SIGTERM, turned into an exception so that cleanup runs."""
 
 
 # --------------------------------------------------------------------------
 # Processes
-
-
-class Processes:
-    """
-    Every long-running process the benchmark starts, stopped in reverse order
-    (terminate, then kill) by :meth:`stop_all`.
-    """
-
-    def __init__(self) -> None:
-        self._procs: list[tuple[str, subprocess.Popen[Any]]] = []
-
-    def start(self, name: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        # A session of its own: Ctrl-C reaches only us, and we stop the
-        # children in order.
-        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
-        self._procs.append((name, proc))
-        return proc
-
-    def stop_all(self) -> None:
-        while self._procs:
-            _, proc = self._procs.pop()
-            stop(proc)
-
-
-def stop(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        proc.terminate()
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "replace")
-    except OSError as e:
-        return f"(cannot read {path}: {e})"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process, from /proc; None where unavailable."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
@@ -127,26 +54,11 @@ def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
 def wait_until_serving(
     proc: subprocess.Popen[Any], url: str, name: str, log: str, timeout: float = 20.0
 ) -> None:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(
-                f"{name} exited with status {proc.returncode} before serving.\n"
-                f"--- {log} ---\n{tail(log)}"
-            )
-        try:
-            status, _ = http_get(url)
-            if status == 200:
-                return
-            last = f"HTTP {status}"
-        except (OSError, urllib.error.URLError) as e:
-            last = e
-        time.sleep(0.1)
-    raise BenchError(
-        f"{name} did not answer GET {url} within {timeout:.0f} s (last: {last}).\n"
-        f"--- {log} ---\n{tail(log)}"
-    )
+    def serving() -> bool | str:
+        status, _ = http_get(url)
+        return True if status == 200 else f"HTTP {status}"
+
+    common.wait_until(serving, proc, name, log, timeout, f"answer GET {url}")
 
 
 # --------------------------------------------------------------------------
@@ -243,7 +155,7 @@ def nginx_version(nginx: str) -> tuple[str, tuple[int, ...]]:
 
 
 def start_nginx(
-    nginx: str, tmp: str, port: int, pin: Pinning, procs: Processes
+    nginx: str, tmp: str, port: int, pin: Pinning, procs: common.Processes
 ) -> tuple[subprocess.Popen[Any], str, str]:
     configure, version = nginx_version(nginx)
     temp_paths = [f"    client_body_temp_path {tmp}/client_body;"]
@@ -272,7 +184,7 @@ def start_nginx(
 
 
 def start_fallback_upstream(
-    tmp: str, port: int, pin: Pinning, procs: Processes
+    tmp: str, port: int, pin: Pinning, procs: common.Processes
 ) -> tuple[subprocess.Popen[Any], str, str]:
     log = os.path.join(tmp, "upstream.log")
     argv = [sys.executable, FALLBACK_UPSTREAM, "--host", HOST, "--port", str(port)]
@@ -286,31 +198,10 @@ def start_fallback_upstream(
 # Octoplex
 
 
-def default_twistd() -> tuple[str, str]:
-    """
-    The twistd next to this Python, else the repository's .venv, else PATH.
-    """
-    candidates = [
-        (os.path.join(os.path.dirname(sys.executable), "twistd"), "next to sys.executable"),
-        (os.path.join(REPO_ROOT, ".venv", "bin", "twistd"), "the repository's .venv"),
-    ]
-    for path, where in candidates:
-        if os.access(path, os.X_OK):
-            return path, where
-    found = shutil.which("twistd")
-    if found:
-        return found, "PATH"
-    raise BenchError(
-        "cannot find twistd (looked next to "
-        f"{sys.executable}, in {REPO_ROOT}/.venv/bin and on PATH); "
-        "run with the virtualenv's python or pass --octoplex-cmd"
-    )
-
-
 def octoplex_argv(cmd: str | None, port: int) -> tuple[list[str], str]:
     listen = f"tcp:{port}:interface={HOST}"
     if cmd is None:
-        twistd, where = default_twistd()
+        twistd, where = common.find_twistd(" or pass --octoplex-cmd")
         # The upstream is local, and local addresses are refused by default.
         argv = [twistd, "-n", "--pidfile=", "octoplex", "--listen", listen]
         argv += ["--allow-egress", "127.0.0.0/8"]
@@ -323,14 +214,11 @@ def octoplex_argv(cmd: str | None, port: int) -> tuple[list[str], str]:
 
 
 def start_octoplex(
-    cmd: str | None, tmp: str, pin: Pinning, procs: Processes
+    cmd: str | None, tmp: str, pin: Pinning, procs: common.Processes
 ) -> tuple[subprocess.Popen[Any], int, str, list[str], str]:
-    port = free_port()
+    port = common.free_port()
     argv, source = octoplex_argv(cmd, port)
-    env = dict(os.environ)
-    # The working tree's octoplex and plugin, not an installed copy.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env = common.daemon_env()
     log = os.path.join(tmp, "octoplex.log")
     with open(log, "wb") as out:
         proc = procs.start(
@@ -440,11 +328,12 @@ def run_wrk(
     try:
         out, err = proc.communicate(timeout=duration + 60)
     finally:
-        stop(proc, grace=2)
+        common.stop(proc, grace=2)
     for name, p, log in procs_to_watch:
         if p.poll() is not None:
             raise BenchError(
-                f"{name} died (status {p.returncode}) during the run.\n--- {log} ---\n{tail(log)}"
+                f"{name} died (status {p.returncode}) during the run.\n"
+                f"--- {log} ---\n{common.tail(log)}"
             )
     if proc.returncode != 0:
         raise BenchError(f"wrk exited with {proc.returncode}: {' '.join(argv)}\n{out}\n{err}")
@@ -509,7 +398,7 @@ def measured(
     print(f"  {label}: measuring {args.duration} s ...", flush=True)
 
     def cpu(p: subprocess.Popen[Any] | None) -> float | None:
-        return None if p is None else cpu_seconds(p.pid)
+        return None if p is None else common.cpu_seconds(p.pid)
 
     a0 = accepts() if accepts else None
     d0, u0, t0 = cpu(daemon), cpu(upstream), time.monotonic()
@@ -570,44 +459,8 @@ def markdown_table(direct: dict[str, Any], batches: list[dict[str, Any]]) -> str
     return "\n".join(rows)
 
 
-def describe_machine() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    commit = ""
-    try:
-        commit = subprocess.run(
-            ["git", "-C", REPO_ROOT, "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {
-        "cpu": model,
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "git": commit or "(no commit)",
-    }
-
-
 # --------------------------------------------------------------------------
 # Main
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
 
 
 def batch_sizes(text: str) -> list[int]:
@@ -712,11 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    common.raise_on_sigterm()
 
     wrk = args.wrk or shutil.which("wrk") or "/usr/bin/wrk"
     if not os.access(wrk, os.X_OK):
@@ -740,12 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     pin = Pinning(args.daemon_cpus, args.load_cpus, not args.no_pin)
     print(f"Pinning: {pin.note}")
 
-    procs = Processes()
-    tmp = tempfile.mkdtemp(prefix="octoplex-bench-")
-    plugin_cache = os.path.join(REPO_ROOT, "twisted", "plugins", "dropin.cache")
-    had_plugin_cache = os.path.exists(plugin_cache)
-    try:
-        upstream_port = free_port()
+    def bench(procs: common.Processes, tmp: str) -> int:
+        upstream_port = common.free_port()
         if use_nginx:
             upstream, upstream_label, upstream_log = start_nginx(
                 args.nginx, tmp, upstream_port, pin, procs
@@ -835,40 +680,15 @@ def main(argv: list[str] | None = None) -> int:
                     "octoplex_cmd": daemon_argv,
                     "response_check": not args.no_check_responses,
                 },
-                "machine": describe_machine(),
+                "machine": common.describe_machine(),
                 "direct": direct_raw,
                 "batches": batches,
                 "markdown": table,
             }
-            parent = os.path.dirname(os.path.abspath(args.json))
-            os.makedirs(parent, exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(document, f, indent=2)
-                f.write("\n")
-            print(f"Wrote {args.json}")
+            common.write_json(args.json, document)
         return 0
-    except BenchError as e:
-        print(f"\nBENCHMARK FAILED: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("\nterminated; cleaning up", file=sys.stderr)
-        return 143
-    finally:
-        # A second Ctrl-C must not cut the cleanup short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
-        # twistd writes a plugin cache next to the working tree's plugin;
-        # leave the tree as we found it.
-        if not had_plugin_cache and os.path.exists(plugin_cache):
-            try:
-                os.remove(plugin_cache)
-            except OSError:
-                pass
+
+    return common.run_guarded(bench, "BENCHMARK", "octoplex-bench-")
 
 
 if __name__ == "__main__":

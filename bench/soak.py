@@ -25,24 +25,20 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import shutil
 import signal
 import socket
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from typing import Any
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(BENCH_DIR)
-HOST = "127.0.0.1"
+import common
+from common import HOST, REPO_ROOT, BenchError, positive_int
 
 #: The goal: RSS and open fds grow by less than this after warm-up.
 GOAL_PCT = 5.0
@@ -51,14 +47,6 @@ GOAL_PCT = 5.0
 SUCCESS, TIMEOUT, FAULT = "success", "timeout", "fault"
 #: The faults, taken in turn.
 FAULTS = ("reset", "garbage", "close", "refused")
-
-
-class SoakError(Exception):
-    """A failure that ends the soak with a message, not a traceback."""
-
-
-class Terminated(BaseException):
-    """SIGTERM, turned into an exception so that cleanup runs."""
 
 
 # --------------------------------------------------------------------------
@@ -157,103 +145,31 @@ async def _serve_upstream(port: int) -> None:
 # Processes
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def stop(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        proc.terminate()
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
-def tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "replace")
-    except OSError as e:
-        return f"(cannot read {path}: {e})"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def default_twistd() -> str:
-    """
-    The twistd next to this Python, else the repository's .venv, else PATH
-    (as bench/run.py finds it).
-    """
-    for path in (
-        os.path.join(os.path.dirname(sys.executable), "twistd"),
-        os.path.join(REPO_ROOT, ".venv", "bin", "twistd"),
-    ):
-        if os.access(path, os.X_OK):
-            return path
-    found = shutil.which("twistd")
-    if found:
-        return found
-    raise SoakError(
-        f"cannot find twistd (looked next to {sys.executable}, in {REPO_ROOT}/.venv/bin "
-        "and on PATH); run with the virtualenv's python"
-    )
-
-
-def wait_until(
-    check: Any, proc: subprocess.Popen[Any], name: str, log: str, timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SoakError(
-                f"{name} exited with status {proc.returncode} before serving.\n"
-                f"--- {log} ---\n{tail(log)}"
-            )
-        try:
-            if check():
-                return
-        except (OSError, urllib.error.URLError) as e:
-            last = e
-        time.sleep(0.1)
-    raise SoakError(
-        f"{name} did not start within {timeout:.0f} s (last: {last}).\n--- {log} ---\n{tail(log)}"
-    )
-
-
-def start_upstream(tmp: str, procs: list[subprocess.Popen[Any]]) -> int:
-    port = free_port()
+def start_upstream(tmp: str, procs: common.Processes) -> int:
+    port = common.free_port()
     log = os.path.join(tmp, "upstream.log")
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
+        proc = procs.start(
+            "upstream",
             [sys.executable, os.path.abspath(__file__), "--serve-upstream", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
-    procs.append(proc)
 
     def listening() -> bool:
         with socket.create_connection((HOST, port), timeout=1):
             return True
 
-    wait_until(listening, proc, "the upstream", log, 20)
+    common.wait_until(listening, proc, "the upstream", log, 20)
     return port
 
 
 def start_daemon(
-    tmp: str, procs: list[subprocess.Popen[Any]]
+    tmp: str, procs: common.Processes
 ) -> tuple[subprocess.Popen[Any], int, list[str], str]:
-    port = free_port()
+    port = common.free_port()
     argv = [
-        default_twistd(),
+        common.find_twistd()[0],
         "-n",
         "--pidfile=",
         "octoplex",
@@ -263,27 +179,22 @@ def start_daemon(
         "--allow-egress",
         "127.0.0.0/8",
     ]
-    env = dict(os.environ)
-    # The working tree's octoplex and plugin, not an installed copy.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
     log = os.path.join(tmp, "octoplex.log")
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
+        proc = procs.start(
+            "octoplex",
             argv,
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
-            env=env,
-            start_new_session=True,
+            env=common.daemon_env(),
         )
-    procs.append(proc)
 
     def healthy() -> bool:
         with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=1) as r:
             return bool(r.status == 200)
 
-    wait_until(healthy, proc, "octoplex", log, 30)
+    common.wait_until(healthy, proc, "octoplex", log, 30)
     return proc, port, argv, log
 
 
@@ -302,17 +213,8 @@ def sample(pid: int) -> tuple[int, int]:
                 rss = int(line.split()[1])
                 break
     if rss is None:
-        raise SoakError(f"no VmRSS in /proc/{pid}/status")
+        raise BenchError(f"no VmRSS in /proc/{pid}/status")
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def cpu_seconds(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------
@@ -474,7 +376,7 @@ async def drive(
         while not done.done():
             elapsed = time.monotonic() - started
             if daemon.poll() is not None:
-                raise SoakError(f"the daemon exited with status {daemon.returncode} mid-soak")
+                raise BenchError(f"the daemon exited with status {daemon.returncode} mid-soak")
             rss, fds = sample(daemon.pid)
             samples.append((round(elapsed, 2), rss, fds))
             if args.progress and elapsed >= next_progress:
@@ -525,35 +427,6 @@ def summarise(samples: list[tuple[float, int, int]], warmup: float, window: int)
     return result
 
 
-def describe_machine() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    commit = ""
-    try:
-        commit = subprocess.run(
-            ["git", "-C", REPO_ROOT, "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {
-        "cpu": model,
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "git": commit or "(no commit)",
-    }
-
-
 def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.1f} %"
 
@@ -592,13 +465,6 @@ def report(
 
 # --------------------------------------------------------------------------
 # Main
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
 
 
 def natural(text: str) -> int:
@@ -724,10 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the soak reads /proc; it runs on Linux only", file=sys.stderr)
         return 2
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    common.raise_on_sigterm()
 
     size = args.successes + args.timeouts + args.faults
     print(
@@ -736,13 +599,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.timeouts} timeout, {args.faults} fault), deadline {args.timeout_msec} ms.",
         flush=True,
     )
-    procs: list[subprocess.Popen[Any]] = []
-    tmp = tempfile.mkdtemp(prefix="octoplex-soak-")
-    plugin_cache = os.path.join(REPO_ROOT, "twisted", "plugins", "dropin.cache")
-    had_plugin_cache = os.path.exists(plugin_cache)
-    try:
+
+    def soak(procs: common.Processes, tmp: str) -> int:
         upstream = start_upstream(tmp, procs)
-        refused = free_port()
+        refused = common.free_port()
         daemon, port, argv_used, log = start_daemon(tmp, procs)
         print(f"Octoplex: {' '.join(argv_used)}\n  pid {daemon.pid}; upstream on {HOST}:{upstream}")
 
@@ -751,16 +611,18 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_check(check))
         print("Check: a first batch of each kind came back as expected.", flush=True)
 
-        machine = describe_machine()  # the revision measured, before anyone commits
+        machine = common.describe_machine()  # the revision measured, before anyone commits
         load = Load(args, port, plans)
         samples: list[tuple[float, int, int]] = []
-        cpu_before = cpu_seconds(daemon.pid)
+        cpu_before = common.cpu_seconds(daemon.pid)
         ran = asyncio.run(drive(args, daemon, load, samples))
-        cpu_after = cpu_seconds(daemon.pid)
+        cpu_after = common.cpu_seconds(daemon.pid)
         if daemon.poll() is not None:
-            raise SoakError(f"the daemon exited with status {daemon.returncode}\n{tail(log)}")
+            raise BenchError(
+                f"the daemon exited with status {daemon.returncode}\n{common.tail(log)}"
+            )
         if not load.outcomes[SUCCESS]:
-            raise SoakError(f"no request succeeded.\n--- {log} ---\n{tail(log)}")
+            raise BenchError(f"no request succeeded.\n--- {log} ---\n{common.tail(log)}")
         summary = summarise(samples, args.warmup, args.window)
         cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
         lines = report(args, load, summary, ran, cpu)
@@ -783,39 +645,14 @@ def main(argv: list[str] | None = None) -> int:
                 "summary": summary,
                 "samples": [{"t": t, "rss_kib": r, "fds": f} for t, r, f in samples],
             }
-            parent = os.path.dirname(os.path.abspath(args.json))
-            os.makedirs(parent, exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(document, f, indent=2)
-                f.write("\n")
-            print(f"Wrote {args.json}")
+            common.write_json(args.json, document)
         missed = summary["note"] is None and any(
             summary[k]["growth_pct"] is None or summary[k]["growth_pct"] >= args.goal_pct
             for k in ("rss_kib", "fds")
         )
         return 3 if missed and args.fail_on_growth else 0
-    except SoakError as e:
-        print(f"\nSOAK FAILED: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("\nterminated; cleaning up", file=sys.stderr)
-        return 143
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        while procs:
-            stop(procs.pop())
-        shutil.rmtree(tmp, ignore_errors=True)
-        # twistd writes a plugin cache next to the working tree's plugin;
-        # leave the tree as we found it.
-        if not had_plugin_cache and os.path.exists(plugin_cache):
-            try:
-                os.remove(plugin_cache)
-            except OSError:
-                pass
+
+    return common.run_guarded(soak, "SOAK", "octoplex-soak-", grace=10.0)
 
 
 async def _check(load: Load) -> None:
@@ -830,12 +667,12 @@ async def _check(load: Load) -> None:
                 load._exchange(reader, writer, body), load.args.client_timeout
             )
             if status != 200:
-                raise SoakError(f"the check batch got HTTP {status}: {answer[:300]!r}")
+                raise BenchError(f"the check batch got HTTP {status}: {answer[:300]!r}")
             load._count(status, answer, kinds)
     finally:
         writer.close()
     if load.unplanned:
-        raise SoakError(
+        raise BenchError(
             f"the check batches came back wrong: {dict(load.unplanned)}; "
             f"errors: {dict(load.errors)}"
         )

@@ -42,14 +42,14 @@ no option to ask another, so that case wires Octoplex to a name server on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import select
 import socket
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -74,12 +74,10 @@ from octoplex.dns import CachingResolver, DNSSettings
 from .servers import Caller, Upstream, _CountingSite, _Upstream
 from .test_dns import start_resolving_octoplex
 from .test_twistd import (
-    ROOT,
-    environment,
     free_port,
     sleep,
+    spawn_twistd,
     stop,
-    twistd,
     wait_until_healthy,
     within,
 )
@@ -351,17 +349,10 @@ def daemon(
     logfile = directory / "octoplex.log"
     output = directory / "output.txt"
     port = free_port()
-    argv = [
-        *twistd(),
-        "-n",
-        "--pidfile=",
-        "--logfile",
-        str(logfile),
-        "octoplex",
-        "--listen",
-        f"tcp:{port}:interface=127.0.0.1",
-        "--allow-egress",
-        "127.0.0.0/8",
+    process = spawn_twistd(
+        port,
+        logfile,
+        output,
         "--max-response-bytes",
         str(MAX_RESPONSE_BYTES),
         "--max-request-bytes",
@@ -376,11 +367,7 @@ def daemon(
         str(IDLE_TIMEOUT),
         "--max-connections",
         str(MAX_CONNECTIONS),
-    ]
-    with output.open("wb") as out:
-        process = subprocess.Popen(
-            argv, cwd=ROOT, env=environment(), stdin=subprocess.DEVNULL, stdout=out, stderr=out
-        )
+    )
     try:
         upstream, resource = normal_upstream
         url = f"http://127.0.0.1:{port}"
@@ -515,6 +502,27 @@ def start_fault(
     return FaultServer(f"{scheme}://127.0.0.1:{port.getHost().port}/fault", factory, port)
 
 
+@contextlib.asynccontextmanager
+async def faulty_upstream(
+    daemon: Watched,
+    behave: Callable[[_Fault], None],
+    on_first_bytes: bool = False,
+    scheme: str = "http",
+) -> AsyncIterator[FaultServer]:
+    """
+    A faulty upstream (see :func:`start_fault`) for the block's batch.  Once
+    the block has run, its connection must be closed; then it is stopped
+    (whatever happened) and the daemon must have recovered.
+    """
+    server = start_fault(behave, on_first_bytes, scheme)
+    try:
+        yield server
+        await server.check_all_closed()
+    finally:
+        await server.stop()
+    await daemon.check_recovered()
+
+
 @implementer(IPullProducer)
 class _Endless:
     """
@@ -533,43 +541,22 @@ class _Endless:
         pass
 
 
-def reset_in_headers(p: _Fault) -> None:
-    p.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/pl")
-    p.reset()
+def write_then(
+    data: bytes, end: Callable[[_Fault], None] | None = None
+) -> Callable[[_Fault], None]:
+    """
+    A fault that writes ``data`` (nothing if empty), then ends with ``end``
+    (:meth:`_Fault.close` or :meth:`_Fault.reset`), or else leaves the
+    connection open for the daemon to close.
+    """
 
+    def behave(p: _Fault) -> None:
+        if data:
+            p.write(data)
+        if end is not None:
+            end(p)
 
-def reset_in_body(p: _Fault) -> None:
-    p.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 50)
-    p.reset()
-
-
-def eof_before_status_line(p: _Fault) -> None:
-    p.close()
-
-
-def garbage(p: _Fault) -> None:
-    p.write(b"SSH-2.0-OpenSSH_9.6\r\n\x00\x01\x02 not HTTP\r\n\r\n")
-    p.close()
-
-
-def status_line_only(p: _Fault) -> None:
-    p.write(b"HTTP/1.1 200 OK\r\n")
-    p.close()
-
-
-def content_length_abc(p: _Fault) -> None:
-    p.write(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nhello")
-    p.close()
-
-
-def content_length_past_eof(p: _Fault) -> None:
-    p.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
-    p.close()
-
-
-def bad_chunk_size(p: _Fault) -> None:
-    # The server leaves the connection open: the daemon must close it.
-    p.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nmore\r\n")
+    return behave
 
 
 def endless_body(p: _Fault) -> None:
@@ -592,12 +579,6 @@ def dribble(p: _Fault) -> None:
 
 def never_answers(p: _Fault) -> None:
     pass
-
-
-def plain_http_to_tls(p: _Fault) -> None:
-    # The answer to a ClientHello: no TLS record at all. The connection is
-    # left open for the daemon to close.
-    p.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
 
 
 # ---------------------------------------------------------------------------
@@ -623,32 +604,44 @@ INVALID = "upstream sent an invalid HTTP response: "
 #: (see the test's docstring).
 UPSTREAM_FAULTS: dict[str, tuple[Callable[[_Fault], None], str | re.Pattern[str]]] = {
     "reset-mid-headers": (
-        reset_in_headers,
+        write_then(b"HTTP/1.1 200 OK\r\nContent-Type: text/pl", _Fault.reset),
         "connection to upstream was lost or reset before finishing the response headers",
     ),
     "reset-mid-body": (
-        reset_in_body,
+        write_then(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 50, _Fault.reset),
         "connection to upstream was lost or reset while sending the response body",
     ),
     "eof-before-status-line": (
-        eof_before_status_line,
+        write_then(b"", _Fault.close),
         "upstream closed the connection before sending a response",
     ),
-    "garbage": (garbage, INVALID + "wrong number of parts b'SSH-2.0-OpenSSH_9.6'"),
+    "garbage": (
+        write_then(b"SSH-2.0-OpenSSH_9.6\r\n\x00\x01\x02 not HTTP\r\n\r\n", _Fault.close),
+        INVALID + "wrong number of parts b'SSH-2.0-OpenSSH_9.6'",
+    ),
     "status-line-only": (
-        status_line_only,
+        write_then(b"HTTP/1.1 200 OK\r\n", _Fault.close),
         "upstream closed the connection before finishing the response headers",
     ),
     # Today: "Value contains non-decimal digits: b'abc' before finishing the
     # response headers", Twisted's ValueError with no word of the upstream.
-    "content-length-abc": (content_length_abc, re.compile(re.escape(INVALID) + ".*abc")),
+    "content-length-abc": (
+        write_then(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nhello", _Fault.close),
+        re.compile(re.escape(INVALID) + ".*abc"),
+    ),
     "content-length-past-eof": (
-        content_length_past_eof,
+        write_then(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10, _Fault.close),
         "upstream closed the connection while sending the response body",
     ),
     # Today: "Chunk-size must be an integer. while sending the response
     # body", likewise.
-    "bad-chunk-size": (bad_chunk_size, re.compile(re.escape(INVALID) + "(?i:.*chunk)")),
+    "bad-chunk-size": (
+        # The server leaves the connection open: the daemon must close it.
+        write_then(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nmore\r\n"
+        ),
+        re.compile(re.escape(INVALID) + "(?i:.*chunk)"),
+    ),
     "endless-body": (
         endless_body,
         f"upstream response body exceeded {MAX_RESPONSE_BYTES} bytes (--max-response-bytes)",
@@ -668,8 +661,7 @@ async def test_upstream_fault(daemon: Watched, name: str) -> None:
     rejected it, and quote what was wrong.
     """
     behave, expected = UPSTREAM_FAULTS[name]
-    server = start_fault(behave)
-    try:
+    async with faulty_upstream(daemon, behave) as server:
         fault, hello = await daemon.multiplex(server.url, daemon.hello)
         if isinstance(expected, str):
             assert failure(fault) == expected
@@ -677,10 +669,6 @@ async def test_upstream_fault(daemon: Watched, name: str) -> None:
             assert expected.match(failure(fault)), failure(fault)
         assert fault["Failure"]["duration_msec"] < 2000
         assert_hello(hello)
-        await server.check_all_closed()
-    finally:
-        await server.stop()
-    await daemon.check_recovered()
 
 
 @pytest.mark.parametrize("behave", [dribble, never_answers], ids=["dribble", "never-answers"])
@@ -689,8 +677,8 @@ async def test_slow_upstream_times_out_at_the_deadline(
     daemon: Watched, behave: Callable[[_Fault], None]
 ) -> None:
     """A body at a byte a second, or no answer at all, times out at the deadline, on time."""
-    server = start_fault(behave)
-    try:
+    # The deadline closes the connection: the server never does.
+    async with faulty_upstream(daemon, behave) as server:
         started = time.monotonic()
         fault, hello = await daemon.multiplex(server.url, daemon.hello, timeout_msec=1200)
         elapsed = time.monotonic() - started
@@ -698,11 +686,6 @@ async def test_slow_upstream_times_out_at_the_deadline(
         assert failure(fault) == "timeout elapsed"
         assert 1200 <= fault["Failure"]["duration_msec"] < 1200 + SLACK * 1000
         assert_hello(hello)
-        # The deadline closed the connection: the server never does.
-        await server.check_all_closed()
-    finally:
-        await server.stop()
-    await daemon.check_recovered()
 
 
 @pytest_twisted.ensureDeferred
@@ -748,15 +731,13 @@ async def test_full_backlog_times_out_at_the_deadline(daemon: Watched) -> None:
 @pytest_twisted.ensureDeferred
 async def test_tls_handshake_answered_with_plain_http(daemon: Watched) -> None:
     """An https upstream that answers the ClientHello with plain HTTP fails with a TLS error."""
-    server = start_fault(plain_http_to_tls, on_first_bytes=True, scheme="https")
-    try:
+    # The answer to a ClientHello: no TLS record at all. The connection is
+    # left open for the daemon to close.
+    plain_http = write_then(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    async with faulty_upstream(daemon, plain_http, on_first_bytes=True, scheme="https") as server:
         fault, hello = await daemon.multiplex(server.url, daemon.hello)
         assert failure(fault) == "TLS error before sending a response: wrong version number"
         assert_hello(hello)
-        await server.check_all_closed()
-    finally:
-        await server.stop()
-    await daemon.check_recovered()
 
 
 @pytest_twisted.ensureDeferred
@@ -1036,7 +1017,6 @@ def stream(port: int, head: bytes, pieces: Iterator[bytes], deaf_for: float = 0.
     """
     sent = 0
     send_error = None
-    answer = b""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head)
         listen_from = time.monotonic() + deaf_for
@@ -1053,16 +1033,27 @@ def stream(port: int, head: bytes, pieces: Iterator[bytes], deaf_for: float = 0.
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        while True:
-            try:
-                data = sock.recv(65536)
-            except OSError as e:
-                answer += f"<{type(e).__name__}>".encode()
-                break
-            if not data:
-                break
-            answer += data
+        answer = _recv_to_end(sock)
     return Streamed(sent, send_error, answer)
+
+
+def _recv_to_end(sock: socket.socket, deadline: float | None = None) -> bytes:
+    """
+    What ``sock`` receives until the server closes it, and ``<Error>`` after
+    it where receiving fails: by ``deadline`` (of :func:`time.monotonic`) if
+    given, else within the socket's own timeout for each read. Blocking.
+    """
+    data = b""
+    while True:
+        if deadline is not None:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except OSError as e:
+            return data + f"<{type(e).__name__}>".encode()
+        if not chunk:
+            return data
+        data += chunk
 
 
 def _post_head(*headers: str) -> bytes:
@@ -1275,21 +1266,7 @@ def _read_to_end(sockets: list[socket.socket], seconds: float) -> list[bytes]:
     ``seconds`` in all. Blocking: run it in a thread.
     """
     deadline = time.monotonic() + seconds
-    received = []
-    for sock in sockets:
-        data = b""
-        while True:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                chunk = sock.recv(65536)
-            except OSError as e:
-                data += f"<{type(e).__name__}>".encode()
-                break
-            if not chunk:
-                break
-            data += chunk
-        received.append(data)
-    return received
+    return [_recv_to_end(sock, deadline) for sock in sockets]
 
 
 @pytest_twisted.ensureDeferred
@@ -1357,14 +1334,9 @@ def answer_late(p: _Fault) -> None:
 @pytest_twisted.ensureDeferred
 async def test_batch_outlasting_the_idle_timeout_is_answered(daemon: Watched) -> None:
     """A caller waiting for a batch is not idle: --idle-timeout does not cut it off."""
-    server = start_fault(answer_late)
-    try:
+    async with faulty_upstream(daemon, answer_late) as server:
         late, hello = await daemon.multiplex(
             server.url, daemon.hello, timeout_msec=IDLE_TIMEOUT * 2000
         )
         assert late["Success"]["content"] == "late"
         assert_hello(hello)
-        await server.check_all_closed()
-    finally:
-        await server.stop()
-    await daemon.check_recovered()

@@ -80,6 +80,36 @@ def run_twistd(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedPr
     )
 
 
+def spawn_twistd(port: int, logfile: Path, output: Path, *options: str) -> subprocess.Popen[bytes]:
+    """
+    Start ``twistd -n octoplex`` listening on ``port`` of 127.0.0.1, allowed
+    to reach 127.0.0.0/8 and with the plugin's further ``options``, logging
+    to ``logfile``; its stdout and stderr go to ``output``.
+    """
+    with output.open("wb") as out:
+        return subprocess.Popen(
+            [
+                *twistd(),
+                "-n",
+                "--pidfile=",
+                # twistd's own options come before the plugin's name.
+                "--logfile",
+                str(logfile),
+                "octoplex",
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--allow-egress",
+                "127.0.0.0/8",
+                *options,
+            ],
+            cwd=ROOT,
+            env=environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 async def sleep(seconds: float) -> None:
     """
     Let the reactor run for ``seconds``.
@@ -149,27 +179,7 @@ async def test_daemon_serves_a_batch_and_stops_on_sigterm(tmp_path: Path, caller
     url = f"http://127.0.0.1:{port}"
     upstream = start_upstream()
     try:
-        with output.open("wb") as out:
-            process = subprocess.Popen(
-                [
-                    *twistd(),
-                    "-n",
-                    "--pidfile=",
-                    # twistd's own options come before the plugin's name.
-                    "--logfile",
-                    str(logfile),
-                    "octoplex",
-                    "--listen",
-                    f"tcp:{port}:interface=127.0.0.1",
-                    "--allow-egress",
-                    "127.0.0.0/8",
-                ],
-                cwd=ROOT,
-                env=environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        process = spawn_twistd(port, logfile, output)
         try:
             await wait_until_healthy(process, caller, url, output)
             batch = {"timeout_msec": 2000, "requests": [{"uri": upstream.url + "/hello"}]}
