@@ -16,7 +16,8 @@ callers needs:
   headers, else ``408``;
 - any other malformed request gets ``400`` with a JSON error.
 
-Each answer closes the connection, and is logged.  The cap on connections
+Each answer is logged, and the connection is then closed, lingering (RFC
+9112 section 9.6) so that a caller still sending reads the answer.  The cap on connections
 open at once is the site's (:class:`octoplex.web.OctoplexSite`), which
 answers past it with :class:`ConnectionRefuser`.
 """
@@ -26,7 +27,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -169,7 +170,8 @@ class OctoplexChannel(HTTPChannel):
 
     def refuse(self, status: int, message: str) -> None:
         """
-        Answer ``status`` with ``message`` and close the connection.
+        Answer ``status`` with ``message``, read nothing more, and close
+        the connection (lingering).
         """
         if self._refused:
             return
@@ -200,13 +202,13 @@ class OctoplexChannel(HTTPChannel):
         self.clearLineBuffer()
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         self.setTimeout(None)
-        self._read_timer = self.callLater(LINGER, transport.abortConnection)
-        half_close = getattr(transport, "loseWriteConnection", None)
-        if half_close is None:
-            # TLS: no half-close; the answer says "connection: close".
+        if ISSLTransport.providedBy(transport):
+            # TLS has no half-close (its wrapper would pass the call to the
+            # TCP connection underneath); the answer says "connection: close".
             self._read_timer = self.callLater(LINGER, self.loseConnection)
             return
-        half_close()
+        self._read_timer = self.callLater(LINGER, transport.abortConnection)
+        transport.loseWriteConnection()
 
 
 def _client(transport: Any) -> str:

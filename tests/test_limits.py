@@ -438,6 +438,56 @@ async def test_batch_response_total_is_capped(
     assert hello["Success"]["content"] == "Hello world!"
 
 
+def tls_listener(octoplex: Octoplex, tmp_path: Any) -> tuple[trustme.CA, Any]:
+    """
+    Serve ``octoplex``'s site over TLS on 127.0.0.1 too, as --listen-tls
+    does, with a certificate from a new CA.
+    """
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    options = server_options(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"), None, None)
+    secure = TLSMemoryBIOFactory(options, False, octoplex.site)
+    return ca, reactor.listenTCP(0, secure, interface="127.0.0.1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_error_answers_over_tls(
+    limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller, tmp_path: Any
+) -> None:
+    """Over TLS too, a head past the limit gets its 431, and the connection then closes."""
+    octoplex = limited(max_header_bytes=4096)
+    ca, port = tls_listener(octoplex, tmp_path)
+
+    def call() -> tuple[bytes, float]:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        started = time.monotonic()
+        raw = socket.create_connection(("127.0.0.1", port.getHost().port))
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.settimeout(5)
+            sock.sendall(REQUEST_LINE + b"X-Long: " + b"a" * 5000 + b"\r\n\r\n")
+            answer = b""
+            try:
+                while data := sock.recv(65536):
+                    answer += data
+            except (OSError, ssl.SSLError):
+                pass
+        return answer, time.monotonic() - started
+
+    try:
+        answer, elapsed = await deferToThread(call)
+    finally:
+        await port.stopListening()
+    assert parse(answer)[::2] == (
+        431,
+        {"error": "a request header line exceeds 4096 bytes (--max-header-bytes)"},
+    )
+    assert elapsed < LINGER + 2.0
+    await still_serves(octoplex, upstream, caller)
+
+
 @pytest_twisted.ensureDeferred
 async def test_connection_count_survives_tls_failures(
     limited: Callable[..., Octoplex], tmp_path: Any
@@ -447,13 +497,7 @@ async def test_connection_count_survives_tls_failures(
     are counted out again, so they cannot use up --max-connections.
     """
     octoplex = limited()
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    options = server_options(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"), None, None)
-    secure = TLSMemoryBIOFactory(options, False, octoplex.site)
-    port = reactor.listenTCP(0, secure, interface="127.0.0.1")
+    ca, port = tls_listener(octoplex, tmp_path)
     number = port.getHost().port
 
     def callers() -> list[bytes]:
