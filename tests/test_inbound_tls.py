@@ -22,6 +22,7 @@ from typing import Any
 import attr
 import pytest
 import pytest_twisted
+import treq
 import trustme
 from treq.client import HTTPClient
 from twisted.application.service import IService
@@ -399,6 +400,38 @@ async def test_client_certificate_identity_is_logged(
     assert event["client"].startswith("127.0.0.1:")
     assert event["client"].endswith(f" ({identity})")
     assert event["succeeded"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_certificate_and_token_together(
+    pki: ServerPKI,
+    client_ca: tuple[trustme.CA, Path],
+    upstream: Upstream,
+    log_events: list[dict[str, Any]],
+) -> None:
+    """
+    With both --tls-client-ca and a token, a caller needs both: a verified
+    certificate without the token gets 401; with it, the batch runs and its
+    event names the identity and the token's name.
+    """
+    port = free_port()
+    token = "s3cret-token-of-bidder-7"
+    argv = tls_argv(port, pki, "--tls-client-ca", str(client_ca[1]), "--api-token", f"b7={token}")
+    batch = json.dumps({"timeout_msec": 5000, "requests": [{"uri": upstream.url + "/hello"}]})
+    caller = HTTPSCaller(pki.ca_pem, client_ca[0].issue_cert("bidder-7"))
+    url = f"https://127.0.0.1:{port}/multiplex"
+    async with running(*argv):
+        without = await caller._http.post(url, data=batch.encode())
+        await treq.content(without)
+        bearer = {"authorization": f"Bearer {token}"}
+        with_token = await caller._http.post(url, data=batch.encode(), headers=bearer)
+        answer = json.loads(await treq.content(with_token))
+    assert without.code == 401
+    assert with_token.code == 200
+    assert answer["responses"][0]["Success"]["content"] == "Hello world!"
+    (event,) = batch_events(log_events)
+    assert event["tls_identity"] == "bidder-7"
+    assert event["client"].endswith(" (bidder-7) [token b7]")
 
 
 @pytest_twisted.ensureDeferred
