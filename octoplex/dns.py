@@ -57,7 +57,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
-__all__ = ["CachingResolver", "DNSSettings", "NameNotResolved", "nameservers"]
+__all__ = ["CachingResolver", "DNSSettings", "NameNotResolved", "nameservers", "parse_nameserver"]
 
 RESOLV_CONF: FilePath[Any] = FilePath(b"/etc/resolv.conf")
 
@@ -83,6 +83,29 @@ def nameservers(
         if len(fields) >= 2 and fields[0] == "nameserver":
             servers.append((fields[1], 53))
     return servers or [("127.0.0.1", 53)]
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """
+    Read a name server given as ``IP``, ``IP:PORT`` or ``[IPv6]:PORT``
+    (port 53 by default).
+
+    :raises ValueError: naming the bad value.
+    """
+    host, port = text.strip(), "53"
+    if host.startswith("["):
+        host, _, rest = host[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"--dns-server {text!r}: expected [IPv6]:PORT")
+            port = rest[1:]
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    if not (isIPAddress(host) or isIPv6Address(host)):
+        raise ValueError(f"--dns-server {text!r}: {host!r} is not an IP address")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"--dns-server {text!r}: {port!r} is not a port")
+    return host, int(port)
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)

@@ -26,7 +26,7 @@ from twisted.python import usage
 from octoplex import __version__
 from octoplex.auth import TokenError, load_tokens
 from octoplex.client import PoolSettings, UpstreamClient
-from octoplex.dns import CachingResolver, DNSSettings, nameservers
+from octoplex.dns import CachingResolver, DNSSettings, nameservers, parse_nameserver
 from octoplex.egress import EgressPolicy
 from octoplex.limits import Limits
 from octoplex.multiplexer import Multiplexer
@@ -306,6 +306,7 @@ class Options(usage.Options):
         self["api-token"] = []
         for option in ("allow-egress", "deny-egress", "allow-egress-host", "deny-egress-host"):
             self[option] = []
+        self["dns-server"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -325,6 +326,16 @@ class Options(usage.Options):
         NAME=TOKEN: require this bearer token on /multiplex; repeatable (a file keeps it out of ps).
         """
         self["api-token"].append(entry)
+
+    def opt_dns_server(self, server: str) -> None:
+        """
+        Ask this name server (IP, IP:PORT or [IPv6]:PORT) instead of those of
+        /etc/resolv.conf; repeatable.
+        """
+        try:
+            self["dns-server"].append(parse_nameserver(server))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
     def opt_allow_egress(self, cidr: str) -> None:
         """
@@ -538,7 +549,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
     )
     resolver = CachingResolver(
         reactor,
-        names_client.Resolver(servers=nameservers(), reactor=reactor),
+        names_client.Resolver(servers=options["dns-server"] or nameservers(), reactor=reactor),
         DNSSettings(
             min_ttl=options["dns-min-ttl"],
             max_ttl=options["dns-max-ttl"],

@@ -34,10 +34,8 @@ Three tests assert what the daemon should do and does not yet: a
 exception text rather than "upstream sent an invalid HTTP response", and a
 413 is followed by a close that resets a caller still writing its body.
 
-DNS failures are the one fault tested in-process: the daemon asks the name
-servers of ``/etc/resolv.conf``, which are not on loopback here, and has
-no option to ask another, so that case wires Octoplex to a name server on
-127.0.0.1 as :mod:`tests.test_dns` does and watches this process instead.
+The daemon asks a name server the module runs on 127.0.0.1
+(``--dns-server``), never those of ``/etc/resolv.conf``.
 """
 
 from __future__ import annotations
@@ -63,16 +61,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPullProducer
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol, connectionDone
 from twisted.internet.threads import deferToThread
-from twisted.names import client as names_client
 from twisted.names import dns
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from octoplex.dns import CachingResolver, DNSSettings
-
 from .servers import Caller, Upstream, _CountingSite, _Upstream
-from .test_dns import start_resolving_octoplex
 from .test_twistd import (
     free_port,
     sleep,
@@ -337,10 +331,55 @@ def normal_upstream() -> Iterator[tuple[Upstream, _RecordingUpstream]]:
     pytest_twisted.blockon(upstream.stop())
 
 
+class _NameServer(DatagramProtocol):
+    """
+    A UDP name server: ``ok.test`` is 127.0.0.1 (no AAAA), ``broken.test``
+    gets SERVFAIL and every other name NXDOMAIN.
+
+    :ivar asked: the names queried.
+    """
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        query = dns.Message()
+        query.fromStr(datagram)
+        [question] = query.queries
+        name = question.name.name.decode("ascii").lower()
+        self.asked.append(name)
+        answer = dns.Message(id=query.id, answer=1, opCode=query.opCode, recDes=1, recAv=1)
+        answer.queries = query.queries
+        if name == "ok.test":
+            if question.type == dns.A:
+                record = dns.Record_A("127.0.0.1", 60)
+                answer.answers = [dns.RRHeader(name, dns.A, dns.IN, 60, record)]
+        elif name == "broken.test":
+            answer.rCode = dns.ESERVER
+        else:
+            answer.rCode = dns.ENAME
+        assert self.transport is not None
+        self.transport.write(answer.toStr(), addr)
+
+
+@pytest.fixture(scope="module")
+def name_server() -> Iterator[tuple[_NameServer, int]]:
+    """
+    The name server the daemon asks (--dns-server), on 127.0.0.1.
+    """
+    server = _NameServer()
+    port = reactor.listenUDP(0, server, interface="127.0.0.1")
+    yield server, port.getHost().port
+    pytest_twisted.blockon(port.stopListening())
+
+
 @pytest.fixture(scope="module")
 def daemon(
     tmp_path_factory: pytest.TempPathFactory,
     normal_upstream: tuple[Upstream, _RecordingUpstream],
+    name_server: tuple[_NameServer, int],
 ) -> Iterator[Watched]:
     """
     ``twistd octoplex`` on a free port of 127.0.0.1, its baseline taken.
@@ -367,6 +406,8 @@ def daemon(
         str(IDLE_TIMEOUT),
         "--max-connections",
         str(MAX_CONNECTIONS),
+        "--dns-server",
+        f"127.0.0.1:{name_server[1]}",
     )
     try:
         upstream, resource = normal_upstream
@@ -770,66 +811,29 @@ async def test_tls_untrusted_certificate(daemon: Watched) -> None:
 # ---------------------------------------------------------------------------
 
 
-class _NameServer(DatagramProtocol):
-    """
-    A UDP name server: ``ok.test`` is 127.0.0.1 (no AAAA), ``broken.test``
-    gets SERVFAIL and every other name NXDOMAIN.
-
-    :ivar asked: the names queried.
-    """
-
-    noisy = False
-
-    def __init__(self) -> None:
-        self.asked: list[str] = []
-
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        query = dns.Message()
-        query.fromStr(datagram)
-        [question] = query.queries
-        name = question.name.name.decode("ascii").lower()
-        self.asked.append(name)
-        answer = dns.Message(id=query.id, answer=1, opCode=query.opCode, recDes=1, recAv=1)
-        answer.queries = query.queries
-        if name == "ok.test":
-            if question.type == dns.A:
-                record = dns.Record_A("127.0.0.1", 60)
-                answer.answers = [dns.RRHeader(name, dns.A, dns.IN, 60, record)]
-        elif name == "broken.test":
-            answer.rCode = dns.ESERVER
-        else:
-            answer.rCode = dns.ENAME
-        assert self.transport is not None
-        self.transport.write(answer.toStr(), addr)
-
-
 @pytest_twisted.ensureDeferred
-async def test_dns_failures(normal_upstream: tuple[Upstream, _RecordingUpstream]) -> None:
+async def test_dns_failures(daemon: Watched, name_server: tuple[_NameServer, int]) -> None:
     """NXDOMAIN and SERVFAIL fail their own items with the reason; a good name beside works."""
-    upstream, resource = normal_upstream
-    port = upstream.port.getHost().port
-    server = _NameServer()
-    dns_port = reactor.listenUDP(0, server, interface="127.0.0.1")
-    names = names_client.Resolver(servers=[("127.0.0.1", dns_port.getHost().port)], reactor=reactor)
-    octoplex = start_resolving_octoplex(CachingResolver(reactor, names, DNSSettings(), hosts=None))
-    try:
-        hello = f"http://ok.test:{port}/hello"
-        watched = Watched(os.getpid(), octoplex.url, hello, resource)
-        await watched.take_baseline()
-        nx, servfail, ok = await watched.multiplex(
-            f"http://nx.test:{port}/hello", f"http://broken.test:{port}/hello", hello
-        )
-        assert failure(nx) == "DNS lookup for nx.test failed: NXDOMAIN (the name does not exist)"
-        assert failure(servfail) == (
-            "DNS lookup for broken.test failed: SERVFAIL (the name server failed)"
-        )
-        assert_hello(ok)
-        await watched.check_recovered()
-        # Every query went to the test's own name server.
-        assert set(server.asked) == {"ok.test", "nx.test", "broken.test"}
-    finally:
-        await octoplex.stop()
-        await dns_port.stopListening()
+    server, _ = name_server
+    port = int(daemon.hello.split(":")[2].split("/")[0])
+    # A name is a pool key of its own: its keep-alive connection, once
+    # made, stays pooled (--pool-idle-timeout), so it joins the baseline.
+    [warm] = await daemon.multiplex(f"http://ok.test:{port}/hello")
+    assert_hello(warm)
+    await daemon.take_baseline()
+    nx, servfail, ok = await daemon.multiplex(
+        f"http://nx.test:{port}/hello",
+        f"http://broken.test:{port}/hello",
+        f"http://ok.test:{port}/hello",
+    )
+    assert failure(nx) == "DNS lookup for nx.test failed: NXDOMAIN (the name does not exist)"
+    assert (
+        failure(servfail) == "DNS lookup for broken.test failed: SERVFAIL (the name server failed)"
+    )
+    assert_hello(ok)
+    await daemon.check_recovered()
+    # Every query went to the test's own name server.
+    assert set(server.asked) == {"ok.test", "nx.test", "broken.test"}
 
 
 # ---------------------------------------------------------------------------

@@ -260,3 +260,13 @@ async def test_held_port_stops_privileged_start_up(held_port: int) -> None:
         assert not root.running
     finally:
         await root.stopService()
+
+
+def test_dns_servers_replace_resolv_conf() -> None:
+    """--dns-server names the servers the daemon's resolver asks, instead of resolv.conf's."""
+    options = parse("--dns-server", "127.0.0.1:5353", "--dns-server", "[::1]")
+    assert options["dns-server"] == [("127.0.0.1", 5353), ("::1", 53)]
+    root = makeService(options)
+    assert root._resolver._resolver.servers == [("127.0.0.1", 5353), ("::1", 53)]  # type: ignore[attr-defined]
+    with pytest.raises(usage.UsageError, match=r"'ns\.example' is not an IP address"):
+        parse("--dns-server", "ns.example")
