@@ -85,14 +85,6 @@ class OctoplexChannel(HTTPChannel):
         # HTTPFactory.buildProtocol gives every channel its site.
         return self.site.limits  # type: ignore[attr-defined]
 
-    def connectionMade(self) -> None:
-        limits = self._limits
-        self.maxHeaders = limits.max_header_count
-        self.totalHeadersSize = limits.max_header_bytes
-        # The longest line LineReceiver buffers waiting for its end.
-        self.MAX_LENGTH = limits.max_header_bytes
-        super().connectionMade()
-
     def dataReceived(self, data: bytes) -> None:
         if self._read_timer is None and self.line_mode and not self._handlingRequest:
             # The first byte of a request's head: its clock starts.
@@ -147,12 +139,20 @@ class OctoplexChannel(HTTPChannel):
         self._stop_timer()
         super().allContentReceived()
 
+    def connectionMade(self) -> None:
+        limits = self._limits
+        self.maxHeaders = limits.max_header_count
+        self.totalHeadersSize = limits.max_header_bytes
+        # The longest line LineReceiver buffers waiting for its end.
+        self.MAX_LENGTH = limits.max_header_bytes
+        super().connectionMade()
+        self.site.channels.add(self)  # type: ignore[attr-defined]
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_timer()
         super().connectionLost(reason)
-        closed = getattr(self.site, "connection_closed", None)  # type: ignore[attr-defined]
-        if closed is not None:
-            closed()
+        self.site.channels.discard(self)  # type: ignore[attr-defined]
+        self.site.connection_closed()  # type: ignore[attr-defined]
 
     def _stop_timer(self) -> None:
         if self._read_timer is not None:

@@ -11,6 +11,7 @@ and cancel whatever is still running on a ``callLater`` deadline.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attr
@@ -90,6 +91,8 @@ class Multiplexer:
         self._clock = clock
         self._client = client
         self._max_batch_response_bytes = max_batch_response_bytes
+        self._runs: set[_BatchRun] = set()
+        self._drained: list[Deferred[None]] = []
 
     def run(self, batch: Batch, batch_id: str) -> Deferred[BatchResult]:
         """
@@ -103,7 +106,43 @@ class Multiplexer:
             cancels every request still running.
         """
         budget = ResponseBudget(self._max_batch_response_bytes)
-        return _BatchRun(self._clock, self._client, batch, batch_id, self.log, budget).start()
+        run = _BatchRun(
+            self._clock, self._client, batch, batch_id, self.log, budget, self._run_ended
+        )
+        self._runs.add(run)
+        return run.start()
+
+    def _run_ended(self, run: _BatchRun) -> None:
+        self._runs.discard(run)
+        if not self._runs:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    def drain(self, ceiling: float) -> Deferred[None]:
+        """
+        Wait for the batches in flight to be answered, each by its own
+        deadline; past ``ceiling`` seconds, answer those still running at
+        once, as their deadline would (what is pending times out).
+
+        :return: a Deferred that fires once no batch is in flight.
+        """
+        if not self._runs:
+            return succeed(None)
+        drained: Deferred[None] = Deferred()
+        self._drained.append(drained)
+        ceiling_call = self._clock.callLater(ceiling, self._cut_short)
+
+        def stop_ceiling(result: None) -> None:
+            if ceiling_call.active():
+                ceiling_call.cancel()
+            return result
+
+        return drained.addCallback(stop_ceiling)
+
+    def _cut_short(self) -> None:
+        for run in list(self._runs):
+            run.cut_short()
 
 
 class _BatchRun:
@@ -119,8 +158,10 @@ class _BatchRun:
         batch_id: str,
         log: Logger,
         budget: ResponseBudget,
+        ended: Callable[[_BatchRun], None],
     ) -> None:
         self._budget = budget
+        self._ended = ended
         self._clock = clock
         self._client = client
         self._batch = batch
@@ -273,6 +314,17 @@ class _BatchRun:
             self._deadline = None
         self._finish()
 
+    def cut_short(self) -> None:
+        """
+        Answer now, as if the deadline had come (the daemon is stopping).
+        """
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._expire()
+
     def _finish(self) -> None:
         if not (self._abandoned or self._answer.called):
             self._answer.callback(self._result)
+        # After the answer is written: a drain waiting on this batch may
+        # go on to close the connections.
+        self._ended(self)

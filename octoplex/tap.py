@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import math
 import resource
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.names import client as names_client
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -40,6 +44,10 @@ from octoplex.tls import (
 from octoplex.web import OctoplexApp, OctoplexSite
 
 __all__ = ["Options", "makeService"]
+
+#: Seconds the inbound connections get to send their last answers at
+#: shutdown, once the batches in flight are answered.
+CLOSE_GRACE = 2.0
 
 # Twisted's listen backlog is 50: a burst of new callers past it has its SYNs
 # dropped and waits a second to retry.
@@ -183,6 +191,22 @@ class Options(usage.Options):
             _LIMITS.idle_timeout,
             "Seconds an inbound keep-alive connection may be idle before it is closed.",
             _seconds,
+        ],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "On SIGTERM, seconds the batches in flight may take to finish before "
+            "they are answered as they stand.",
+            _non_negative_seconds,
+        ],
+        [
+            "drain-delay",
+            None,
+            0.0,
+            "On SIGTERM, seconds /readyz answers 503 while batches are still taken, "
+            "before the listeners close (give load balancers time to notice).",
+            _non_negative_seconds,
         ],
         [
             "pool-max-idle-per-host",
@@ -433,8 +457,23 @@ class Options(usage.Options):
 class _Octoplex(MultiService):
     """
     The daemon's root service: it installs the caching resolver on the
-    reactor, and announces the daemon once it listens.
+    reactor, announces the daemon once it listens, and stops it gracefully.
+
+    Stopping (SIGTERM, or SIGINT) drains: ``/readyz`` turns ``503``; after
+    ``drain_delay`` seconds, in which batches are still taken while load
+    balancers notice, new batches are refused and the listeners close; the
+    batches in flight are answered by their own deadlines (and at the
+    latest after ``drain_timeout`` seconds); only then are the pooled
+    connections closed.  A SIGTERM then ends the process with status 0, where twistd
+    would re-raise the signal.
     """
+
+    #: Set by :func:`makeService`.
+    app: OctoplexApp
+    site: OctoplexSite
+    client: UpstreamClient
+    drain_timeout: float = 30.0
+    drain_delay: float = 0.0
 
     log = Logger()
 
@@ -453,6 +492,7 @@ class _Octoplex(MultiService):
         self._reactor = reactor
         self._resolver = resolver
         self._previous_resolver: Any = None
+        self._previous_sigterm: Any = None
 
     def privilegedStartService(self) -> None:
         try:
@@ -464,6 +504,8 @@ class _Octoplex(MultiService):
             raise SystemExit(f"octoplex: cannot listen on {address}: {e.socketError}") from None
 
     def startService(self) -> None:
+        # After the reactor has installed its own handlers.
+        self._reactor.callWhenRunning(self._take_sigterm)
         self._raise_file_limit()
         if self._previous_resolver is None:
             self._previous_resolver = self._reactor.installNameResolver(self._resolver)
@@ -500,13 +542,51 @@ class _Octoplex(MultiService):
                 needed=needed,
             )
 
-    def stopService(self) -> Any:
-        self.log.info("octoplex {version} stopping", version=__version__)
-        d = super().stopService()
+    def _take_sigterm(self) -> None:
+        if not self.running or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous_sigterm = signal.signal(signal.SIGTERM, self._sigterm)
+
+    def _sigterm(self, number: int, frame: Any) -> None:
+        # As the reactor's handler does, less the note that makes twistd
+        # re-raise the signal: a drained stop is a clean exit.
+        self._reactor.callFromThread(self._reactor.stop)
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        in_flight = self.app.batches_in_flight
+        self.log.info(
+            "octoplex {version} stopping: draining {in_flight} batches in flight "
+            "(at most {drain_timeout:g} s)",
+            version=__version__,
+            in_flight=in_flight,
+            drain_timeout=self.drain_timeout,
+        )
+        self.app.ready = False
+        if self.drain_delay:
+            await deferLater(self._reactor, self.drain_delay, lambda: None)
+        self.app.draining = True
+        listeners = [service for service in self if service is not self.client]
+        await DeferredList([maybeDeferred(s.stopService) for s in listeners])
+        started = self._reactor.seconds()
+        await self.app.multiplexer.drain(self.drain_timeout)
+        await self.site.close_connections(CLOSE_GRACE)
+        await self.client.stopService()
         if self._previous_resolver is not None:
             self._reactor.installNameResolver(self._previous_resolver)
             self._previous_resolver = None
-        return d
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+        self.log.info(
+            "octoplex {version} stopped: {in_flight} batches drained in {drained_ms} ms",
+            version=__version__,
+            in_flight=in_flight,
+            drained_ms=int((self._reactor.seconds() - started) * 1000),
+        )
 
 
 def makeService(options: Options, reactor: Any | None = None) -> IService:
@@ -573,7 +653,9 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
     client.setServiceParent(root)
     multiplexer = Multiplexer(reactor, client, limits.max_batch_response_bytes)
     app = OctoplexApp(multiplexer, limits, reactor, options["tokens"])
+    root.drain_timeout, root.drain_delay = options["drain-timeout"], options["drain-delay"]
     site = OctoplexSite(app, reactor)
+    root.app, root.client, root.site = app, client, site
     for description in options["listen"]:
         strports.service(description, site, reactor=reactor).setServiceParent(root)
     for description in options["listen-tls"]:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, cast
 import attr
 from klein import Klein
 from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import _GenericHTTPChannelProtocol
@@ -35,6 +36,8 @@ from octoplex.wire import JSON_CONTENT_TYPE, BatchError, encode, error_body, par
 __all__ = ["OctoplexApp", "OctoplexSite", "format_address"]
 
 _HEALTHY = encode({"healthy": True})
+_READY = encode({"ready": True})
+_DRAINING = encode({"ready": False})
 
 #: zlib level for answers: 6 costs a third of 9's CPU for nearly its ratio.
 GZIP_LEVEL = 6
@@ -115,6 +118,11 @@ class OctoplexApp:
     requests_in_flight: int = attr.ib(default=0, init=False)
     #: Batches shed with 503 since start, for statistics.
     shed: int = attr.ib(default=0, init=False)
+    #: Cleared when the daemon starts shutting down: /readyz turns 503.
+    ready: bool = attr.ib(default=True, init=False)
+    #: Set once the daemon drains: new batches are refused, while those in
+    #: flight finish.
+    draining: bool = attr.ib(default=False, init=False)
 
     @router.route("/", methods=["GET"])
     @router.route("/healthz", methods=["GET"])
@@ -123,6 +131,19 @@ class OctoplexApp:
         ``{"healthy": true}``, for load balancers and probes.
         """
         return _respond(request, JSON_CONTENT_TYPE, _HEALTHY)
+
+    @router.route("/readyz", methods=["GET"])
+    def readiness(self, request: IRequest) -> bytes:
+        """
+        ``200 {"ready": true}`` while batches are taken, ``503 {"ready":
+        false}`` once the daemon drains for shutdown, so that a load
+        balancer stops sending before the listeners close.
+        """
+        if self.draining or not self.ready:
+            request.setResponseCode(503)
+            request.setHeader(b"connection", b"close")
+            return _respond(request, JSON_CONTENT_TYPE, _DRAINING)
+        return _respond(request, JSON_CONTENT_TYPE, _READY)
 
     @router.route("/multiplex", methods=["POST"])
     def multiplex(self, request: Request) -> Any:
@@ -157,6 +178,8 @@ class OctoplexApp:
             request.setResponseCode(413 if isinstance(e, _TooLarge) else 400)
             return _respond(request, JSON_CONTENT_TYPE, error_body(str(e)))
         size = len(batch.requests)
+        if self.draining:
+            return self._draining(request, client, size)
         if (
             self.batches_in_flight >= self.limits.max_batches_in_flight
             or self.requests_in_flight + size > self.limits.max_requests_in_flight
@@ -174,6 +197,23 @@ class OctoplexApp:
         d = self.multiplexer.run(batch, batch_id).addBoth(done)
         d.addCallback(self._answer, request, batch_id, client, identity, started, bytes_in)
         return d
+
+    def _draining(self, request: IRequest, client: str, size: int) -> bytes:
+        """
+        ``503`` for a batch that arrives, on a kept-alive connection, while
+        the daemon shuts down; the caller should go to another instance.
+        """
+        error = "shutting down: this instance takes no new batches; retry on another"
+        self.log.info(
+            "batch from {client} of {size} requests refused: {error}",
+            client=client,
+            size=size,
+            error=error,
+        )
+        request.setResponseCode(503)
+        request.setHeader(b"retry-after", b"1")
+        request.setHeader(b"connection", b"close")
+        return _respond(request, JSON_CONTENT_TYPE, error_body(error))
 
     def _shed(self, request: IRequest, client: str, size: int) -> bytes:
         """
@@ -225,6 +265,9 @@ class OctoplexApp:
         bytes_in: int,
     ) -> bytes:
         answer = encode({"responses": result.outcomes})
+        if self.draining:
+            # The caller should not send its next batch on this connection.
+            request.setHeader(b"connection", b"close")
         self.log.info(
             "batch {batch_id} from {client}: {size} requests, {succeeded} succeeded, "
             "{failed} failed, {timed_out} timed out, in {elapsed_ms} ms",
@@ -356,8 +399,11 @@ class OctoplexSite(Site):
             timeout=app.limits.idle_timeout,
         )
         self.limits = app.limits
-        #: Inbound connections open now.
+        self._reactor = reactor
+        #: Inbound connections open now, counted as they are accepted.
         self.connections = 0
+        #: Their channels, once connected.
+        self.channels: set[OctoplexChannel] = set()
         #: Connections refused because ``max_connections`` were open.
         self.refused_connections = 0
 
@@ -380,6 +426,23 @@ class OctoplexSite(Site):
         One of this site's channels lost its connection.
         """
         self.connections -= 1
+
+    async def close_connections(self, grace: float) -> None:
+        """
+        Close every inbound connection once what was written to it has been
+        sent; abort those still open after ``grace`` seconds.  For shutdown,
+        once no batch is in flight: the reactor's own shutdown drops
+        connections with their last answers unsent.
+        """
+        for channel in list(self.channels):
+            channel.loseConnection()
+        waited = 0.0
+        while self.channels and waited < grace:
+            await deferLater(self._reactor, 0.05, lambda: None)
+            waited += 0.05
+        for channel in list(self.channels):
+            if channel.transport is not None:
+                channel.transport.abortConnection()  # type: ignore[attr-defined]
 
     def log(self, request: Any) -> None:
         """

@@ -217,7 +217,8 @@ async def test_service_serves_and_stops(log_events: list[dict[str, Any]], caller
     assert not root.running
     messages = [event.get("log_format", "") for event in log_events]
     assert "octoplex {version} listening on {listen}" in messages
-    assert "octoplex {version} stopping" in messages
+    assert any(m.startswith("octoplex {version} stopping: draining") for m in messages)
+    assert any(m.startswith("octoplex {version} stopped:") for m in messages)
     announce = next(e for e in log_events if e.get("log_format", "").endswith("{listen}"))
     assert announce["listen"] == listen
     for port in ports:
