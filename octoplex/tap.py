@@ -33,6 +33,7 @@ from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.dns import CachingResolver, DNSSettings, nameservers, parse_nameserver
 from octoplex.egress import EgressPolicy
 from octoplex.limits import Limits
+from octoplex.logs import LogOptions, Logs
 from octoplex.multiplexer import Multiplexer
 from octoplex.tls import (
     TLSConfigError,
@@ -85,7 +86,7 @@ _LIMITS = Limits()
 _seconds = _positive(float, "a number of seconds")
 
 
-class Options(usage.Options):
+class Options(LogOptions):
     """
     The options of ``twistd octoplex``.
     """
@@ -419,6 +420,7 @@ class Options(usage.Options):
             )
         except (TLSConfigError, TokenError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
+        self.open_logs()
 
     def _load_tls(self) -> None:
         """
@@ -474,6 +476,7 @@ class _Octoplex(MultiService):
     client: UpstreamClient
     drain_timeout: float = 30.0
     drain_delay: float = 0.0
+    logs: Logs | None = None
 
     log = Logger()
 
@@ -494,6 +497,13 @@ class _Octoplex(MultiService):
         self._previous_resolver: Any = None
         self._previous_sigterm: Any = None
 
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd hands the service to its Application here, before its log
+        # starts: Octoplex's observer becomes twistd's (see octoplex.logs).
+        if self.logs is not None:
+            self.logs.attach(parent)
+        super().setServiceParent(parent)
+
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
@@ -504,6 +514,8 @@ class _Octoplex(MultiService):
             raise SystemExit(f"octoplex: cannot listen on {address}: {e.socketError}") from None
 
     def startService(self) -> None:
+        if self.logs is not None:
+            self.logs.start(self._reactor)
         # After the reactor has installed its own handlers.
         self._reactor.callWhenRunning(self._take_sigterm)
         self._raise_file_limit()
@@ -587,6 +599,8 @@ class _Octoplex(MultiService):
             in_flight=in_flight,
             drained_ms=int((self._reactor.seconds() - started) * 1000),
         )
+        if self.logs is not None:
+            self.logs.stop()
 
 
 def makeService(options: Options, reactor: Any | None = None) -> IService:
@@ -640,6 +654,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
     root = _Octoplex(
         options["listen"] + options["listen-tls"], limits, reactor, resolver, pool.max_total
     )
+    root.logs = options.get("logs")
     client = UpstreamClient(
         reactor,
         pool,

@@ -154,37 +154,52 @@ class OctoplexApp:
         assert request.content is not None
         body = request.content.read()
         bytes_in = len(body)
-        client = format_address(request.getClientAddress())
+        address = format_address(request.getClientAddress())
+        client = address
         identity = peer_identity(request.channel.transport)
         if identity is not None:
             client = f"{client} ({identity})"
         token_name = None
         if self.tokens:
             token_name = self.tokens.identify(request.getHeader(b"authorization"))
-            if token_name is None:
-                return self._unauthorized(request, client)
-            client = f"{client} [token {token_name}]"
+            if token_name is not None:
+                client = f"{client} [token {token_name}]"
+        batch_id = os.urandom(8).hex()
+        # Every answer's event carries these, and access=True marks it for
+        # the access log (octoplex.logs).
+        who = {
+            "access": True,
+            "batch_id": batch_id,
+            "client": client,
+            "client_address": address,
+            "tls_identity": identity,
+            "token_name": token_name,
+            "bytes_in": bytes_in,
+        }
+        if self.tokens and token_name is None:
+            return self._unauthorized(request, who, started)
         try:
             body = _decode(request.getHeader(b"content-encoding"), body, self.limits)
             batch = parse_batch(body, self.limits)
         except BatchError as e:
+            status = 413 if isinstance(e, _TooLarge) else 400
+            answer = error_body(str(e))
             self.log.info(
                 "batch from {client} rejected: {error}",
-                client=client,
-                tls_identity=identity,
                 error=str(e),
-                bytes_in=bytes_in,
+                **who,
+                **self._answered(started, status, answer),
             )
-            request.setResponseCode(413 if isinstance(e, _TooLarge) else 400)
-            return _respond(request, JSON_CONTENT_TYPE, error_body(str(e)))
+            request.setResponseCode(status)
+            return _respond(request, JSON_CONTENT_TYPE, answer)
         size = len(batch.requests)
         if self.draining:
-            return self._draining(request, client, size)
+            return self._draining(request, who, size, started)
         if (
             self.batches_in_flight >= self.limits.max_batches_in_flight
             or self.requests_in_flight + size > self.limits.max_requests_in_flight
         ):
-            return self._shed(request, client, size)
+            return self._shed(request, who, size, started)
         self.batches_in_flight += 1
         self.requests_in_flight += size
 
@@ -193,29 +208,53 @@ class OctoplexApp:
             self.requests_in_flight -= size
             return result
 
-        batch_id = os.urandom(8).hex()
         d = self.multiplexer.run(batch, batch_id).addBoth(done)
-        d.addCallback(self._answer, request, batch_id, client, identity, started, bytes_in)
+        d.addCallback(self._answer, request, who, started)
         return d
 
-    def _draining(self, request: IRequest, client: str, size: int) -> bytes:
+    def _answered(
+        self,
+        started: float,
+        status: int,
+        answer: bytes,
+        size: int = 0,
+        succeeded: int = 0,
+        failed: int = 0,
+        timed_out: int = 0,
+    ) -> dict[str, Any]:
+        """
+        The fields that end every batch's event: how it was answered.
+        ``bytes_out`` counts the JSON answer, before any gzip.
+        """
+        return {
+            "status": status,
+            "size": size,
+            "succeeded": succeeded,
+            "failed": failed,
+            "timed_out": timed_out,
+            "bytes_out": len(answer),
+            "elapsed_ms": int((self.clock.seconds() - started) * 1000),
+        }
+
+    def _draining(self, request: IRequest, who: dict[str, Any], size: int, started: float) -> bytes:
         """
         ``503`` for a batch that arrives, on a kept-alive connection, while
         the daemon shuts down; the caller should go to another instance.
         """
         error = "shutting down: this instance takes no new batches; retry on another"
+        answer = error_body(error)
         self.log.info(
             "batch from {client} of {size} requests refused: {error}",
-            client=client,
-            size=size,
             error=error,
+            **who,
+            **self._answered(started, 503, answer, size=size),
         )
         request.setResponseCode(503)
         request.setHeader(b"retry-after", b"1")
         request.setHeader(b"connection", b"close")
-        return _respond(request, JSON_CONTENT_TYPE, error_body(error))
+        return _respond(request, JSON_CONTENT_TYPE, answer)
 
-    def _shed(self, request: IRequest, client: str, size: int) -> bytes:
+    def _shed(self, request: IRequest, who: dict[str, Any], size: int, started: float) -> bytes:
         """
         ``503`` with ``Retry-After`` at once: past the in-flight caps a batch
         is refused rather than queued without bound.
@@ -226,18 +265,19 @@ class OctoplexApp:
             f"requests in flight (at most {self.limits.max_batches_in_flight} batches and "
             f"{self.limits.max_requests_in_flight} requests); retry shortly"
         )
+        answer = error_body(error)
         self.log.warn(
             "batch from {client} of {size} requests shed: {error}",
-            client=client,
-            size=size,
             error=error,
             shed_total=self.shed,
+            **who,
+            **self._answered(started, 503, answer, size=size),
         )
         request.setResponseCode(503)
         request.setHeader(b"retry-after", b"1")
-        return _respond(request, JSON_CONTENT_TYPE, error_body(error))
+        return _respond(request, JSON_CONTENT_TYPE, answer)
 
-    def _unauthorized(self, request: IRequest, client: str) -> bytes:
+    def _unauthorized(self, request: IRequest, who: dict[str, Any], started: float) -> bytes:
         """
         ``401`` with a JSON error and a ``WWW-Authenticate`` challenge; the
         token presented, if any, is never logged.
@@ -249,20 +289,19 @@ class OctoplexApp:
         else:
             error = "this server needs an Authorization: Bearer <token> header"
             challenge = b'Bearer realm="octoplex"'
-        self.log.warn("batch from {client} refused: {error}", client=client, error=error)
+        answer = error_body(error)
+        self.log.warn(
+            "batch from {client} refused: {error}",
+            error=error,
+            **who,
+            **self._answered(started, 401, answer),
+        )
         request.setResponseCode(401)
         request.setHeader(b"www-authenticate", challenge)
-        return _respond(request, JSON_CONTENT_TYPE, error_body(error))
+        return _respond(request, JSON_CONTENT_TYPE, answer)
 
     def _answer(
-        self,
-        result: BatchResult,
-        request: IRequest,
-        batch_id: str,
-        client: str,
-        identity: str | None,
-        started: float,
-        bytes_in: int,
+        self, result: BatchResult, request: IRequest, who: dict[str, Any], started: float
     ) -> bytes:
         answer = encode({"responses": result.outcomes})
         if self.draining:
@@ -271,16 +310,16 @@ class OctoplexApp:
         self.log.info(
             "batch {batch_id} from {client}: {size} requests, {succeeded} succeeded, "
             "{failed} failed, {timed_out} timed out, in {elapsed_ms} ms",
-            batch_id=batch_id,
-            client=client,
-            tls_identity=identity,
-            size=len(result.outcomes),
-            succeeded=result.succeeded,
-            failed=result.failed,
-            timed_out=result.timed_out,
-            elapsed_ms=int((self.clock.seconds() - started) * 1000),
-            bytes_in=bytes_in,
-            bytes_out=len(answer),
+            **who,
+            **self._answered(
+                started,
+                200,
+                answer,
+                size=len(result.outcomes),
+                succeeded=result.succeeded,
+                failed=result.failed,
+                timed_out=result.timed_out,
+            ),
         )
         return _respond(request, JSON_CONTENT_TYPE, answer)
 
