@@ -62,11 +62,6 @@ VENV = "/opt/octoplex/venv"
 LOOPBACK_INTERFACE = "interface=127.0.0.1"
 LOOPBACK_EGRESS = ["--allow-egress", "127.0.0.0/8"]
 
-#: Options being added to ``octoplex.tap.Options``; the systemd unit already
-#: passes them. Until they exist they are left out of the option checks, and
-#: from then on they are checked like any other.
-PENDING_OPTIONS = frozenset({"log-file", "access-log", "log-max-bytes"})
-
 #: Options whose values are files on the machine the daemon runs on: to parse
 #: a command here, they are moved into a scratch directory.
 FILE_OPTIONS = frozenset({"log-file", "access-log"})
@@ -516,9 +511,8 @@ def test_option_checks_find_the_commands() -> None:
 def parse_command(command: list[str], scratch: Path) -> ServerOptions:
     """
     Parse ``command`` as twistd does, and return twistd's options (Octoplex's
-    are its ``subOptions``).  A pending option that Octoplex does not have
-    yet is left out; the files of :data:`FILE_OPTIONS` are opened in
-    ``scratch`` instead, and closed again.
+    are its ``subOptions``).  The files of :data:`FILE_OPTIONS` are opened
+    in ``scratch`` instead, and closed again.
     """
     known = known_options()
     arguments = command[1:]
@@ -528,11 +522,9 @@ def parse_command(command: list[str], scratch: Path) -> ServerOptions:
     for token in rest:
         assert token.startswith("--"), f"{token!r} is not an option"
         name, equals, value = token[2:].partition("=")
-        takes_value = f"{name}=" in Options().longOpt or name in PENDING_OPTIONS
+        takes_value = f"{name}=" in Options().longOpt
         if takes_value and not equals:
             value = next(rest)
-        if name in PENDING_OPTIONS and name not in known:
-            continue
         assert name in known, f"octoplex has no option --{name}"
         if name in FILE_OPTIONS:
             value = str(scratch / Path(value).name)
@@ -548,7 +540,7 @@ def parse_command(command: list[str], scratch: Path) -> ServerOptions:
 def test_options_exist_and_parse(tmp_path: Path) -> None:
     """
     Every option the deployment files give octoplex is one of
-    octoplex.tap.Options' (the pending ones excepted only while missing), and
+    octoplex.tap.Options', and
     each whole command line parses as twistd parses it: the README's
     twistd options, then the octoplex subcommand.
     """
@@ -565,7 +557,5 @@ def test_options_exist_and_parse(tmp_path: Path) -> None:
 
 def test_logrotate_alone_rotates_the_units_logs(tmp_path: Path) -> None:
     """The unit tells the daemon not to rotate the files that logrotate rotates."""
-    if "log-max-bytes" not in known_options():
-        pytest.skip("--log-max-bytes is not there yet")  # pragma: no cover
     options = parse_command(unit_command(), tmp_path).subOptions
     assert options["log-max-bytes"] == 0
