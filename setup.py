@@ -20,6 +20,8 @@ setup(
         "service-identity>=24.2.0",
         "pyopenssl>=24.2.1",
         "attrs>=23.1.0",
+        # The config file: tomllib is in the standard library from 3.11.
+        "tomli>=2.0; python_version < '3.11'",
     ],
     extras_require={
         "test": [
@@ -27,6 +29,8 @@ setup(
             "pytest-twisted>=1.14",
             "trustme>=1.1",
             "hypothesis>=6.100",
+            # tests/test_deploy.py reads the compose file and the manifests.
+            "pyyaml>=6.0",
         ],
     },
     classifiers=[

@@ -283,6 +283,25 @@ class UpstreamClient(Service):
         self._all = DeferredSemaphore(settings.max_total)
         self._hosts: dict[tuple[str, str, int | None], DeferredSemaphore] = {}
 
+    def reconfigure(
+        self,
+        max_response_bytes: int,
+        max_header_count: int,
+        max_header_bytes: int,
+        egress: EgressPolicy,
+    ) -> None:
+        """
+        Change the limits and the egress policy for the requests and
+        connections to come (a reload).  A new egress policy retires every
+        pooled connection, since each was checked when it was opened.
+        """
+        self._max_response_bytes = max_response_bytes
+        self._pool.head_limits = (max_header_count, max_header_bytes)
+        if egress != self._endpoints.egress:
+            self._endpoints.egress = egress
+            # Connections were checked against the old policy when opened.
+            self._pool.retire_all()
+
     def fetch(
         self, request: UpstreamRequest, budget: ResponseBudget | None = None
     ) -> Deferred[UpstreamResponse]:

@@ -110,14 +110,14 @@ class _NameEndpoint:
     ) -> None:
         self._reactor = reactor
         self._resolver = resolver
-        self._egress = egress
+        self.egress = egress
         self._host = host
         self._port = port
         self._timeout = timeout
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         try:
-            self._egress.check_name(self._host, self._port)
+            self.egress.check_name(self._host, self._port)
         except EgressRefused as e:
             return self._refused(e)
         d = self._resolver.lookup(self._host)
@@ -128,7 +128,7 @@ class _NameEndpoint:
         refusal = None
         for address in addresses:
             try:
-                self._egress.check_address(self._host, address, self._port)
+                self.egress.check_address(self._host, address, self._port)
             except EgressRefused as e:
                 refusal = refusal or e
             else:
@@ -251,7 +251,7 @@ class UpstreamEndpointFactory:
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout
         self._resolver = resolver
-        self._egress = egress
+        self.egress = egress
         #: Connections opened per upstream address ("ip:port") since the
         #: last :meth:`take_opened`, so the spread across a name's
         #: addresses can be seen.
@@ -286,7 +286,7 @@ class UpstreamEndpointFactory:
         return _NameEndpoint(
             self._reactor,
             self._resolver,
-            self._egress,
+            self.egress,
             host.decode("ascii"),
             port,
             self._connect_timeout,

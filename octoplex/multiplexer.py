@@ -90,7 +90,8 @@ class Multiplexer:
     ) -> None:
         self._clock = clock
         self._client = client
-        self._max_batch_response_bytes = max_batch_response_bytes
+        #: Settable: a reload changes it for the batches to come.
+        self.max_batch_response_bytes = max_batch_response_bytes
         self._runs: set[_BatchRun] = set()
         self._drained: list[Deferred[None]] = []
 
@@ -105,7 +106,7 @@ class Multiplexer:
             Cancelling it, as Klein does when the caller disconnects,
             cancels every request still running.
         """
-        budget = ResponseBudget(self._max_batch_response_bytes)
+        budget = ResponseBudget(self.max_batch_response_bytes)
         run = _BatchRun(
             self._clock, self._client, batch, batch_id, self.log, budget, self._run_ended
         )

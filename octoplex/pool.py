@@ -168,12 +168,14 @@ class OctoplexPool(HTTPConnectionPool):
         max_header_bytes: int = 65536,
     ) -> None:
         super().__init__(reactor, persistent=True)
-        limits = (max_header_count, max_header_bytes)
+        #: The response head limits for connections opened from now on.
+        self.head_limits = (max_header_count, max_header_bytes)
+        pool = self
 
         class Factory(_HTTP11ClientFactory):
             def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
                 protocol = _LimitedProtocol(self._quiescentCallback)
-                protocol.head_limits = limits
+                protocol.head_limits = pool.head_limits
                 return protocol
 
         self._factory = Factory
@@ -182,6 +184,9 @@ class OctoplexPool(HTTPConnectionPool):
         self._connect_grace = connect_grace
         self._born: WeakKeyDictionary[Any, float] = WeakKeyDictionary()
         self._uses: WeakKeyDictionary[Any, int] = WeakKeyDictionary()
+        # Connections opened before the last retire_all() are not reused.
+        self._generation = 0
+        self._generations: WeakKeyDictionary[Any, int] = WeakKeyDictionary()
         #: Connections opened, retired, and finished after their request was
         #: cancelled: for tests and statistics.
         self.opened = 0
@@ -197,6 +202,7 @@ class OctoplexPool(HTTPConnectionPool):
         def opened(protocol: Any) -> None:
             self.opened += 1
             self._born[protocol] = self._reactor.seconds()
+            self._generations[protocol] = self._generation
             if wanted.called:
                 # Its request was cancelled while it opened: keep it warm.
                 if self._closed:
@@ -263,7 +269,22 @@ class OctoplexPool(HTTPConnectionPool):
         return connection
 
     def _too_old(self, connection: Any, now: float) -> bool:
+        if self._generations.get(connection, self._generation) != self._generation:
+            return True
         return now - self._born.get(connection, now) >= self._max_age
+
+    def retire_all(self) -> None:
+        """
+        Close every idle connection, and each busy one when its request is
+        done: none opened until now is used again (the egress policy
+        changed, and it is checked when a connection is opened).
+        """
+        self._generation += 1
+        for connections in list(self._connections.values()):
+            for connection in list(connections):
+                connections.remove(connection)
+                self._timeouts.pop(connection).cancel()
+                self._retire(connection)
 
     def _retire(self, connection: Any) -> None:
         self.retired += 1

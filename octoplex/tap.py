@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import resource
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ from twisted.python import usage
 from octoplex import __version__
 from octoplex.auth import TokenError, load_tokens
 from octoplex.client import PoolSettings, UpstreamClient
+from octoplex.config import RELOADABLE, ConfigError, read_config
 from octoplex.dns import CachingResolver, DNSSettings, nameservers, parse_nameserver
 from octoplex.egress import EgressPolicy
 from octoplex.limits import Limits
@@ -299,6 +301,12 @@ class Options(LogOptions):
             None,
             "File of NAME=TOKEN lines: /multiplex then needs Authorization: Bearer TOKEN.",
         ],
+        [
+            "config",
+            None,
+            None,
+            "TOML file of settings (see etc/octoplex.toml); options given here win over it.",
+        ],
         ["tls-cert", None, None, "PEM certificate (intermediates may follow) for --listen-tls."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
         ["tls-chain", None, None, "PEM intermediate certificates for --listen-tls."],
@@ -332,6 +340,90 @@ class Options(LogOptions):
         for option in ("allow-egress", "deny-egress", "allow-egress-host", "deny-egress-host"):
             self[option] = []
         self["dns-server"] = []
+        #: The options given on the command line, which win over the file.
+        self.given: set[str] = set()
+        #: The command line, for a reload to parse again.
+        self.argv: list[str] = []
+        #: Set when the options are read again for a reload, which opens no
+        #: log file.
+        self.reloading = False
+        #: The options set by the config file, and where.
+        self.from_file: dict[str, str] = {}
+        for name, handler in list(self._dispatch.items()):
+            self._dispatch[name] = self._recording(handler)
+
+    def _recording(self, handler: Any) -> Any:
+        if isinstance(handler, usage.CoerceParameter):
+            dispatch = handler.dispatch
+
+            def record(name: str, value: Any) -> None:
+                self.given.add(name)
+                dispatch(name, value)
+
+            handler.dispatch = record  # type: ignore[method-assign]
+            return handler
+
+        def call(name: str, value: Any = None) -> Any:
+            self.given.add(name)
+            return handler(name, value)
+
+        return call
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
+    def _read_config(self) -> None:
+        """
+        Apply the ``--config`` file's keys whose options the command line
+        did not give.
+        """
+        path = self["config"]
+        if path is None:
+            return
+        for key, value in read_config(path, lambda option: option in self._dispatch):
+            if key.option in self.given:
+                continue
+            where = f"config file {path}: [{key.section}] {key.name}"
+            self.from_file[key.option] = where
+            handler = self._dispatch[key.option]
+            try:
+                if isinstance(handler, usage.CoerceParameter):
+                    handler.dispatch(key.option, str(value))
+                    self.given.discard(key.option)
+                else:
+                    self[key.option] = []
+                    for item in value:
+                        handler(key.option, item)
+                    self.given.discard(key.option)
+            except (usage.UsageError, ValueError) as e:
+                message = str(e).removeprefix("Parameter type enforcement failed: ")
+                raise ConfigError(f"{where} = {value!r}: {message}") from None
+
+    def _located(self, message: str) -> str:
+        """
+        ``message``, about an option, with the option named as the config
+        file's key where the file set it.
+        """
+        for option, where in self.from_file.items():
+            prefix = f"--{option} "
+            if message.startswith(prefix):
+                return f"{where}: {message[len(prefix) :]}"
+        return message
+
+    def effective(self) -> dict[str, Any]:
+        """
+        The settings in force, by option, with every token left out.
+        """
+        shown: dict[str, Any] = {}
+        for name in sorted(self._dispatch):
+            if name in ("help", "version") or name not in self:
+                continue
+            value = self[name]
+            if name == "api-token":
+                value = [entry.split("=", 1)[0] + "=<redacted>" for entry in value]
+            shown[name] = value
+        return shown
 
     def opt_listen(self, description: str) -> None:
         """
@@ -396,6 +488,10 @@ class Options(LogOptions):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
+        try:
+            self._read_config()
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
         if not self["listen"] and not self["listen-tls"]:
             self["listen"] = [DEFAULT_LISTEN]
         from twisted.internet import reactor
@@ -406,7 +502,7 @@ class Options(LogOptions):
                     serverFromString(reactor, description)
                 except Exception as e:
                     raise usage.UsageError(
-                        f"--{option} {description!r} is not usable: {e}"
+                        self._located(f"--{option} {description!r} is not usable: {e}")
                     ) from None
         try:
             self._load_tls()
@@ -419,8 +515,9 @@ class Options(LogOptions):
                 ports=self["egress-ports"],
             )
         except (TLSConfigError, TokenError, ValueError) as e:
-            raise usage.UsageError(str(e)) from None
-        self.open_logs()
+            raise usage.UsageError(self._located(str(e))) from None
+        if not self.reloading:
+            self.open_logs()
 
     def _load_tls(self) -> None:
         """
@@ -471,6 +568,7 @@ class _Octoplex(MultiService):
     """
 
     #: Set by :func:`makeService`.
+    options: Options
     app: OctoplexApp
     site: OctoplexSite
     client: UpstreamClient
@@ -496,6 +594,7 @@ class _Octoplex(MultiService):
         self._resolver = resolver
         self._previous_resolver: Any = None
         self._previous_sigterm: Any = None
+        self._previous_sighup: Any = None
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd hands the service to its Application here, before its log
@@ -527,6 +626,9 @@ class _Octoplex(MultiService):
             version=__version__,
             listen=self._listen,
             limits=self._limits,
+            config_file=self.options["config"],
+            # Every setting in force, tokens left out.
+            configuration=self.options.effective(),
         )
 
     def _raise_file_limit(self) -> None:
@@ -558,6 +660,63 @@ class _Octoplex(MultiService):
         if not self.running or threading.current_thread() is not threading.main_thread():
             return
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._sigterm)
+        self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, number: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """
+        Read the ``--config`` file (and the command line) again, and apply
+        what can change safely: limits, tokens, the egress policy, the log
+        level and the drain settings.  Other changed settings are logged as
+        needing a restart.  A file that does not check out changes nothing.
+        """
+        path = self.options["config"]
+        if path is None:
+            self.log.warn("SIGHUP: there is no --config file to reload")
+            return
+        fresh = Options()
+        fresh.reloading = True
+        try:
+            fresh.parseOptions(self.options.argv)
+        except (usage.UsageError, SystemExit) as e:
+            self.log.error(
+                "reload of {path} failed; the running configuration stays: {error}",
+                path=path,
+                error=str(e),
+            )
+            return
+        running, wanted = self.options.effective(), fresh.effective()
+        changed = sorted(k for k in wanted if wanted[k] != running.get(k))
+        applied = [k for k in changed if k in RELOADABLE]
+        restart = [k for k in changed if k not in RELOADABLE]
+        for key in applied:
+            self.options[key] = fresh[key]
+        self.options["tokens"], self.options["egress"] = fresh["tokens"], fresh["egress"]
+        self._apply(fresh)
+        self.log.info(
+            "configuration reloaded from {path}: applied {applied}; "
+            "changed but needing a restart: {restart}",
+            path=path,
+            applied=applied,
+            restart=restart,
+        )
+
+    def _apply(self, options: Options) -> None:
+        limits = limits_of(options)
+        self._limits = self.app.limits = self.site.limits = limits
+        self.app.tokens = options["tokens"]
+        self.app.multiplexer.max_batch_response_bytes = limits.max_batch_response_bytes
+        self.client.reconfigure(
+            limits.max_response_bytes,
+            limits.max_header_count,
+            limits.max_header_bytes,
+            options["egress"],
+        )
+        self.drain_timeout, self.drain_delay = options["drain-timeout"], options["drain-delay"]
+        if self.logs is not None:
+            self.logs.set_level(options["log-level"])
 
     def _sigterm(self, number: int, frame: Any) -> None:
         # As the reactor's handler does, less the note that makes twistd
@@ -592,6 +751,7 @@ class _Octoplex(MultiService):
             self._previous_resolver = None
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
+            signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sigterm = None
         self.log.info(
             "octoplex {version} stopped: {in_flight} batches drained in {drained_ms} ms",
@@ -601,6 +761,27 @@ class _Octoplex(MultiService):
         )
         if self.logs is not None:
             self.logs.stop()
+
+
+def limits_of(options: Options) -> Limits:
+    """
+    The limits ``options`` set.
+    """
+    return Limits(
+        max_batch_size=options["max-batch-size"],
+        max_timeout_msec=options["max-timeout-msec"],
+        max_request_bytes=options["max-request-bytes"],
+        max_response_bytes=options["max-response-bytes"],
+        max_batches_in_flight=options["max-batches-in-flight"],
+        max_requests_in_flight=options["max-requests-in-flight"],
+        max_batch_response_bytes=options["max-batch-response-bytes"],
+        max_header_count=options["max-header-count"],
+        max_header_bytes=options["max-header-bytes"],
+        max_connections=options["max-connections"],
+        header_timeout=options["header-timeout"],
+        body_timeout=options["body-timeout"],
+        idle_timeout=options["idle-timeout"],
+    )
 
 
 def makeService(options: Options, reactor: Any | None = None) -> IService:
@@ -616,21 +797,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    limits = Limits(
-        max_batch_size=options["max-batch-size"],
-        max_timeout_msec=options["max-timeout-msec"],
-        max_request_bytes=options["max-request-bytes"],
-        max_response_bytes=options["max-response-bytes"],
-        max_batches_in_flight=options["max-batches-in-flight"],
-        max_requests_in_flight=options["max-requests-in-flight"],
-        max_batch_response_bytes=options["max-batch-response-bytes"],
-        max_header_count=options["max-header-count"],
-        max_header_bytes=options["max-header-bytes"],
-        max_connections=options["max-connections"],
-        header_timeout=options["header-timeout"],
-        body_timeout=options["body-timeout"],
-        idle_timeout=options["idle-timeout"],
-    )
+    limits = limits_of(options)
     pool = PoolSettings(
         max_idle_per_host=options["pool-max-idle-per-host"],
         idle_timeout=options["pool-idle-timeout"],
@@ -670,7 +837,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
     app = OctoplexApp(multiplexer, limits, reactor, options["tokens"])
     root.drain_timeout, root.drain_delay = options["drain-timeout"], options["drain-delay"]
     site = OctoplexSite(app, reactor)
-    root.app, root.client, root.site = app, client, site
+    root.app, root.client, root.site, root.options = app, client, site, options
     for description in options["listen"]:
         strports.service(description, site, reactor=reactor).setServiceParent(root)
     for description in options["listen-tls"]:
