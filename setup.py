@@ -20,6 +20,8 @@ setup(
         "service-identity>=24.2.0",
         "pyopenssl>=24.2.1",
         "attrs>=23.1.0",
+        # /metrics and /stats (octoplex.metrics).
+        "prometheus-client>=0.20",
         # The config file: tomllib is in the standard library from 3.11.
         "tomli>=2.0; python_version < '3.11'",
     ],

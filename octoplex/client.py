@@ -39,6 +39,7 @@ from octoplex.dns import CachingResolver, DNSSettings, nameservers
 from octoplex.egress import EgressPolicy
 from octoplex.endpoints import UpstreamEndpointFactory
 from octoplex.limits import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_COUNT
+from octoplex.metrics import Metrics
 from octoplex.pool import OctoplexPool
 from octoplex.tls import UpstreamTLSPolicy
 from octoplex.wire import UpstreamRequest
@@ -224,6 +225,8 @@ class UpstreamClient(Service):
         private, link-local and other internal ranges.
     :param max_header_count: header lines allowed in an upstream response.
     :param max_header_bytes: bytes allowed in its status line and headers.
+    :param metrics: counts connections, the wait for one, egress refusals
+        and body bytes; a fresh :class:`~octoplex.metrics.Metrics` by default.
     """
 
     name = "upstream-client"
@@ -239,8 +242,10 @@ class UpstreamClient(Service):
         egress: EgressPolicy | None = None,
         max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        metrics: Metrics | None = None,
     ) -> None:
         self._reactor = reactor
+        self._metrics = metrics = Metrics() if metrics is None else metrics
         self._max_response_bytes = max_response_bytes
         # One TLS context per upstream host, not one per connection (a new
         # context costs about 15 ms of CPU).
@@ -255,6 +260,7 @@ class UpstreamClient(Service):
             settings.connect_grace,
             max_header_count,
             max_header_bytes,
+            metrics,
         )
         self._pool.maxPersistentPerHost = settings.max_idle_per_host
         # Typed int in Twisted, but it is only ever given to callLater.
@@ -271,6 +277,7 @@ class UpstreamClient(Service):
             settings.connect_timeout,
             resolver,
             EgressPolicy() if egress is None else egress,
+            metrics,
         )
         self._report = LoopingCall(self._report_connections)
         self._report.clock = reactor
@@ -327,9 +334,11 @@ class UpstreamClient(Service):
             host = self._hosts[key] = DeferredSemaphore(self._settings.max_per_host)
         # A request queued here holds nothing; the holder's release later
         # forgets the host's entry once nothing is in flight or queued.
+        queued = self._reactor.seconds()
         await self._wait(host, f"{url.host}:{url.port}", self._settings.max_per_host)
         try:
             await self._wait(self._all, "any upstream", self._settings.max_total)
+            self._metrics.connection_wait.observe(self._reactor.seconds() - queued)
             try:
                 response = await self._send(request)
                 return await self._read(response, budget)
@@ -395,9 +404,13 @@ class UpstreamClient(Service):
             headers.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
         d = read_body(response, self._max_response_bytes, gzip, budget)
         encoding = "gzip" if gzip else None
-        return d.addCallback(
-            lambda body: UpstreamResponse(response.code, response.headers, body, encoding)
-        )
+        received = self._metrics.upstream_bytes
+
+        def complete(body: bytes) -> UpstreamResponse:
+            received.inc(len(body))
+            return UpstreamResponse(response.code, response.headers, body, encoding)
+
+        return d.addCallback(complete)
 
     def startService(self) -> None:
         super().startService()

@@ -111,6 +111,7 @@ KEYS: tuple[Key, ...] = tuple(
             "access_log", "access-log", "level", "log-level",
         ),
         *_keys("logging", "int", "max_bytes", "log-max-bytes", "keep", "log-keep"),
+        *_keys("metrics", "string", "listen", "metrics-listen"),
     ]
 )  # fmt: skip
 

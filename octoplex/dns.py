@@ -57,6 +57,8 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from octoplex.metrics import Metrics
+
 __all__ = ["CachingResolver", "DNSSettings", "NameNotResolved", "nameservers", "parse_nameserver"]
 
 RESOLV_CONF: FilePath[Any] = FilePath(b"/etc/resolv.conf")
@@ -210,6 +212,8 @@ class CachingResolver:
         daemon).
     :param settings: the TTL clamps and query timeouts.
     :param hosts: the hosts(5) file read before any query, or ``None``.
+    :param metrics: counts lookups (hit, stale or miss) and the queries
+        sent to name servers; a fresh one by default.
     """
 
     log = Logger()
@@ -220,7 +224,9 @@ class CachingResolver:
         resolver: Any,
         settings: DNSSettings,
         hosts: FilePath[Any] | None = HOSTS,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = Metrics() if metrics is None else metrics
         self._clock = clock
         self._resolver = resolver
         self._settings = settings
@@ -294,6 +300,7 @@ class CachingResolver:
         entry = self._cache.get(key)
         now = self._clock.seconds()
         if entry is not None and entry.expires > now:
+            self._metrics.dns_hit.inc()
             return self._answer(key, entry)
         if (
             entry is not None
@@ -306,7 +313,10 @@ class CachingResolver:
             if key not in self._waiting:
                 self._waiting[key] = []
                 maybeDeferred(self._query, key).addBoth(self._settle, key)
+            self._metrics.dns_stale.inc()
             return self._answer(key, entry)
+
+        self._metrics.dns_miss.inc()
 
         def give_up(d: Deferred[list[str]]) -> None:
             # The shared query goes on for the others and fills the cache.
@@ -374,6 +384,7 @@ class CachingResolver:
                 ipv6 = [a for a in local if ":" in a]
                 return succeed(_Entry(ipv4, ipv6, now + self._settings.max_ttl))
         self.queries[key] = self.queries.get(key, 0) + 1
+        self._metrics.dns_queries.inc()
         timeouts = self._settings.timeouts
         queries = DeferredList(
             [

@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from octoplex.dns import CachingResolver
 from octoplex.egress import EgressPolicy, EgressRefused
+from octoplex.metrics import Metrics
 
 __all__ = ["UpstreamEndpointFactory", "set_tcp_nodelay"]
 
@@ -107,7 +108,9 @@ class _NameEndpoint:
         host: str,
         port: int,
         timeout: float,
+        metrics: Metrics,
     ) -> None:
+        self._metrics = metrics
         self._reactor = reactor
         self._resolver = resolver
         self.egress = egress
@@ -139,6 +142,7 @@ class _NameEndpoint:
         return _Race(self, self._resolver.usable(allowed), factory).winner
 
     def _refused(self, refusal: EgressRefused) -> Deferred[IProtocol]:
+        self._metrics.egress_refused.inc()
         self.log.info(
             "egress refused: {reason}",
             reason=str(refusal),
@@ -237,6 +241,7 @@ class UpstreamEndpointFactory:
     :param connect_timeout: seconds a TCP connect may take.
     :param resolver: resolves host names (and explains failed lookups).
     :param egress: decides which addresses may be dialled.
+    :param metrics: counts egress refusals.
     """
 
     def __init__(
@@ -246,7 +251,9 @@ class UpstreamEndpointFactory:
         connect_timeout: float,
         resolver: CachingResolver,
         egress: EgressPolicy,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = Metrics() if metrics is None else metrics
         self._reactor = reactor
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout
@@ -290,4 +297,5 @@ class UpstreamEndpointFactory:
             host.decode("ascii"),
             port,
             self._connect_timeout,
+            self._metrics,
         )

@@ -27,7 +27,7 @@ from octoplex.egress import EgressRefused
 from octoplex.pool import HeadTooLarge
 from octoplex.tls import CertificateRejected
 
-__all__ = ["TIMEOUT_ELAPSED", "describe"]
+__all__ = ["TIMEOUT_ELAPSED", "cause", "describe"]
 
 #: The original Octoplex's message for an item cut off by the deadline.
 TIMEOUT_ELAPSED = "timeout elapsed"
@@ -108,3 +108,43 @@ def describe(failure: Failure) -> str:
     if isinstance(value, (error.ConnectionLost, error.ConnectionDone)):
         return _lost(failure, "before sending a response")
     return f"{type(value).__name__}: {value}"
+
+
+def _cause_kind(cause: Failure) -> str:
+    if cause.check(HeadTooLarge):
+        return "too_large"
+    if cause.check(CertificateRejected, TLSError):
+        return "tls"
+    if cause.check(ParseError, ValueError, _MalformedChunkedDataError):
+        return "protocol"
+    return "connection"
+
+
+def cause(failure: Failure) -> str:
+    """
+    The coarse cause of a failed upstream request, for statistics: one of
+    the ``failure`` causes of :data:`octoplex.metrics.CAUSES`.
+    """
+    value = failure.value
+    if isinstance(value, EgressRefused):
+        return "forbidden"
+    if isinstance(value, BodyTooLarge):
+        return "too_large"
+    if isinstance(value, BadGzip):
+        return "protocol"
+    if isinstance(value, (ResponseNeverReceived, ResponseFailed)):
+        return _cause_kind(_cause(value.reasons))
+    if isinstance(value, RequestTransmissionFailed):
+        return "connection"
+    if isinstance(value, RequestGenerationFailed):
+        return "invalid"
+    if isinstance(value, error.DNSLookupError):
+        return "dns"
+    if isinstance(value, (error.ConnectError, error.TimeoutError)):
+        # Refused, timed out, no route: the connection never opened.
+        return "connect"
+    if isinstance(value, TLSError):
+        return "tls"
+    if isinstance(value, (error.ConnectionLost, error.ConnectionDone)):
+        return "connection"
+    return "other"

@@ -22,8 +22,9 @@ from twisted.python.failure import Failure
 
 from octoplex.body import ResponseBudget
 from octoplex.client import QueueTimeout, UpstreamResponse
-from octoplex.errors import TIMEOUT_ELAPSED, describe
+from octoplex.errors import TIMEOUT_ELAPSED, cause, describe
 from octoplex.limits import DEFAULT_MAX_BATCH_RESPONSE_BYTES
+from octoplex.metrics import Metrics
 from octoplex.wire import (
     Batch,
     InvalidRequest,
@@ -78,6 +79,8 @@ class Multiplexer:
     :param client: sends each request.
     :param max_batch_response_bytes: the body bytes all the responses of one
         batch may hold together.
+    :param metrics: counts each item's outcome and latency, and expired
+        deadlines; a fresh :class:`~octoplex.metrics.Metrics` by default.
     """
 
     log = Logger()
@@ -87,8 +90,10 @@ class Multiplexer:
         clock: IReactorTime,
         client: Fetcher,
         max_batch_response_bytes: int = DEFAULT_MAX_BATCH_RESPONSE_BYTES,
+        metrics: Metrics | None = None,
     ) -> None:
         self._clock = clock
+        self._metrics = Metrics() if metrics is None else metrics
         self._client = client
         #: Settable: a reload changes it for the batches to come.
         self.max_batch_response_bytes = max_batch_response_bytes
@@ -108,7 +113,14 @@ class Multiplexer:
         """
         budget = ResponseBudget(self.max_batch_response_bytes)
         run = _BatchRun(
-            self._clock, self._client, batch, batch_id, self.log, budget, self._run_ended
+            self._clock,
+            self._client,
+            batch,
+            batch_id,
+            self.log,
+            budget,
+            self._run_ended,
+            self._metrics,
         )
         self._runs.add(run)
         return run.start()
@@ -160,7 +172,9 @@ class _BatchRun:
         log: Logger,
         budget: ResponseBudget,
         ended: Callable[[_BatchRun], None],
+        metrics: Metrics,
     ) -> None:
+        self._metrics = metrics
         self._budget = budget
         self._ended = ended
         self._clock = clock
@@ -191,16 +205,26 @@ class _BatchRun:
     def _elapsed_msec(self) -> int:
         return int((self._clock.seconds() - self._started) * 1000)
 
+    def _settle_item(self, counter: Any) -> int:
+        """
+        Count an item's outcome in ``counter`` and its latency; the
+        milliseconds elapsed since the batch started.
+        """
+        elapsed = self._clock.seconds() - self._started
+        counter.inc()
+        self._metrics.item_seconds.observe(elapsed)
+        return int(elapsed * 1000)
+
     def _send(self, index: int, request: UpstreamRequest | InvalidRequest) -> Deferred[None]:
         if isinstance(request, InvalidRequest):
-            self._fail(index, request.error, 0)
+            self._fail(index, request.error, "invalid", at_once=True)
             return succeed(None)
         try:
             d = self._client.fetch(request, self._budget)
         except Exception:
             # treq parses and builds the request synchronously; a value it
             # rejects fails this request alone, like any invalid value.
-            self._fail(index, describe(Failure()), 0)
+            self._fail(index, describe(Failure()), "invalid", at_once=True)
             return succeed(None)
         self._running.add(index)
         d.addCallbacks(self._succeeded, self._failed, callbackArgs=(index,), errbackArgs=(index,))
@@ -218,7 +242,7 @@ class _BatchRun:
             response.status,
             response.headers,
             response.body,
-            self._elapsed_msec(),
+            self._settle_item(self._metrics.item_success),
             response.content_encoding,
         )
         self._result.succeeded += 1
@@ -231,14 +255,25 @@ class _BatchRun:
         if self._expiring:
             # The deadline's cancellation: a timeout, which says so if the
             # request never even got a connection.
-            error = str(failure.value) if failure.check(QueueTimeout) else TIMEOUT_ELAPSED
-            self._result.outcomes[index] = failure_outcome(error, self._elapsed_msec())
+            if failure.check(QueueTimeout):
+                error, counter = str(failure.value), self._metrics.item_queue_timeout
+            else:
+                error, counter = TIMEOUT_ELAPSED, self._metrics.item_deadline
+            self._result.outcomes[index] = failure_outcome(error, self._settle_item(counter))
             self._result.timed_out += 1
             return
-        self._fail(index, describe(failure), self._elapsed_msec())
+        self._fail(index, describe(failure), cause(failure))
 
-    def _fail(self, index: int, error: str, duration_msec: int) -> None:
-        self._result.outcomes[index] = failure_outcome(error, duration_msec)
+    def _fail(self, index: int, error: str, kind: str, at_once: bool = False) -> None:
+        counter = self._metrics.item_failed(kind)
+        if at_once:
+            # Refused before it was sent: it took no time.
+            counter.inc()
+            self._metrics.item_seconds.observe(0)
+            elapsed = 0
+        else:
+            elapsed = self._settle_item(counter)
+        self._result.outcomes[index] = failure_outcome(error, elapsed)
         self._result.failed += 1
 
     def _bug(self, failure: Failure, index: int) -> None:
@@ -249,7 +284,8 @@ class _BatchRun:
             index=index,
         )
         self._result.outcomes[index] = failure_outcome(
-            "internal error in Octoplex; see its log", self._elapsed_msec()
+            "internal error in Octoplex; see its log",
+            self._settle_item(self._metrics.item_failed("internal")),
         )
         self._result.failed += 1
 
@@ -269,6 +305,8 @@ class _BatchRun:
             size=len(self._items),
             pending_uris=[self._uri(index) for index in pending],
         )
+        if pending:
+            self._metrics.deadlines_expired.inc()
         self._expiring = True
         try:
             self._cancel(pending)
@@ -279,6 +317,7 @@ class _BatchRun:
         # now rather than when it settles.
         for index in pending:
             if self._result.outcomes[index] is None:
+                self._settle_item(self._metrics.item_deadline)
                 self._result.outcomes[index] = failure_outcome(TIMEOUT_ELAPSED, elapsed)
                 self._result.timed_out += 1
         self._finish()
@@ -305,7 +344,9 @@ class _BatchRun:
             pending_count=len(pending),
         )
         elapsed = self._elapsed_msec()
+        cancelled = self._metrics.item_failed("cancelled")
         for index in pending:
+            self._settle_item(cancelled)
             self._result.outcomes[index] = failure_outcome(CANCELLED, elapsed)
         self._cancel(pending)
 

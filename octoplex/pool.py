@@ -50,6 +50,8 @@ from twisted.web.client import (
     _RetryingHTTP11ClientProtocol,
 )
 
+from octoplex.metrics import Metrics
+
 __all__ = ["HeadTooLarge", "OctoplexPool"]
 
 #: RFC 9110 section 9.2.2: repeating these has the effect of sending once.
@@ -156,6 +158,8 @@ class OctoplexPool(HTTPConnectionPool):
     :param max_header_count: header lines allowed in a response.
     :param max_header_bytes: bytes allowed in a response's status line and
         headers.
+    :param metrics: counts connections opened, reused and retired per
+        upstream, and reads the idle ones; a fresh one by default.
     """
 
     def __init__(
@@ -166,8 +170,11 @@ class OctoplexPool(HTTPConnectionPool):
         connect_grace: float,
         max_header_count: int = 100,
         max_header_bytes: int = 65536,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(reactor, persistent=True)
+        self._metrics = Metrics() if metrics is None else metrics
+        self._metrics.idle_source = self._idle_counts
         #: The response head limits for connections opened from now on.
         self.head_limits = (max_header_count, max_header_bytes)
         pool = self
@@ -201,6 +208,7 @@ class OctoplexPool(HTTPConnectionPool):
 
         def opened(protocol: Any) -> None:
             self.opened += 1
+            self._metrics.upstream(key).opened.inc()
             self._born[protocol] = self._reactor.seconds()
             self._generations[protocol] = self._generation
             if wanted.called:
@@ -259,7 +267,9 @@ class OctoplexPool(HTTPConnectionPool):
         for connection in [c for c in connections if self._too_old(c, now)]:
             connections.remove(connection)
             self._timeouts.pop(connection).cancel()
-            self._retire(connection)
+            self._retire(key, connection)
+        if connections:
+            self._metrics.upstream(key).reused.inc()
         return super().getConnection(key, endpoint).addCallback(self._retrying, key, endpoint)
 
     def _retrying(self, connection: Any, key: Hashable, endpoint: IStreamClientEndpoint) -> Any:
@@ -280,21 +290,25 @@ class OctoplexPool(HTTPConnectionPool):
         changed, and it is checked when a connection is opened).
         """
         self._generation += 1
-        for connections in list(self._connections.values()):
+        for key, connections in list(self._connections.items()):
             for connection in list(connections):
                 connections.remove(connection)
                 self._timeouts.pop(connection).cancel()
-                self._retire(connection)
+                self._retire(key, connection)
 
-    def _retire(self, connection: Any) -> None:
+    def _retire(self, key: Hashable, connection: Any) -> None:
         self.retired += 1
+        self._metrics.upstream(key).retired.inc()
         connection.transport.loseConnection()
+
+    def _idle_counts(self) -> list[tuple[Hashable, int]]:
+        return [(key, len(idle)) for key, idle in self._connections.items() if idle]
 
     def _putConnection(self, key: Hashable, connection: Any) -> None:
         uses = self._uses.get(connection, 0) + 1
         self._uses[connection] = uses
         if uses >= self._max_requests or self._too_old(connection, self._reactor.seconds()):
-            self._retire(connection)
+            self._retire(key, connection)
             return
         self._idle(key, connection)
 
@@ -309,6 +323,7 @@ class OctoplexPool(HTTPConnectionPool):
             # drop the least recently used, at the back.
             dropped = connections.pop()
             self._timeouts.pop(dropped).cancel()
+            self._metrics.upstream(key).retired.inc()
             dropped.transport.loseConnection()
         super()._putConnection(key, connection)
         if connection in connections:

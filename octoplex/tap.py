@@ -36,6 +36,7 @@ from octoplex.dns import CachingResolver, DNSSettings, nameservers, parse_namese
 from octoplex.egress import EgressPolicy
 from octoplex.limits import Limits
 from octoplex.logs import LogOptions, Logs
+from octoplex.metrics import Metrics
 from octoplex.multiplexer import Multiplexer
 from octoplex.tls import (
     TLSConfigError,
@@ -44,7 +45,7 @@ from octoplex.tls import (
     load_trust_root,
     server_options,
 )
-from octoplex.web import OctoplexApp, OctoplexSite
+from octoplex.web import MetricsSite, OctoplexApp, OctoplexSite
 
 __all__ = ["Options", "makeService"]
 
@@ -330,6 +331,13 @@ class Options(LogOptions):
             "any",
             "Upstream ports that may be dialled, e.g. 80,443,8000-8999; any for all.",
         ],
+        [
+            "metrics-listen",
+            None,
+            None,
+            "Serve /metrics and /stats, with no token, only on this endpoint "
+            "(e.g. tcp:9100:interface=127.0.0.1) and not on --listen.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -496,8 +504,13 @@ class Options(LogOptions):
             self["listen"] = [DEFAULT_LISTEN]
         from twisted.internet import reactor
 
-        for option in ("listen", "listen-tls"):
-            for description in self[option]:
+        metrics_listen = [] if self["metrics-listen"] is None else [self["metrics-listen"]]
+        for option, descriptions in (
+            ("listen", self["listen"]),
+            ("listen-tls", self["listen-tls"]),
+            ("metrics-listen", metrics_listen),
+        ):
+            for description in descriptions:
                 try:
                     serverFromString(reactor, description)
                 except Exception as e:
@@ -798,6 +811,8 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
 
         reactor = global_reactor
     limits = limits_of(options)
+    # One registry per daemon, never prometheus_client's global one.
+    metrics = Metrics()
     pool = PoolSettings(
         max_idle_per_host=options["pool-max-idle-per-host"],
         idle_timeout=options["pool-idle-timeout"],
@@ -817,6 +832,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
             negative_ttl=options["dns-negative-ttl"],
             stale_grace=options["dns-stale-grace"],
         ),
+        metrics=metrics,
     )
     root = _Octoplex(
         options["listen"] + options["listen-tls"], limits, reactor, resolver, pool.max_total
@@ -831,10 +847,14 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         options["egress"],
         limits.max_header_count,
         limits.max_header_bytes,
+        metrics,
     )
     client.setServiceParent(root)
-    multiplexer = Multiplexer(reactor, client, limits.max_batch_response_bytes)
-    app = OctoplexApp(multiplexer, limits, reactor, options["tokens"])
+    multiplexer = Multiplexer(reactor, client, limits.max_batch_response_bytes, metrics)
+    metrics_listen = options["metrics-listen"]
+    app = OctoplexApp(
+        multiplexer, limits, reactor, options["tokens"], metrics, metrics_routes=not metrics_listen
+    )
     root.drain_timeout, root.drain_delay = options["drain-timeout"], options["drain-delay"]
     site = OctoplexSite(app, reactor)
     root.app, root.client, root.site, root.options = app, client, site, options
@@ -843,4 +863,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
     for description in options["listen-tls"]:
         secure = TLSMemoryBIOFactory(options["tls-options"], False, site)
         strports.service(description, secure, reactor=reactor).setServiceParent(root)
+    if metrics_listen:
+        metrics_site = MetricsSite(metrics, reactor)
+        strports.service(metrics_listen, metrics_site, reactor=reactor).setServiceParent(root)
     return root

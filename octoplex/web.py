@@ -29,11 +29,12 @@ from octoplex.auth import Tokens
 from octoplex.endpoints import set_tcp_nodelay
 from octoplex.inbound import ConnectionRefuser, OctoplexChannel
 from octoplex.limits import Limits
+from octoplex.metrics import TEXT_CONTENT_TYPE, Metrics, render_json, render_text
 from octoplex.multiplexer import BatchResult, Multiplexer
 from octoplex.tls import peer_identity
 from octoplex.wire import JSON_CONTENT_TYPE, BatchError, encode, error_body, parse_batch
 
-__all__ = ["OctoplexApp", "OctoplexSite", "format_address"]
+__all__ = ["MetricsApp", "MetricsSite", "OctoplexApp", "OctoplexSite", "format_address"]
 
 _HEALTHY = encode({"healthy": True})
 _READY = encode({"ready": True})
@@ -94,6 +95,19 @@ def format_address(address: IAddress) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _challenge(request: IRequest) -> tuple[str, bytes]:
+    """
+    The error and ``WWW-Authenticate`` challenge for a request without an
+    accepted bearer token.
+    """
+    if request.getHeader(b"authorization") is not None:
+        return (
+            "the bearer token is not one this server accepts",
+            b'Bearer realm="octoplex", error="invalid_token"',
+        )
+    return "this server needs an Authorization: Bearer <token> header", b'Bearer realm="octoplex"'
+
+
 @attr.s(auto_attribs=True)
 class OctoplexApp:
     """
@@ -103,7 +117,11 @@ class OctoplexApp:
     :ivar limits: the limits each batch is held to.
     :ivar clock: the time source for the elapsed time logged per batch.
     :ivar tokens: the API tokens; when there are any, ``/multiplex`` needs
-        one as ``Authorization: Bearer``.
+        one as ``Authorization: Bearer``, and so do ``/metrics`` and ``/stats``.
+    :ivar metrics: the daemon's statistics, served at ``/metrics`` and
+        ``/stats``.
+    :ivar metrics_routes: whether ``/metrics`` and ``/stats`` are served
+        here; not when a separate listener (``--metrics-listen``) serves them.
     """
 
     router: ClassVar[Klein] = Klein()
@@ -113,6 +131,8 @@ class OctoplexApp:
     limits: Limits
     clock: IReactorTime
     tokens: Tokens = attr.Factory(lambda: Tokens({}))
+    metrics: Metrics = attr.Factory(Metrics)
+    metrics_routes: bool = True
     #: Batches and their upstream requests being answered now.
     batches_in_flight: int = attr.ib(default=0, init=False)
     requests_in_flight: int = attr.ib(default=0, init=False)
@@ -123,6 +143,9 @@ class OctoplexApp:
     #: Set once the daemon drains: new batches are refused, while those in
     #: flight finish.
     draining: bool = attr.ib(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.metrics.watch(lambda: self.batches_in_flight, lambda: self.requests_in_flight)
 
     @router.route("/", methods=["GET"])
     @router.route("/healthz", methods=["GET"])
@@ -145,6 +168,40 @@ class OctoplexApp:
             return _respond(request, JSON_CONTENT_TYPE, _DRAINING)
         return _respond(request, JSON_CONTENT_TYPE, _READY)
 
+    @router.route("/metrics", methods=["GET"])
+    def prometheus(self, request: IRequest) -> bytes:
+        """
+        The statistics in Prometheus' text format.
+        """
+        refusal = self._metrics_refusal(request)
+        if refusal is not None:
+            return refusal
+        return _respond(request, TEXT_CONTENT_TYPE, render_text(self.metrics))
+
+    @router.route("/stats", methods=["GET"])
+    def stats(self, request: IRequest) -> bytes:
+        """
+        The statistics as a JSON document.
+        """
+        refusal = self._metrics_refusal(request)
+        if refusal is not None:
+            return refusal
+        return _respond(request, JSON_CONTENT_TYPE, render_json(self.metrics))
+
+    def _metrics_refusal(self, request: IRequest) -> bytes | None:
+        """
+        ``404`` if a separate listener serves the statistics, ``401`` if a
+        token is needed and not given; ``None`` to serve them.
+        """
+        if not self.metrics_routes:
+            raise NotFound()
+        if self.tokens and self.tokens.identify(request.getHeader(b"authorization")) is None:
+            error, challenge = _challenge(request)
+            request.setResponseCode(401)
+            request.setHeader(b"www-authenticate", challenge)
+            return _respond(request, JSON_CONTENT_TYPE, error_body(error))
+        return None
+
     @router.route("/multiplex", methods=["POST"])
     def multiplex(self, request: Request) -> Any:
         """
@@ -154,6 +211,7 @@ class OctoplexApp:
         assert request.content is not None
         body = request.content.read()
         bytes_in = len(body)
+        self.metrics.bytes_received.inc(bytes_in)
         address = format_address(request.getClientAddress())
         client = address
         identity = peer_identity(request.channel.transport)
@@ -224,8 +282,11 @@ class OctoplexApp:
     ) -> dict[str, Any]:
         """
         The fields that end every batch's event: how it was answered.
-        ``bytes_out`` counts the JSON answer, before any gzip.
+        ``bytes_out`` counts the JSON answer, before any gzip.  Counts the
+        batch in the statistics.
         """
+        elapsed = self.clock.seconds() - started
+        self.metrics.batch(status, elapsed, len(answer))
         return {
             "status": status,
             "size": size,
@@ -233,7 +294,7 @@ class OctoplexApp:
             "failed": failed,
             "timed_out": timed_out,
             "bytes_out": len(answer),
-            "elapsed_ms": int((self.clock.seconds() - started) * 1000),
+            "elapsed_ms": int(elapsed * 1000),
         }
 
     def _draining(self, request: IRequest, who: dict[str, Any], size: int, started: float) -> bytes:
@@ -260,6 +321,7 @@ class OctoplexApp:
         is refused rather than queued without bound.
         """
         self.shed += 1
+        self.metrics.shed.inc()
         error = (
             f"overloaded: {self.batches_in_flight} batches with {self.requests_in_flight} "
             f"requests in flight (at most {self.limits.max_batches_in_flight} batches and "
@@ -282,13 +344,7 @@ class OctoplexApp:
         ``401`` with a JSON error and a ``WWW-Authenticate`` challenge; the
         token presented, if any, is never logged.
         """
-        presented = request.getHeader(b"authorization") is not None
-        if presented:
-            error = "the bearer token is not one this server accepts"
-            challenge = b'Bearer realm="octoplex", error="invalid_token"'
-        else:
-            error = "this server needs an Authorization: Bearer <token> header"
-            challenge = b'Bearer realm="octoplex"'
+        error, challenge = _challenge(request)
         answer = error_body(error)
         self.log.warn(
             "batch from {client} refused: {error}",
@@ -487,4 +543,54 @@ class OctoplexSite(Site):
         """
         Write nothing: twisted.web's access line per request halves
         throughput, and the app's batch event says more.
+        """
+
+
+@attr.s(auto_attribs=True)
+class MetricsApp:
+    """
+    The routes of the separate statistics listener (``--metrics-listen``):
+    ``/metrics`` and ``/stats``, with no authentication.
+    """
+
+    router: ClassVar[Klein] = Klein()
+    metrics: Metrics
+
+    @router.route("/metrics", methods=["GET"])
+    def prometheus(self, request: IRequest) -> bytes:
+        """
+        The statistics in Prometheus' text format.
+        """
+        return _respond(request, TEXT_CONTENT_TYPE, render_text(self.metrics))
+
+    @router.route("/stats", methods=["GET"])
+    def stats(self, request: IRequest) -> bytes:
+        """
+        The statistics as a JSON document.
+        """
+        return _respond(request, JSON_CONTENT_TYPE, render_json(self.metrics))
+
+    @router.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        ``404`` with ``not found``.
+        """
+        request.setResponseCode(404)
+        return _respond(request, b"text/plain; charset=utf-8", _NOT_FOUND)
+
+
+class MetricsSite(Site):
+    """
+    The ``Site`` of the statistics listener: quiet, with no access log.
+    """
+
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(self, metrics: Metrics, reactor: Any) -> None:
+        super().__init__(MetricsApp(metrics).router.resource(), reactor=reactor)
+
+    def log(self, request: Any) -> None:
+        """
+        Write nothing: a scrape every few seconds is not worth a line.
         """

@@ -1,0 +1,343 @@
+"""
+Statistics: every metric Octoplex keeps, defined in one place.
+
+:class:`Metrics` owns a ``prometheus_client`` registry (never the global
+default one, so that several daemons can run in one process, as the tests
+do) and is passed, like the reactor, to each piece that counts: the app,
+the multiplexer, the upstream client and its pool, the endpoints and the
+resolver.  The hot path only touches counters and histograms whose
+labelled children were bound beforehand: no dict is built per request.
+
+:func:`render_text` serves the registry in Prometheus' text format
+(``/metrics``), :func:`render_json` as a JSON document (``/stats``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "CAUSES",
+    "LATENCY_BUCKETS",
+    "MAX_HOSTS",
+    "TEXT_CONTENT_TYPE",
+    "Metrics",
+    "UpstreamMetrics",
+    "render_json",
+    "render_text",
+]
+
+#: Seconds, from a fraction of a millisecond to the longest deadline.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+#: Upstream hosts (``host:port``) given a label of their own; the rest are
+#: counted under ``other``, so made-up names cannot grow the series.
+MAX_HOSTS = 100
+
+#: The ``cause`` label of ``octoplex_items_total``, by outcome.
+CAUSES: dict[str, tuple[str, ...]] = {
+    "success": ("response",),
+    "timeout": ("deadline", "queue_timeout"),
+    "failure": (
+        "connect",
+        "dns",
+        "tls",
+        "protocol",
+        "connection",
+        "too_large",
+        "forbidden",
+        "invalid",
+        "cancelled",
+        "internal",
+        "other",
+    ),
+}
+
+TEXT_CONTENT_TYPE = CONTENT_TYPE_LATEST.encode("ascii")
+
+
+class UpstreamMetrics:
+    """
+    The pool's counters for one upstream host (or for ``other``).
+    """
+
+    __slots__ = ("opened", "retired", "reused")
+
+    def __init__(self, metrics: Metrics, host: str) -> None:
+        self.opened = metrics.connections_opened.labels(host)
+        self.reused = metrics.connections_reused.labels(host)
+        self.retired = metrics.connections_retired.labels(host)
+
+
+class _IdleConnections(Collector):
+    """
+    ``octoplex_upstream_connections_idle``, per host, read from the pool
+    when the registry is collected.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "octoplex_upstream_connections_idle",
+            "Idle keep-alive connections in the pool, by upstream host.",
+            labels=["host"],
+        )
+        by_host: dict[str, int] = {}
+        for key, count in self._metrics.idle_source():
+            host = self._metrics.host_label(key)
+            by_host[host] = by_host.get(host, 0) + count
+        for host, count in sorted(by_host.items()):
+            family.add_metric([host], count)
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+def _host(key: Hashable) -> str:
+    # The pool's key is the Agent's (scheme, host, port), host in bytes.
+    if isinstance(key, tuple) and len(key) == 3:
+        scheme, host, port = key
+        if isinstance(host, bytes):
+            host = host.decode("ascii", "replace")
+        if isinstance(scheme, bytes):
+            scheme = scheme.decode("ascii", "replace")
+        return f"{scheme}://{host}:{port}"
+    return str(key)
+
+
+class Metrics:
+    """
+    Every metric of one Octoplex, in its own registry.
+
+    :param registry: the registry to define them in; a new one by default.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry = CollectorRegistry() if registry is None else registry
+        self.batches = Counter(
+            "octoplex_batches", "Batches answered, by HTTP status.", ["status"], registry=registry
+        )
+        self.batch_seconds = Histogram(
+            "octoplex_batch_seconds",
+            "Seconds from a batch's arrival to its answer.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.items = Counter(
+            "octoplex_items",
+            "Items (upstream requests) settled, by outcome and cause.",
+            ["outcome", "cause"],
+            registry=registry,
+        )
+        self.item_seconds = Histogram(
+            "octoplex_item_seconds",
+            "Seconds from a batch's start to each item's outcome.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batches_in_flight = Gauge(
+            "octoplex_batches_in_flight", "Batches being answered now.", registry=registry
+        )
+        self.items_in_flight = Gauge(
+            "octoplex_items_in_flight",
+            "Items of the batches being answered now.",
+            registry=registry,
+        )
+        self.shed = Counter(
+            "octoplex_batches_shed",
+            "Batches refused with 503 because the in-flight caps were reached.",
+            registry=registry,
+        )
+        self.deadlines_expired = Counter(
+            "octoplex_deadlines_expired",
+            "Batches whose deadline expired with items still pending.",
+            registry=registry,
+        )
+        self.egress_refused = Counter(
+            "octoplex_egress_refused",
+            "Upstream connections refused by the egress policy.",
+            registry=registry,
+        )
+        self.bytes_received = Counter(
+            "octoplex_received_bytes",
+            "Bytes of batch request bodies received (as sent, before any gzip decoding).",
+            registry=registry,
+        )
+        self.bytes_sent = Counter(
+            "octoplex_sent_bytes",
+            "Bytes of batch answers (JSON, before any gzip encoding).",
+            registry=registry,
+        )
+        self.upstream_bytes = Counter(
+            "octoplex_upstream_received_bytes",
+            "Body bytes read from upstream responses (after gzip decoding).",
+            registry=registry,
+        )
+        self.connections_opened = Counter(
+            "octoplex_upstream_connections_opened",
+            f"Upstream connections opened, by host (the first {MAX_HOSTS}, then other).",
+            ["host"],
+            registry=registry,
+        )
+        self.connections_reused = Counter(
+            "octoplex_upstream_connections_reused",
+            "Requests sent on an idle pooled connection rather than a new one, by host.",
+            ["host"],
+            registry=registry,
+        )
+        self.connections_retired = Counter(
+            "octoplex_upstream_connections_retired",
+            "Pooled connections closed by the pool's policy (age, uses, overflow, "
+            "egress change), by host.",
+            ["host"],
+            registry=registry,
+        )
+        self.connection_wait = Histogram(
+            "octoplex_upstream_connection_wait_seconds",
+            "Seconds a request waited in the queue for a connection slot.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.dns_lookups = Counter(
+            "octoplex_dns_lookups",
+            "Host name lookups by the DNS cache: hit, stale (served while refreshed) or miss.",
+            ["result"],
+            registry=registry,
+        )
+        self.dns_queries = Counter(
+            "octoplex_dns_queries",
+            "Lookups sent to name servers (a miss answered from /etc/hosts sends none).",
+            registry=registry,
+        )
+        #: Where the idle connections per pool key are read; the pool sets it.
+        self.idle_source: Callable[[], Iterable[tuple[Hashable, int]]] = lambda: ()
+        registry.register(_IdleConnections(self))
+
+        # Bound once: the hot path only increments.
+        self._batch_status: dict[int, Any] = {}
+        self._outcomes = {
+            (outcome, cause): self.items.labels(outcome, cause)
+            for outcome, causes in CAUSES.items()
+            for cause in causes
+        }
+        self.item_success = self._outcomes["success", "response"]
+        self.item_deadline = self._outcomes["timeout", "deadline"]
+        self.item_queue_timeout = self._outcomes["timeout", "queue_timeout"]
+        self.dns_hit = self.dns_lookups.labels("hit")
+        self.dns_stale = self.dns_lookups.labels("stale")
+        self.dns_miss = self.dns_lookups.labels("miss")
+        self._hosts: dict[Hashable, UpstreamMetrics] = {}
+        self._labels: dict[Hashable, str] = {}
+        self._other: UpstreamMetrics | None = None
+
+    def watch(self, batches: Callable[[], float], items: Callable[[], float]) -> None:
+        """
+        Read the in-flight gauges from these callables at each scrape.
+        """
+        self.batches_in_flight.set_function(batches)
+        self.items_in_flight.set_function(items)
+
+    def batch(self, status: int, seconds: float, bytes_out: int) -> None:
+        """
+        Count one answered batch.
+        """
+        counter = self._batch_status.get(status)
+        if counter is None:
+            counter = self._batch_status[status] = self.batches.labels(str(status))
+        counter.inc()
+        self.batch_seconds.observe(seconds)
+        self.bytes_sent.inc(bytes_out)
+
+    def item_failed(self, cause: str) -> Any:
+        """
+        The counter of failed items of ``cause`` (one of :data:`CAUSES`).
+        """
+        return self._outcomes.get(("failure", cause)) or self._outcomes["failure", "other"]
+
+    def host_label(self, key: Hashable) -> str:
+        """
+        The ``host`` label of a pool key: ``scheme://host:port`` for the first
+        :data:`MAX_HOSTS` keys seen, ``other`` after.
+        """
+        label = self._labels.get(key)
+        if label is None:
+            if len(self._labels) >= MAX_HOSTS:
+                return "other"
+            label = self._labels[key] = _host(key)
+        return label
+
+    def upstream(self, key: Hashable) -> UpstreamMetrics:
+        """
+        The pool's counters for the upstream of pool key ``key``.
+        """
+        found = self._hosts.get(key)
+        if found is not None:
+            return found
+        label = self.host_label(key)
+        if label == "other":
+            if self._other is None:
+                self._other = UpstreamMetrics(self, "other")
+            return self._other
+        found = self._hosts[key] = UpstreamMetrics(self, label)
+        return found
+
+
+def render_text(metrics: Metrics) -> bytes:
+    """
+    The registry in Prometheus' text exposition format.
+    """
+    return generate_latest(metrics.registry)
+
+
+def _number(value: float) -> Any:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return None
+    return int(value) if value.is_integer() else value
+
+
+def stats(metrics: Metrics) -> dict[str, Any]:
+    """
+    The registry's samples as a nested document: by metric, its type, help
+    and samples, each sample its name, labels and value (``_created``
+    timestamps left out).
+    """
+    document: dict[str, Any] = {}
+    for family in metrics.registry.collect():
+        document[family.name] = {
+            "type": family.type,
+            "help": family.documentation,
+            "samples": [
+                {"name": s.name, "labels": s.labels, "value": _number(s.value)}
+                for s in family.samples
+                if not s.name.endswith("_created")
+            ],
+        }
+    return document
+
+
+def render_json(metrics: Metrics) -> bytes:
+    """
+    :func:`stats` as JSON.
+    """
+    return json.dumps(stats(metrics), sort_keys=True, indent=1).encode("utf-8") + b"\n"
