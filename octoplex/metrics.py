@@ -309,6 +309,7 @@ def render_text(metrics: Metrics) -> bytes:
 
 
 def _number(value: float) -> Any:
+    value = float(value)
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     if math.isnan(value):

@@ -26,10 +26,12 @@ from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from octoplex.auth import Tokens
 from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.dns import CachingResolver, DNSSettings
 from octoplex.egress import EgressPolicy
 from octoplex.limits import Limits
+from octoplex.metrics import Metrics
 from octoplex.multiplexer import Multiplexer
 from octoplex.web import OctoplexApp, OctoplexSite
 
@@ -270,14 +272,16 @@ class Octoplex:
 LOOPBACK = EgressPolicy.from_strings(allow=["127.0.0.0/8", "::1/128"])
 
 
-def local_resolver(reactor: Any = global_reactor) -> CachingResolver:
+def local_resolver(
+    reactor: Any = global_reactor, metrics: Metrics | None = None
+) -> CachingResolver:
     """
     A resolver that answers from /etc/hosts (``localhost``) and sends any
     other query to a closed port on 127.0.0.1, never to the machine's name
     servers.
     """
     dead = names_client.Resolver(servers=[("127.0.0.1", 9)], reactor=reactor)
-    return CachingResolver(reactor, dead, DNSSettings(timeouts=(0.2,)))
+    return CachingResolver(reactor, dead, DNSSettings(timeouts=(0.2,)), metrics=metrics)
 
 
 def start_octoplex(
@@ -285,24 +289,29 @@ def start_octoplex(
     pool: PoolSettings | None = None,
     tls_policy: IPolicyForHTTPS | None = None,
     egress: EgressPolicy = LOOPBACK,
+    metrics: Metrics | None = None,
+    tokens: Tokens | None = None,
 ) -> Octoplex:
     """
-    Start Octoplex on 127.0.0.1, wired as the tap wires it.
+    Start Octoplex on 127.0.0.1, wired as the tap wires it; with
+    ``metrics``, every piece counts in it.
     """
     limits = limits or Limits()
+    metrics = Metrics() if metrics is None else metrics
     client = UpstreamClient(
         global_reactor,
         pool or PoolSettings(),
         limits.max_response_bytes,
         tls_policy,
-        local_resolver(),
+        local_resolver(metrics=metrics),
         egress,
         limits.max_header_count,
         limits.max_header_bytes,
+        metrics,
     )
     client.startService()
-    multiplexer = Multiplexer(global_reactor, client, limits.max_batch_response_bytes)
-    app = OctoplexApp(multiplexer, limits, global_reactor)
+    multiplexer = Multiplexer(global_reactor, client, limits.max_batch_response_bytes, metrics)
+    app = OctoplexApp(multiplexer, limits, global_reactor, tokens or Tokens({}), metrics)
     site = OctoplexSite(app, global_reactor)
     port = global_reactor.listenTCP(0, site, interface="127.0.0.1")
     return Octoplex(f"http://127.0.0.1:{port.getHost().port}", client, site, port)
