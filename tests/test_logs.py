@@ -23,6 +23,7 @@ import treq
 from treq.client import HTTPClient
 from twisted.application.service import Application
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
 from twisted.logger import ILogObserver, Logger, LogPublisher
 from twisted.python import usage
@@ -525,3 +526,61 @@ async def test_daemonized_twistd_logs_only_to_the_log_file(
     assert any("listening on" in r["message"] for r in records)
     assert [r["status"] for r in records if r.get("access")] == [200]
     assert records[-1]["message"] == "Server Shut Down."
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_operator_event_is_in_the_log(tmp_path: Path, upstream: Upstream) -> None:
+    """
+    The JSON log holds, with their fields: start-up with the settings in
+    force, a deadline expiry naming what was pending, an egress refusal, a
+    shed batch, a reload, and the drained shutdown.
+    """
+    port = free_port()
+    log, output = tmp_path / "octoplex.log", tmp_path / "out"
+    config = tmp_path / "octoplex.toml"
+    config.write_text("[limits]\nmax_batches_in_flight = 1\n")
+    process = spawn(port, output, "--log-file", str(log), "--config", str(config))
+    client = Client(f"http://127.0.0.1:{port}")
+    try:
+        await client.healthy()
+        slow = {
+            "timeout_msec": 300,
+            "requests": [
+                {"uri": upstream.url + "/delay/2000"},
+                {"uri": "http://169.254.169.254/latest/meta-data/"},
+            ],
+        }
+        first = Deferred.fromCoroutine(client.post(slow, token=None))
+        await sleep(0.1)
+        shed_status, _ = await client.post(_batch(upstream), token=None)
+        status, answer = await first
+        config.write_text("[limits]\nmax_batches_in_flight = 5\n")
+        process.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "configuration reloaded" in log.read_text())
+        await terminate(process, output)
+    finally:
+        stop(process)
+    assert (shed_status, status) == (503, 200)
+    assert answer["responses"][0]["Failure"]["error"] == "timeout elapsed"
+    records = read_json_lines(log)
+
+    def one(fragment: str) -> dict[str, Any]:
+        found = [r for r in records if fragment in r["message"]]
+        assert len(found) == 1, (fragment, [r["message"] for r in records])
+        return found[0]
+
+    start = one("listening on")
+    assert start["version"] and start["listen"] == [f"tcp:{port}:interface=127.0.0.1"]
+    assert start["configuration"]["max-batches-in-flight"] == 1
+    assert start["config_file"] == str(config)
+    expiry = one("deadline of 300 ms expired")
+    assert expiry["level"] == "warn"
+    assert expiry["pending_uris"] == [upstream.url + "/delay/2000"]
+    refusal = one("egress refused")
+    assert refusal["host"] == "169.254.169.254" and refusal["egress_refused"] is True
+    shed = one("shed")
+    assert shed["shed_total"] == 1 and shed["status"] == 503
+    reload = one("configuration reloaded")
+    assert reload["applied"] == ["max-batches-in-flight"] and reload["restart"] == []
+    assert one("stopping: draining")["in_flight"] == 0
+    assert "drained_ms" in one("stopped:")
