@@ -49,7 +49,7 @@ def _lost(cause: Failure, when: str) -> str:
     if cause.check(CertificateRejected):
         return f"TLS handshake failed: {cause.value}"
     if cause.check(TLSError):
-        return f"TLS error {when}: {_tls_detail(cause.value)}"
+        return f"TLS error {when}: {tls_reasons(cause.value)}"
     if cause.check(error.ConnectionLost):
         return f"connection to upstream was lost or reset {when}"
     if cause.check(ValueError, _MalformedChunkedDataError):
@@ -65,7 +65,11 @@ def _parse_detail(exc: BaseException | None) -> str:
     return f"{reason} {shown!r}"
 
 
-def _tls_detail(exc: BaseException | None) -> str:
+def tls_reasons(exc: BaseException | None) -> str:
+    """
+    The reasons OpenSSL gives for a TLS error, e.g. ``certificate verify
+    failed``.
+    """
     assert exc is not None
     parts = []
     for entry in exc.args[0] if exc.args and isinstance(exc.args[0], list) else []:
@@ -104,7 +108,7 @@ def describe(failure: Failure) -> str:
     if isinstance(value, error.ConnectError):
         return f"connecting to upstream failed: {value}"
     if isinstance(value, TLSError):
-        return f"TLS error: {_tls_detail(value)}"
+        return f"TLS error: {tls_reasons(value)}"
     if isinstance(value, (error.ConnectionLost, error.ConnectionDone)):
         return _lost(failure, "before sending a response")
     return f"{type(value).__name__}: {value}"

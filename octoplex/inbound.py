@@ -27,12 +27,14 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.interfaces import IDelayedCall, ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
+from octoplex.errors import tls_reasons
 from octoplex.limits import Limits
 from octoplex.wire import JSON_CONTENT_TYPE, error_body
 
@@ -150,6 +152,15 @@ class OctoplexChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_timer()
+        if reason.check(SSL.Error):
+            # A failed handshake (no client certificate, an unknown CA, a
+            # protocol version refused) ends here, with no request to log.
+            self.log.info(
+                "TLS with {client} failed: {error}",
+                client=_client(self.transport) if self.transport is not None else "?",
+                error=tls_reasons(reason.value),
+                tls_failure=True,
+            )
         super().connectionLost(reason)
         self.site.channels.discard(self)  # type: ignore[attr-defined]
         self.site.connection_closed()  # type: ignore[attr-defined]

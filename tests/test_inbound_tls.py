@@ -353,9 +353,15 @@ NO_CERTIFICATE = {
 )
 @pytest_twisted.ensureDeferred
 async def test_client_ca_refuses_missing_and_foreign_certificates(
-    pki: ServerPKI, client_ca: tuple[trustme.CA, Path], version: ssl.TLSVersion
+    pki: ServerPKI,
+    client_ca: tuple[trustme.CA, Path],
+    version: ssl.TLSVersion,
+    log_events: list[dict[str, Any]],
 ) -> None:
-    """With --tls-client-ca, no client certificate or one from another CA gets no HTTP answer."""
+    """
+    With --tls-client-ca, no client certificate or one from another CA gets
+    no HTTP answer; each failed handshake is logged with OpenSSL's reason.
+    """
     port = free_port()
     foreign = trustme.CA().issue_cert("bidder-7")
     async with running(*tls_argv(port, pki, "--tls-client-ca", str(client_ca[1]))):
@@ -367,6 +373,8 @@ async def test_client_ca_refuses_missing_and_foreign_certificates(
     assert_refused(bare, NO_CERTIFICATE[version])
     assert_refused(stranger, {"TLSV1_ALERT_UNKNOWN_CA"})
     assert_healthy(known)
+    failures = [e["error"] for e in log_events if e.get("tls_failure")]
+    assert failures == ["peer did not return a certificate", "certificate verify failed"]
 
 
 @pytest.mark.parametrize(
