@@ -191,12 +191,17 @@ class OctoplexChannel(HTTPChannel):
         transport = self.transport
         if transport is None:
             return
+        client = _client(transport)
         self.log.info(
             "inbound request from {client} refused with {status}: {error}",
-            client=_client(transport),
+            client=client,
+            client_address=client,
             status=status,
             error=message,
+            # The access log has every answer, those before the app too.
+            access=True,
         )
+        self.site.metrics.inbound_refused.labels(str(status)).inc()  # type: ignore[attr-defined]
         transport.write(raw_error(status, message))
         self._linger(transport)
 

@@ -167,6 +167,14 @@ class Metrics:
             "Batches refused with 503 because the in-flight caps were reached.",
             registry=registry,
         )
+        self.inbound_refused = Counter(
+            "octoplex_inbound_refused",
+            "Requests and connections refused before reaching the app, by status: 400 "
+            "malformed, 408 too slow, 413 too large, 431 head too large, 503 too many "
+            "connections.",
+            ["status"],
+            registry=registry,
+        )
         self.deadlines_expired = Counter(
             "octoplex_deadlines_expired",
             "Batches whose deadline expired with items still pending.",

@@ -494,6 +494,7 @@ class OctoplexSite(Site):
             timeout=app.limits.idle_timeout,
         )
         self.limits = app.limits
+        self.metrics = app.metrics
         self._reactor = reactor
         #: Inbound connections open now, counted as they are accepted.
         self.connections = 0
@@ -505,13 +506,18 @@ class OctoplexSite(Site):
     def buildProtocol(self, addr: IAddress | None) -> Any:
         if self.connections >= self.limits.max_connections:
             self.refused_connections += 1
+            client = "?" if addr is None else format_address(addr)
             OctoplexApp.log.warn(
                 "connection from {client} refused: {open} connections open, the most allowed "
                 "(refused so far: {refused})",
-                client="?" if addr is None else format_address(addr),
+                client=client,
+                client_address=client,
                 open=self.connections,
                 refused=self.refused_connections,
+                status=503,
+                access=True,
             )
+            self.metrics.inbound_refused.labels("503").inc()
             return ConnectionRefuser(self.limits.max_connections)
         self.connections += 1
         return super().buildProtocol(addr)

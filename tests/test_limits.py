@@ -133,6 +133,8 @@ async def test_heads_over_the_limits_get_431(
     status, headers, body = parse(raw)
     assert (status, body) == (431, {"error": message})
     assert headers["connection"] == "close"
+    registry = octoplex.site.metrics.registry
+    assert registry.get_sample_value("octoplex_inbound_refused_total", {"status": "431"}) == 1
     await still_serves(octoplex, upstream, caller)
 
 
@@ -264,6 +266,8 @@ async def test_connections_past_the_cap_get_503(
         )
         assert headers["retry-after"] == "1"
         assert octoplex.site.refused_connections == 1
+        registry = octoplex.site.metrics.registry
+        assert registry.get_sample_value("octoplex_inbound_refused_total", {"status": "503"}) == 1
     finally:
         held.pop().close()
     while octoplex.site.connections > 2:
