@@ -61,23 +61,24 @@ async def test_requests_run_in_parallel(
 async def test_deadline_cuts_off_the_slow_request(
     octoplex: Octoplex, upstream: Upstream, caller: Caller, log_events: list[dict[str, Any]]
 ) -> None:
-    """With a 100 ms deadline, a 400 ms request times out, the fast ones succeed, in time."""
-    slow = f"{upstream.url}/delay/400"
+    """With a 100 ms deadline, a 1 s request times out, the fast ones succeed, in time."""
+    slow = f"{upstream.url}/delay/1000"
     uris = [upstream.url + "/hello", slow, upstream.url + "/delay/10"]
     started = time.monotonic()
     status, _, body = await caller.post(octoplex.url + "/multiplex", _batch(100, uris))
     elapsed = time.monotonic() - started
     assert status == 200
-    # Honest slack for a shared 2-core machine: the answer is due at 100 ms.
-    assert 0.1 <= elapsed < 0.2, elapsed
+    # Honest slack for a shared 2-core machine (CI has seen the reactor stall
+    # for 190 ms): the answer is due at 100 ms, long before the 1 s request.
+    assert 0.1 <= elapsed < 0.5, elapsed
     fast, late, fast2 = body["responses"]
     assert fast["Success"]["content"] == "Hello world!"
     assert fast2["Success"]["content"] == "delayed 10"
     assert late["Failure"]["error"] == "timeout elapsed"
-    assert 100 <= late["Failure"]["duration_msec"] < 200
+    assert 100 <= late["Failure"]["duration_msec"] < 500
     # The slow request was cancelled: its connection was closed, not left to finish.
     await _sleep(0.05)
-    assert upstream.resource.finished_early == ["/delay/400"]
+    assert upstream.resource.finished_early == ["/delay/1000"]
     [expiry] = [e for e in log_events if "deadline" in e.get("log_format", "")]
     assert expiry["pending_uris"] == [slow]
     assert expiry["timeout_msec"] == 100
