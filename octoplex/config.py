@@ -59,6 +59,7 @@ def _keys(section: str, kind: str, *pairs: str) -> list[Key]:
 KEYS: tuple[Key, ...] = tuple(
     [
         *_keys("server", "strings", "listen", "listen"),
+        *_keys("server", "int", "workers", "workers"),
         *_keys("server", "number", "drain_delay", "drain-delay", "drain_timeout", "drain-timeout"),
         *_keys("auth", "string", "tokens_file", "api-tokens-file"),
         *_keys("tls", "strings", "listen", "listen-tls"),

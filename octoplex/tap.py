@@ -10,19 +10,23 @@ per ``--listen``.  Only this module imports the global reactor.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
+from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.names import client as names_client
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -46,6 +50,7 @@ from octoplex.tls import (
     server_options,
 )
 from octoplex.web import MetricsSite, OctoplexApp, OctoplexSite
+from octoplex.workers import Master, ParentWatch, stop_reactor
 
 __all__ = ["Options", "makeService"]
 
@@ -85,6 +90,19 @@ def _non_negative_seconds(text: str) -> float:
 _non_negative_seconds.coerceDoc = "Must be a number of seconds, 0 or more."  # type: ignore[attr-defined]
 
 _count = _positive(int, "a whole number")
+
+
+def _whole_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise ValueError(f"{text!r} must be 0 or more")
+    return value
+
+
+_whole_id.coerceDoc = "Must be a whole number, 0 or more."  # type: ignore[attr-defined]
 _LIMITS = Limits()
 _seconds = _positive(float, "a number of seconds")
 
@@ -338,6 +356,21 @@ class Options(LogOptions):
             "Serve /metrics and /stats, with no token, only on this endpoint "
             "(e.g. tcp:9100:interface=127.0.0.1) and not on --listen.",
         ],
+        [
+            "workers",
+            None,
+            1,
+            "Processes serving the listeners (SO_REUSEPORT); above 1, this one "
+            "supervises them and serves nothing itself.",
+            _count,
+        ],
+        [
+            "worker-id",
+            None,
+            None,
+            "Internal: set by the master on each worker it spawns.",
+            _whole_id,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -517,6 +550,7 @@ class Options(LogOptions):
                     raise usage.UsageError(
                         self._located(f"--{option} {description!r} is not usable: {e}")
                     ) from None
+        self._check_workers()
         try:
             self._load_tls()
             self["tokens"] = load_tokens(self["api-token"], self["api-tokens-file"])
@@ -531,6 +565,48 @@ class Options(LogOptions):
             raise usage.UsageError(self._located(str(e))) from None
         if not self.reloading:
             self.open_logs()
+
+    @property
+    def is_master(self) -> bool:
+        """
+        Whether this process supervises workers rather than serving.
+        """
+        return self["workers"] > 1 and self["worker-id"] is None
+
+    def _check_workers(self) -> None:
+        """
+        Check that the listeners can be shared by several processes, and
+        give a worker its own log files.
+        """
+        if self["workers"] == 1 and self["worker-id"] is None:
+            return
+        from twisted.internet import reactor
+
+        for option in ("listen", "listen-tls"):
+            for description in self[option]:
+                endpoint = serverFromString(reactor, description)
+                if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+                    raise usage.UsageError(
+                        self._located(
+                            f"--{option} {description!r} cannot be shared by --workers "
+                            f"{self['workers']}: only plain tcp: listeners can (SO_REUSEPORT)"
+                        )
+                    )
+        if self["metrics-listen"] is not None:
+            raise usage.UsageError(
+                self._located(
+                    f"--metrics-listen {self['metrics-listen']!r} is not supported with "
+                    f"--workers {self['workers']} yet: each worker serves its own /metrics "
+                    "on --listen"
+                )
+            )
+        if self.is_master:
+            # The master serves no batch: the workers write the access log.
+            self["access-log"] = None
+        else:
+            for option in ("log-file", "access-log"):
+                if self[option] is not None:
+                    self[option] = f"{self[option]}.worker-{self['worker-id']}"
 
     def _load_tls(self) -> None:
         """
@@ -588,6 +664,8 @@ class _Octoplex(MultiService):
     drain_timeout: float = 30.0
     drain_delay: float = 0.0
     logs: Logs | None = None
+    #: Whether this process is a worker of a master (--workers).
+    worker = False
 
     log = Logger()
 
@@ -630,6 +708,9 @@ class _Octoplex(MultiService):
             self.logs.start(self._reactor)
         # After the reactor has installed its own handlers.
         self._reactor.callWhenRunning(self._take_sigterm)
+        if self.worker and stat.S_ISFIFO(os.fstat(0).st_mode):
+            # The master's pipe: when it closes, the master is gone.
+            self._reactor.addReader(ParentWatch(self._reactor, self._orphaned))
         self._raise_file_limit()
         if self._previous_resolver is None:
             self._previous_resolver = self._reactor.installNameResolver(self._resolver)
@@ -731,10 +812,15 @@ class _Octoplex(MultiService):
         if self.logs is not None:
             self.logs.set_level(options["log-level"])
 
+    def _orphaned(self) -> None:
+        if self.running:
+            self.log.warn("the master process is gone: stopping")
+            stop_reactor(self._reactor)
+
     def _sigterm(self, number: int, frame: Any) -> None:
         # As the reactor's handler does, less the note that makes twistd
         # re-raise the signal: a drained stop is a clean exit.
-        self._reactor.callFromThread(self._reactor.stop)
+        self._reactor.callFromThread(stop_reactor, self._reactor)
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -762,7 +848,10 @@ class _Octoplex(MultiService):
         if self._previous_resolver is not None:
             self._reactor.installNameResolver(self._previous_resolver)
             self._previous_resolver = None
-        if self._previous_sigterm is not None:
+        if self._previous_sigterm is not None and not self.worker:
+            # A worker keeps its handler to the end: a second SIGTERM (the
+            # master's, after systemd's to the whole group) must not make
+            # twistd re-raise it.
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sigterm = None
@@ -774,6 +863,22 @@ class _Octoplex(MultiService):
         )
         if self.logs is not None:
             self.logs.stop()
+
+
+def _listener(description: str, factory: Any, reactor: Any, share: bool) -> Service:
+    """
+    The service listening on ``description``; with ``share``, a TCP port
+    bound with ``SO_REUSEPORT``, which the other workers bind too.
+    """
+    if not share:
+        return strports.service(description, factory, reactor=reactor)
+    endpoint: Any = serverFromString(reactor, description)
+    endpoint._port = makeBinding(
+        endpoint._interface, endpoint._port, reuseAddress=True, reusePort=True
+    )
+    service = StreamServerEndpointService(endpoint, factory)
+    service._raiseSynchronously = True
+    return service
 
 
 def limits_of(options: Options) -> Limits:
@@ -810,6 +915,10 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    if options.is_master:
+        master = Master(options, reactor, options["workers"])
+        master.logs = options.get("logs")
+        return master
     limits = limits_of(options)
     # One registry per daemon, never prometheus_client's global one.
     metrics = Metrics()
@@ -858,11 +967,15 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
     root.drain_timeout, root.drain_delay = options["drain-timeout"], options["drain-delay"]
     site = OctoplexSite(app, reactor)
     root.app, root.client, root.site, root.options = app, client, site, options
+    worker = options["worker-id"]
+    if worker is not None:
+        app.worker = f"{worker}:{os.getpid()}"
+        root.worker = True
     for description in options["listen"]:
-        strports.service(description, site, reactor=reactor).setServiceParent(root)
+        _listener(description, site, reactor, worker is not None).setServiceParent(root)
     for description in options["listen-tls"]:
         secure = TLSMemoryBIOFactory(options["tls-options"], False, site)
-        strports.service(description, secure, reactor=reactor).setServiceParent(root)
+        _listener(description, secure, reactor, worker is not None).setServiceParent(root)
     if metrics_listen:
         metrics_site = MetricsSite(metrics, reactor)
         strports.service(metrics_listen, metrics_site, reactor=reactor).setServiceParent(root)

@@ -143,6 +143,9 @@ class OctoplexApp:
     #: Set once the daemon drains: new batches are refused, while those in
     #: flight finish.
     draining: bool = attr.ib(default=False, init=False)
+    #: "ID:PID" of a worker process (--workers), sent on /healthz as
+    #: X-Octoplex-Worker; None for a single process.
+    worker: str | None = attr.ib(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.metrics.watch(lambda: self.batches_in_flight, lambda: self.requests_in_flight)
@@ -153,6 +156,8 @@ class OctoplexApp:
         """
         ``{"healthy": true}``, for load balancers and probes.
         """
+        if self.worker is not None:
+            request.setHeader(b"x-octoplex-worker", self.worker.encode("ascii"))
         return _respond(request, JSON_CONTENT_TYPE, _HEALTHY)
 
     @router.route("/readyz", methods=["GET"])

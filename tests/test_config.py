@@ -43,7 +43,7 @@ def parse(*argv: str) -> Options:
 
 def test_every_option_has_a_key() -> None:
     """Each setting of the command line can be set in the file too."""
-    options = set(Options()._dispatch) - {"help", "version", "config", "api-token"}
+    options = set(Options()._dispatch) - {"help", "version", "config", "api-token", "worker-id"}
     assert options == {key.option for key in KEYS}
     assert options >= RELOADABLE
 

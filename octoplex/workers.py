@@ -1,0 +1,325 @@
+"""
+``--workers N``: one master process supervising N worker processes.
+
+With ``--workers`` above 1 the ``twistd octoplex`` process is a master: it
+listens on nothing and serves nothing.  It spawns N workers, each
+``twistd -n --pidfile= octoplex`` with the master's own command line (so
+the same ``--config`` file, the command line still winning over it) plus
+``--workers 1 --worker-id I``.  Each worker binds the same listeners with
+``SO_REUSEPORT``; the kernel spreads new connections over them.
+
+Supervision: a worker that exits while the master runs is started again,
+after 1 s doubling to 30 s for a worker that keeps dying, the delay reset
+once a worker has lived 60 s.  Every start and exit is logged with the
+worker's id, pid and exit status.
+
+Signals: SIGTERM (or SIGINT) to the master is sent on to every worker,
+each of which drains as a single daemon does; the master exits 0 once they
+all have (those still running after ``--drain-timeout`` plus a grace get
+SIGKILL).  SIGHUP and SIGUSR1 are sent on to every worker (each reloads
+its configuration, or reopens its log files); SIGUSR1 reopens the
+master's own log files too.
+
+Logs: a worker with a log file (``--log-file``, ``--access-log``) writes
+its own, the path suffixed ``.worker-I``.  What a worker writes to its
+standard output or error (its whole log when no ``--log-file`` is given)
+the master relays, line by line, into its own log.
+
+Each worker watches its standard input, a pipe from the master: when the
+master is gone (even killed), the pipe closes and the worker stops
+(draining), so no worker outlives its master.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import abstract, fdesc
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ReactorNotRunning
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from octoplex import __version__
+
+__all__ = ["Master", "ParentWatch", "stop_reactor", "worker_argv"]
+
+#: The first delay before a dead worker is started again, and the most.
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 30.0
+#: A worker that lived this long resets the delay.
+BACKOFF_RESET = 60.0
+#: Seconds past --drain-timeout the workers get to exit before SIGKILL.
+STOP_GRACE = 10.0
+
+
+def worker_argv(argv: list[str], worker_id: int) -> list[str]:
+    """
+    The command line of worker ``worker_id``: this interpreter running
+    twistd in the foreground with the master's options.
+    """
+    return [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "octoplex",
+        *argv,
+        "--workers",
+        "1",
+        "--worker-id",
+        str(worker_id),
+    ]
+
+
+def stop_reactor(reactor: Any) -> None:
+    """
+    Stop ``reactor``, unless it is stopping already (a second signal).
+    """
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
+def _status(reason: Failure) -> str:
+    value = reason.value
+    signal_number = getattr(value, "signal", None)
+    if signal_number is not None:
+        try:
+            return f"killed by {signal.Signals(signal_number).name}"
+        except ValueError:
+            return f"killed by signal {signal_number}"
+    return f"exit status {getattr(value, 'exitCode', None)}"
+
+
+class _WorkerProtocol(ProcessProtocol):
+    def __init__(self, master: Master, worker_id: int) -> None:
+        self._master = master
+        self.worker_id = worker_id
+        self._partial = {1: b"", 2: b""}
+        self.started = 0.0
+        self.pid: int | None = None
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        lines = (self._partial.get(fd, b"") + data).split(b"\n")
+        self._partial[fd] = lines.pop()
+        for line in lines:
+            self._master.relay(self.worker_id, line)
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._partial.items():
+            if rest:
+                self._master.relay(self.worker_id, rest)
+            self._partial[fd] = b""
+        self._master.ended(self, reason)
+
+
+class Master(Service):
+    """
+    The root service of a master: it spawns, supervises and signals the
+    workers.
+
+    :param options: the parsed options (their ``argv`` is passed on).
+    :param reactor: the reactor.
+    :param count: how many workers.
+    """
+
+    log = Logger()
+    logs: Any = None
+
+    def __init__(self, options: Any, reactor: Any, count: int) -> None:
+        self.options = options
+        self._reactor = reactor
+        self.count = count
+        self.workers: dict[int, _WorkerProtocol] = {}
+        self._delay = {i: BACKOFF_FIRST for i in range(count)}
+        self._pending: dict[int, Any] = {}
+        self._stopping = False
+        self._stopped: Deferred[None] | None = None
+        self._previous: dict[int, Any] = {}
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.logs is not None:
+            self.logs.attach(parent)
+        super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        if self.logs is not None:
+            self.logs.start(self._reactor)
+        super().startService()
+        self._reactor.callWhenRunning(self._take_signals)
+        self.log.info(
+            "octoplex {version} master (pid {pid}) starting {count} workers",
+            version=__version__,
+            pid=os.getpid(),
+            count=self.count,
+            configuration=self.options.effective(),
+        )
+        for i in range(self.count):
+            self._spawn(i)
+
+    def _take_signals(self) -> None:
+        if not self.running or threading.current_thread() is not threading.main_thread():
+            return
+        for number, handler in (
+            (signal.SIGTERM, self._on_sigterm),
+            (signal.SIGHUP, self._on_forward),
+            (signal.SIGUSR1, self._on_sigusr1),
+        ):
+            self._previous[number] = signal.signal(number, handler)
+
+    def _on_sigterm(self, number: int, frame: Any) -> None:
+        # Not the reactor's handler, which would make twistd re-raise the
+        # signal: a drained stop is a clean exit.
+        self._reactor.callFromThread(stop_reactor, self._reactor)
+
+    def _on_forward(self, number: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.forward, number)
+
+    def _on_sigusr1(self, number: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.forward, number)
+        if self.logs is not None and self.logs.files:
+            self._reactor.callFromThread(self.logs.reopen)
+
+    def forward(self, number: int) -> None:
+        """
+        Send signal ``number`` to every worker running.
+        """
+        name = signal.Signals(number).name
+        pids = []
+        for protocol in list(self.workers.values()):
+            if protocol.transport is None:
+                continue
+            try:
+                protocol.transport.signalProcess(name.removeprefix("SIG"))
+            except (ProcessExitedAlready, OSError):
+                continue
+            pids.append(protocol.pid)
+        self.log.info("{signal} sent on to the workers {pids}", signal=name, pids=pids)
+
+    def _spawn(self, worker_id: int) -> None:
+        self._pending.pop(worker_id, None)
+        if self._stopping:
+            return
+        protocol = _WorkerProtocol(self, worker_id)
+        transport = self._reactor.spawnProcess(
+            protocol,
+            sys.executable,
+            worker_argv(self.options.argv, worker_id),
+            env=dict(os.environ),
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+        protocol.pid = transport.pid
+        protocol.started = self._reactor.seconds()
+        self.workers[worker_id] = protocol
+        self.log.info(
+            "worker {worker_id} started, pid {pid}", worker_id=worker_id, pid=transport.pid
+        )
+
+    def relay(self, worker_id: int, line: bytes) -> None:
+        """
+        Log a line a worker wrote to its standard output or error.
+        """
+        text = line.decode("utf-8", "backslashreplace").rstrip("\r")
+        if text:
+            self.log.info("worker {worker_id}: {line}", worker_id=worker_id, line=text)
+
+    def ended(self, protocol: _WorkerProtocol, reason: Failure) -> None:
+        worker_id = protocol.worker_id
+        if self.workers.get(worker_id) is protocol:
+            del self.workers[worker_id]
+        lived = self._reactor.seconds() - protocol.started
+        status = _status(reason)
+        if self._stopping:
+            self.log.info(
+                "worker {worker_id} (pid {pid}) exited: {status}",
+                worker_id=worker_id,
+                pid=protocol.pid,
+                status=status,
+                clean=reason.check(ProcessDone) is not None,
+            )
+            if not self.workers and self._stopped is not None:
+                stopped, self._stopped = self._stopped, None
+                stopped.callback(None)
+            return
+        if lived >= BACKOFF_RESET:
+            self._delay[worker_id] = BACKOFF_FIRST
+        delay = self._delay[worker_id]
+        self._delay[worker_id] = min(delay * 2, BACKOFF_MAX)
+        self.log.warn(
+            "worker {worker_id} (pid {pid}) exited after {lived:.1f} s: {status}; "
+            "restarting it in {delay:g} s",
+            worker_id=worker_id,
+            pid=protocol.pid,
+            status=status,
+            lived=lived,
+            delay=delay,
+        )
+        self._pending[worker_id] = self._reactor.callLater(delay, self._spawn, worker_id)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._stopping = True
+        for call in self._pending.values():
+            if call.active():
+                call.cancel()
+        self._pending.clear()
+        self.log.info(
+            "octoplex {version} master stopping: SIGTERM to {count} workers",
+            version=__version__,
+            count=len(self.workers),
+        )
+        done: Deferred[None] = Deferred()
+        if not self.workers:
+            done.callback(None)
+        else:
+            self._stopped = done
+            self.forward(signal.SIGTERM)
+            limit = self.options["drain-timeout"] + self.options["drain-delay"] + STOP_GRACE
+            killer = self._reactor.callLater(limit, self._kill)
+            done.addBoth(lambda result: (killer.active() and killer.cancel(), result)[1])
+        done.addCallback(lambda _: self._stopped_all())
+        return done
+
+    def _kill(self) -> None:
+        self.log.error("workers still running after the drain: SIGKILL")
+        self.forward(signal.SIGKILL)
+
+    def _stopped_all(self) -> None:
+        # The handlers stay to the end: a late SIGTERM must not make twistd
+        # re-raise it.
+        self.log.info("octoplex {version} master stopped", version=__version__)
+        if self.logs is not None:
+            self.logs.stop()
+
+
+class ParentWatch(abstract.FileDescriptor):
+    """
+    Reads a worker's standard input, the master's pipe, and calls
+    ``gone`` once it closes: the master has exited.
+    """
+
+    def __init__(self, reactor: Any, gone: Any, fd: int = 0) -> None:
+        super().__init__(reactor)
+        self._fd = fd
+        self._gone = gone
+        fdesc.setNonBlocking(fd)
+        self.connected = 1
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doRead(self) -> Any:
+        return fdesc.readFromFD(self._fd, lambda data: None)
+
+    def connectionLost(self, reason: Failure) -> None:
+        abstract.FileDescriptor.connectionLost(self, reason)
+        self._gone()
