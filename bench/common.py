@@ -119,6 +119,24 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def tree_cpu_seconds(pid: int) -> float | None:
+    """
+    utime + stime of a process and of its descendants still running (a
+    master's workers), from /proc; None where unavailable.
+    """
+    total = cpu_seconds(pid)
+    if total is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        children = []
+    for child in children:
+        total += tree_cpu_seconds(child) or 0.0
+    return total
+
+
 def wait_until(
     check: Callable[[], object],
     proc: subprocess.Popen[Any],

@@ -15,6 +15,10 @@ and p99, errors, failed sub-requests, and sub-requests/s as a fraction of the
 direct upstream requests/s.  The daemon runs pinned to one CPU, upstream and
 wrk to another.
 
+``--workers 1,2`` runs the batch sizes once per worker count, a fresh daemon
+started with ``--workers N`` each time; with N > 1 the daemon (its master
+and workers) is not pinned, and its CPU % is summed over its processes.
+
 Stdlib only; needs wrk, and nginx for the reference upstream.  See
 bench/README.md.
 """
@@ -214,16 +218,18 @@ def octoplex_argv(cmd: str | None, port: int) -> tuple[list[str], str]:
 
 
 def start_octoplex(
-    cmd: str | None, tmp: str, pin: Pinning, procs: common.Processes
+    cmd: str | None, tmp: str, pin: Pinning, procs: common.Processes, workers: int = 1
 ) -> tuple[subprocess.Popen[Any], int, str, list[str], str]:
     port = common.free_port()
     argv, source = octoplex_argv(cmd, port)
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     env = common.daemon_env()
-    log = os.path.join(tmp, "octoplex.log")
+    log = os.path.join(tmp, f"octoplex-workers-{workers}.log")
     with open(log, "wb") as out:
         proc = procs.start(
             "octoplex",
-            pin.daemon(argv),
+            pin.daemon(argv) if workers == 1 else argv,
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
@@ -398,7 +404,8 @@ def measured(
     print(f"  {label}: measuring {args.duration} s ...", flush=True)
 
     def cpu(p: subprocess.Popen[Any] | None) -> float | None:
-        return None if p is None else common.cpu_seconds(p.pid)
+        # The daemon's whole process tree: its workers with --workers.
+        return None if p is None else common.tree_cpu_seconds(p.pid)
 
     a0 = accepts() if accepts else None
     d0, u0, t0 = cpu(daemon), cpu(upstream), time.monotonic()
@@ -459,8 +466,33 @@ def markdown_table(direct: dict[str, Any], batches: list[dict[str, Any]]) -> str
     return "\n".join(rows)
 
 
+def worker_table(by_workers: list[tuple[int, list[dict[str, Any]], list[str]]]) -> str:
+    """
+    Sub-requests/s per batch size (rows) and worker count (columns).
+    """
+    counts = [workers for workers, _, _ in by_workers]
+    rows = [
+        "| batch size | " + " | ".join(f"{n} worker{'s' if n > 1 else ''}" for n in counts) + " |",
+        "|---:|" + "---:|" * len(counts),
+    ]
+    for i, first in enumerate(by_workers[0][1]):
+        cells = [fmt(batches[i]["sub_requests_per_s"]) for _, batches, _ in by_workers]
+        rows.append(f"| {first['batch_size']} | " + " | ".join(cells) + " |")
+    return "sub-requests/s by worker count:\n\n" + "\n".join(rows)
+
+
 # --------------------------------------------------------------------------
 # Main
+
+
+def worker_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("worker counts must be at least 1")
+    return counts
 
 
 def batch_sizes(text: str) -> list[int]:
@@ -508,6 +540,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=batch_sizes("1,10,50"),
         metavar="LIST",
         help="comma-separated batch sizes (default: 1,10,50)",
+    )
+    parser.add_argument(
+        "-w",
+        "--workers",
+        type=worker_counts,
+        default=[1],
+        metavar="LIST",
+        help="comma-separated worker counts, a daemon run with --workers N for each; "
+        "N > 1 is not pinned (default: 1)",
     )
     parser.add_argument(
         "--warmup",
@@ -578,12 +619,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.nginx} not found", file=sys.stderr)
         return 2
 
-    runs = 1 + len(args.batch_sizes)
+    runs = 1 + len(args.batch_sizes) * len(args.workers)
     estimate = runs * (args.warmup + args.duration)
     print(
         f"Octoplex benchmark: {args.connections} connections, {args.duration} s per run "
-        f"(+{args.warmup} s warm-up), batch sizes {args.batch_sizes}; "
-        f"about {estimate} s of load.",
+        f"(+{args.warmup} s warm-up), batch sizes {args.batch_sizes}, "
+        f"workers {args.workers}; about {estimate} s of load.",
         flush=True,
     )
     pin = Pinning(args.daemon_cpus, args.load_cpus, not args.no_pin)
@@ -614,35 +655,42 @@ def main(argv: list[str] | None = None) -> int:
             def accepts() -> int | None:
                 return nginx_accepts(upstream_port)
 
-        daemon, port, daemon_log, daemon_argv, source = start_octoplex(
-            args.octoplex_cmd, tmp, pin, procs
-        )
-        print(f"Octoplex: {shlex.join(daemon_argv)}\n  ({source}), pid {daemon.pid}")
+        direct_raw: dict[str, Any] | None = None
+        by_workers: list[tuple[int, list[dict[str, Any]], list[str]]] = []
+        for workers in args.workers:
+            daemon, port, daemon_log, daemon_argv, source = start_octoplex(
+                args.octoplex_cmd, tmp, pin, procs, workers
+            )
+            print(
+                f"Octoplex ({workers} worker{'s' if workers > 1 else ''}"
+                f"{', not pinned' if workers > 1 else ''}): {shlex.join(daemon_argv)}\n"
+                f"  ({source}), pid {daemon.pid}"
+            )
 
-        for size in args.batch_sizes:
-            check_one_batch(port, size, upstream_url, args.timeout_msec)
-        print("Check: one batch of each size answered all Success/200.")
+            for size in args.batch_sizes:
+                check_one_batch(port, size, upstream_url, args.timeout_msec)
+            print("Check: one batch of each size answered all Success/200.")
 
-        watch = [
-            ("octoplex", daemon, daemon_log),
-            (upstream_label, upstream, upstream_log),
-        ]
-        direct_raw = measured(
-            "direct", wrk, pin, watch, upstream_url, args, ["direct"], 1, None, upstream
-        )
-        batches = []
-        multiplex_url = f"http://{HOST}:{port}/multiplex"
-        for size in args.batch_sizes:
-            script_args = [
-                "multiplex",
-                str(size),
-                upstream_url,
-                str(args.timeout_msec),
-                "0" if args.no_check_responses else "1",
+            watch = [
+                ("octoplex", daemon, daemon_log),
+                (upstream_label, upstream, upstream_log),
             ]
-            batches.append(
-                measured(
-                    f"batch {size}",
+            if direct_raw is None:
+                direct_raw = measured(
+                    "direct", wrk, pin, watch, upstream_url, args, ["direct"], 1, None, upstream
+                )
+            batches = []
+            multiplex_url = f"http://{HOST}:{port}/multiplex"
+            for size in args.batch_sizes:
+                script_args = [
+                    "multiplex",
+                    str(size),
+                    upstream_url,
+                    str(args.timeout_msec),
+                    "0" if args.no_check_responses else "1",
+                ]
+                result = measured(
+                    f"workers {workers}, batch {size}",
                     wrk,
                     pin,
                     watch,
@@ -654,16 +702,29 @@ def main(argv: list[str] | None = None) -> int:
                     upstream,
                     accepts,
                 )
-            )
+                result["workers"] = workers
+                batches.append(result)
+            by_workers.append((workers, batches, daemon_argv))
+            common.stop(daemon, 40.0)
+        assert direct_raw is not None
 
-        table = markdown_table(direct_raw, batches)
-        print()
-        print(
-            f"Octoplex vs {upstream_label}, wrk -t1 -c{args.connections} -d{args.duration}s; "
-            f"{pin.note}."
-        )
-        print()
-        print(table)
+        tables = []
+        for workers, batches, _ in by_workers:
+            table = markdown_table(direct_raw, batches)
+            tables.append(table)
+            where = pin.note
+            if workers > 1 and pin.enabled:
+                where = f"daemon NOT pinned, upstream and wrk on CPU {pin.load_cpus}"
+            print()
+            print(
+                f"Octoplex --workers {workers} vs {upstream_label}, "
+                f"wrk -t1 -c{args.connections} -d{args.duration}s; {where}."
+            )
+            print()
+            print(table)
+        if len(by_workers) > 1:
+            print()
+            print(worker_table(by_workers))
         print()
         print(f"Total time: {time.monotonic() - started:.0f} s")
         if args.json:
@@ -677,13 +738,19 @@ def main(argv: list[str] | None = None) -> int:
                     "timeout_msec": args.timeout_msec,
                     "pinning": pin.note,
                     "upstream": upstream_label,
-                    "octoplex_cmd": daemon_argv,
+                    "octoplex_cmd": by_workers[0][2],
+                    "workers": args.workers,
                     "response_check": not args.no_check_responses,
                 },
                 "machine": common.describe_machine(),
                 "direct": direct_raw,
-                "batches": batches,
-                "markdown": table,
+                # The first worker count's, as before --workers; then every run.
+                "batches": by_workers[0][1],
+                "runs": [
+                    {"workers": workers, "octoplex_cmd": argv, "batches": batches}
+                    for workers, batches, argv in by_workers
+                ],
+                "markdown": "\n\n".join(tables),
             }
             common.write_json(args.json, document)
         return 0
