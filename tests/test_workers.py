@@ -10,13 +10,18 @@ import os
 import re
 import signal
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from octoplex.tap import Options
-from octoplex.workers import worker_argv
+from octoplex.workers import Master, worker_argv
 
 from .servers import Caller, start_upstream
 from .test_twistd import (
@@ -71,11 +76,15 @@ async def workers_seen(caller: Caller, url: str, wanted: int) -> dict[int, int]:
 
 
 def alive(pid: int) -> bool:
+    """
+    Whether ``pid`` runs (a zombie that no init reaps does not).
+    """
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return True
 
 
 @pytest_twisted.ensureDeferred
@@ -212,3 +221,77 @@ def test_usage_error_from_twistd() -> None:
     )
     assert result.returncode == 1
     assert "cannot be shared by --workers 2" in result.stdout
+
+
+class _FakeReactor(Clock):
+    """
+    A clock that records the processes it is asked to spawn.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[list[str]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], **kw: Any) -> Any:
+        self.spawned.append(args)
+        return SimpleNamespace(pid=1000 + len(self.spawned))
+
+    def callWhenRunning(self, f: Any, *args: Any) -> None:
+        pass
+
+
+def test_a_dead_worker_is_restarted_with_backoff() -> None:
+    """1 s, doubling to 30 s while the worker keeps dying; back to 1 s after it lived 60 s."""
+    reactor = _FakeReactor()
+    master = Master(parse("--listen", "tcp:0", "--workers", "2"), reactor, 2)
+    master.startService()
+    assert [args[-1] for args in reactor.spawned] == ["0", "1"]
+    delays = []
+    for _ in range(7):
+        protocol = master.workers[0]
+        protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        assert 0 not in master.workers
+        (call,) = reactor.getDelayedCalls()
+        delays.append(call.getTime() - reactor.seconds())
+        reactor.advance(delays[-1])
+        assert master.workers[0] is not protocol
+    assert delays == [1, 2, 4, 8, 16, 30, 30]
+    reactor.advance(60)
+    master.workers[0].processEnded(Failure(ProcessTerminated(exitCode=None, signal=9)))
+    (call,) = reactor.getDelayedCalls()
+    assert call.getTime() - reactor.seconds() == 1
+    assert len(reactor.spawned) == 9
+    # Stopping cancels a pending restart, and waits for the workers running.
+    reactor.advance(1)
+    master.workers[1].processEnded(Failure(ProcessTerminated(exitCode=1)))
+    stopped = master.stopService()
+    assert not stopped.called
+    master.workers[0].processEnded(Failure(ProcessDone(0)))
+    assert stopped.called
+    assert not reactor.getDelayedCalls()
+    assert len(reactor.spawned) == 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_stop_when_the_master_is_killed(tmp_path: Path, caller: Caller) -> None:
+    """A master killed with SIGKILL leaves no worker behind: each sees its pipe close."""
+    port = free_port()
+    logfile, output = tmp_path / "octoplex.log", tmp_path / "output.txt"
+    url = f"http://127.0.0.1:{port}"
+    process = spawn_twistd(port, logfile, output, "--workers", "2")
+    pids: list[int] = []
+    try:
+        await wait_until_healthy(process, caller, url, output)
+        pids += (await workers_seen(caller, url, 2)).values()
+        process.kill()
+        await wait_for_exit(process, EXIT_TIMEOUT)
+        for _ in range(int(WORKER_TIMEOUT / 0.1)):
+            if not any(alive(pid) for pid in pids):
+                break
+            await sleep(0.1)
+        assert not [pid for pid in pids if alive(pid)]
+    finally:
+        stop(process)
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
