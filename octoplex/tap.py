@@ -592,14 +592,6 @@ class Options(LogOptions):
                             f"{self['workers']}: only plain tcp: listeners can (SO_REUSEPORT)"
                         )
                     )
-        if self["metrics-listen"] is not None:
-            raise usage.UsageError(
-                self._located(
-                    f"--metrics-listen {self['metrics-listen']!r} is not supported with "
-                    f"--workers {self['workers']} yet: each worker serves its own /metrics "
-                    "on --listen"
-                )
-            )
         if self.is_master:
             # The master serves no batch: the workers write the access log.
             self["access-log"] = None

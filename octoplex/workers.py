@@ -25,6 +25,12 @@ its own, the path suffixed ``.worker-I``.  What a worker writes to its
 standard output or error (its whole log when no ``--log-file`` is given)
 the master relays, line by line, into its own log.
 
+Statistics: with ``--metrics-listen`` the master serves ``/metrics`` and
+``/stats`` there, the sums of every worker's (see :mod:`octoplex.totals`);
+each worker serves its own on a private UNIX socket in a temporary
+directory, given to it as ``--metrics-listen unix:PATH``.  Without it, each
+worker answers ``/metrics`` on the shared listeners with its own numbers.
+
 Each worker watches its standard input, a pipe from the master: when the
 master is gone (even killed), the pipe closes and the worker stops
 (draining), so no worker outlives its master.
@@ -33,11 +39,14 @@ master is gone (even killed), the pipe closes and the worker stops
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from typing import Any
 
+from twisted.application import strports
 from twisted.application.service import Service
 from twisted.internet import abstract, fdesc
 from twisted.internet.defer import Deferred
@@ -47,6 +56,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from octoplex import __version__
+from octoplex.totals import TotalsSite
 
 __all__ = ["Master", "ParentWatch", "stop_reactor", "worker_argv"]
 
@@ -59,11 +69,13 @@ BACKOFF_RESET = 60.0
 STOP_GRACE = 10.0
 
 
-def worker_argv(argv: list[str], worker_id: int) -> list[str]:
+def worker_argv(argv: list[str], worker_id: int, metrics_socket: str | None = None) -> list[str]:
     """
     The command line of worker ``worker_id``: this interpreter running
-    twistd in the foreground with the master's options.
+    twistd in the foreground with the master's options; with
+    ``metrics_socket``, it serves its statistics there.
     """
+    metrics = [] if metrics_socket is None else ["--metrics-listen", f"unix:{metrics_socket}"]
     return [
         sys.executable,
         "-c",
@@ -76,6 +88,7 @@ def worker_argv(argv: list[str], worker_id: int) -> list[str]:
         "1",
         "--worker-id",
         str(worker_id),
+        *metrics,
     ]
 
 
@@ -145,6 +158,18 @@ class Master(Service):
         self._stopping = False
         self._stopped: Deferred[None] | None = None
         self._previous: dict[int, Any] = {}
+        self._metrics: Any = None
+        self._metrics_dir: str | None = None
+        if options["metrics-listen"] is not None:
+            self._metrics_dir = tempfile.mkdtemp(prefix="octoplex-metrics-")
+            sockets = [os.path.join(self._metrics_dir, f"worker-{i}.sock") for i in range(count)]
+            site = TotalsSite(reactor, sockets)
+            self._metrics = strports.service(options["metrics-listen"], site, reactor=reactor)
+
+    def _socket(self, worker_id: int) -> str | None:
+        if self._metrics_dir is None:
+            return None
+        return os.path.join(self._metrics_dir, f"worker-{worker_id}.sock")
 
     def setServiceParent(self, parent: Any) -> None:
         if self.logs is not None:
@@ -155,6 +180,8 @@ class Master(Service):
         if self.logs is not None:
             self.logs.start(self._reactor)
         super().startService()
+        if self._metrics is not None:
+            self._metrics.startService()
         self._reactor.callWhenRunning(self._take_signals)
         self.log.info(
             "octoplex {version} master (pid {pid}) starting {count} workers",
@@ -210,10 +237,14 @@ class Master(Service):
         if self._stopping:
             return
         protocol = _WorkerProtocol(self, worker_id)
+        socket = self._socket(worker_id)
+        if socket is not None and os.path.exists(socket):
+            # Left by the worker this one replaces.
+            os.unlink(socket)
         transport = self._reactor.spawnProcess(
             protocol,
             sys.executable,
-            worker_argv(self.options.argv, worker_id),
+            worker_argv(self.options.argv, worker_id, socket),
             env=dict(os.environ),
             childFDs={0: "w", 1: "r", 2: "r"},
         )
@@ -268,6 +299,8 @@ class Master(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self._stopping = True
+        if self._metrics is not None and self._metrics.running:
+            self._metrics.stopService()
         for call in self._pending.values():
             if call.active():
                 call.cancel()
@@ -296,6 +329,8 @@ class Master(Service):
     def _stopped_all(self) -> None:
         # The handlers stay to the end: a late SIGTERM must not make twistd
         # re-raise it.
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
         self.log.info("octoplex {version} master stopped", version=__version__)
         if self.logs is not None:
             self.logs.stop()

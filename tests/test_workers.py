@@ -6,6 +6,7 @@ on, and drain and exit 0 on SIGTERM.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,12 +16,15 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from octoplex.metrics import Metrics, render_text, stats
 from octoplex.tap import Options
+from octoplex.totals import render_totals_text, sum_stats
 from octoplex.workers import Master, worker_argv
 
 from .servers import Caller, start_upstream
@@ -102,12 +106,22 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
     access = tmp_path / "access.log"
     config = tmp_path / "octoplex.toml"
     config.write_text("[server]\nworkers = 2\n")
+    metrics_port = free_port()
+    metrics_url = f"http://127.0.0.1:{metrics_port}"
     url = f"http://127.0.0.1:{port}"
     upstream = start_upstream()
     pids: list[int] = []
     try:
         process = spawn_twistd(
-            port, logfile, output, "--config", str(config), "--access-log", str(access)
+            port,
+            logfile,
+            output,
+            "--config",
+            str(config),
+            "--access-log",
+            str(access),
+            "--metrics-listen",
+            f"tcp:{metrics_port}:interface=127.0.0.1",
         )
         try:
             await wait_until_healthy(process, caller, url, output)
@@ -120,6 +134,24 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
                 status, _, body = await within(10.0, caller.post(url + "/multiplex", batch))
                 assert status == 200
                 assert body["responses"][0]["Success"]["content"] == "Hello world!"
+            # The master's statistics are the workers' sums.
+            status, _, raw = await within(10.0, caller.get(metrics_url + "/stats"))
+            assert status == 200, raw
+            stats = json.loads(raw)
+            assert stats["octoplex_workers_scraped"]["samples"][0]["value"] == 2
+            (batches,) = [
+                s
+                for s in stats["octoplex_batches"]["samples"]
+                if s["name"] == "octoplex_batches_total" and s["labels"] == {"status": "200"}
+            ]
+            assert batches["value"] == 6
+            status, _, text = await within(10.0, caller.get(metrics_url + "/metrics"))
+            assert status == 200
+            assert b'octoplex_batches_total{status="200"} 6.0\n' in text
+            assert b"octoplex_workers_scraped 2.0\n" in text
+            # Workers serve no /metrics of their own on --listen.
+            status, _, _ = await within(10.0, caller.get(url + "/metrics"))
+            assert status == 404
 
             os.kill(first[0], signal.SIGKILL)
             replaced: int | None = None
@@ -187,8 +219,6 @@ def test_workers_need_plain_tcp_listeners(tmp_path: Path) -> None:
     sock = str(tmp_path / "octoplex.sock")
     with pytest.raises(usage.UsageError, match="only plain tcp: listeners can"):
         parse("--workers", "2", "--listen", f"unix:{sock}")
-    with pytest.raises(usage.UsageError, match=r"--metrics-listen .* not supported"):
-        parse("--workers", "2", "--listen", "tcp:0", "--metrics-listen", "tcp:0")
     assert parse("--workers", "2", "--listen", "tcp:0:interface=127.0.0.1").is_master
     assert not parse("--listen", "tcp:0").is_master
 
@@ -295,3 +325,29 @@ async def test_workers_stop_when_the_master_is_killed(tmp_path: Path, caller: Ca
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_summed_statistics() -> None:
+    """One worker's /stats, rendered by the master, is prometheus_client's /metrics less _created;
+    two workers' samples add up."""
+    metrics = Metrics()
+    metrics.watch(lambda: 1, lambda: 3)
+    metrics.batch(200, 0.01, 5)
+    metrics.item_failed("dns")
+
+    def families(text: str) -> set[Any]:
+        return {
+            (f.name, f.type, tuple((s.name, tuple(sorted(s.labels.items())), s.value)
+                                   for s in f.samples))
+            for f in text_string_to_metric_families(text)
+            if not f.name.endswith("_created")
+        }  # fmt: skip
+
+    one = render_totals_text(sum_stats([stats(metrics)])).decode()
+    assert families(one) == families(render_text(metrics).decode())
+    two = sum_stats([stats(metrics), stats(metrics)])
+    assert {"name": "octoplex_batches_total", "labels": {"status": "200"}, "value": 2} in two[
+        "octoplex_batches"
+    ]["samples"]
+    (in_flight,) = two["octoplex_items_in_flight"]["samples"]
+    assert in_flight["value"] == 6

@@ -1,0 +1,174 @@
+"""
+The master's statistics (``--workers`` with ``--metrics-listen``): every
+worker serves its own ``/stats`` on a private UNIX socket; the master's
+``/metrics`` and ``/stats`` ask every worker at each scrape and sum the
+samples with the same name and labels.  Every Octoplex metric is a counter,
+a histogram or an in-flight gauge, so the sum is the daemon's total.
+
+A worker that does not answer (one just restarting) is left out of that
+scrape; ``octoplex_workers_scraped`` says how many answered.  A restarted
+worker's counters start from zero, so a total can drop: Prometheus'
+``rate()`` treats that as a counter reset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, ClassVar
+
+import attr
+from klein import Klein
+from twisted.internet.defer import DeferredList
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.iweb import IRequest
+from twisted.web.server import Site
+
+from octoplex.metrics import TEXT_CONTENT_TYPE
+from octoplex.wire import JSON_CONTENT_TYPE
+
+__all__ = ["TotalsSite", "render_totals_text", "sum_stats"]
+
+#: Seconds a worker has to answer a scrape.
+SCRAPE_TIMEOUT = 2.0
+
+
+def sum_stats(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    The ``/stats`` documents of the workers, their samples summed by name
+    and labels, in the same form.
+    """
+    total: dict[str, Any] = {}
+    for document in documents:
+        for family, entry in document.items():
+            into = total.setdefault(
+                family, {"type": entry["type"], "help": entry["help"], "samples": []}
+            )
+            index = {(s["name"], tuple(sorted(s["labels"].items()))): s for s in into["samples"]}
+            for sample in entry["samples"]:
+                key = (sample["name"], tuple(sorted(sample["labels"].items())))
+                found = index.get(key)
+                if found is None:
+                    found = index[key] = {
+                        "name": sample["name"],
+                        "labels": dict(sample["labels"]),
+                        "value": 0,
+                    }
+                    into["samples"].append(found)
+                if sample["value"] is not None and found["value"] is not None:
+                    found["value"] += sample["value"]
+    return total
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "NaN"
+    if isinstance(value, str):
+        return value
+    return repr(float(value)) if not math.isinf(value) else ("+Inf" if value > 0 else "-Inf")
+
+
+def render_totals_text(document: dict[str, Any]) -> bytes:
+    """
+    A ``/stats`` document in Prometheus' text exposition format.
+    """
+    lines = []
+    for family, entry in sorted(document.items()):
+        kind = entry["type"] if entry["type"] in ("counter", "gauge", "histogram") else "untyped"
+        # As prometheus_client writes a counter: its name with _total.
+        shown = f"{family}_total" if kind == "counter" else family
+        lines.append(f"# HELP {shown} {_escape_help(entry['help'])}")
+        lines.append(f"# TYPE {shown} {kind}")
+        for sample in entry["samples"]:
+            labels = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sample["labels"].items())
+            name = sample["name"] + (f"{{{labels}}}" if labels else "")
+            lines.append(f"{name} {_value(sample['value'])}")
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+class _Socket:
+    def __init__(self, reactor: Any, path: str) -> None:
+        self._reactor, self._path = reactor, path
+
+    def endpointForURI(self, uri: Any) -> UNIXClientEndpoint:
+        return UNIXClientEndpoint(self._reactor, self._path, timeout=SCRAPE_TIMEOUT)
+
+
+@attr.s(auto_attribs=True)
+class TotalsApp:
+    """
+    ``/metrics`` and ``/stats`` of the master: the workers' sums.
+
+    :ivar sockets: the paths of the workers' statistics sockets.
+    """
+
+    router: ClassVar[Klein] = Klein()
+    reactor: Any
+    sockets: list[str]
+
+    async def _scrape(self) -> dict[str, Any]:
+        pool = HTTPConnectionPool(self.reactor, persistent=False)
+
+        async def one(path: str) -> dict[str, Any]:
+            agent = Agent.usingEndpointFactory(self.reactor, _Socket(self.reactor, path), pool)
+            d = agent.request(b"GET", b"http://worker/stats")
+            d.addTimeout(SCRAPE_TIMEOUT, self.reactor)
+            response = await d
+            body = await readBody(response)
+            document: dict[str, Any] = json.loads(body)
+            return document
+
+        from twisted.internet.defer import Deferred
+
+        results = await DeferredList(
+            [Deferred.fromCoroutine(one(path)) for path in self.sockets], consumeErrors=True
+        )
+        documents = [value for ok, value in results if ok]
+        total = sum_stats(documents)
+        total["octoplex_workers_scraped"] = {
+            "type": "gauge",
+            "help": "Workers whose statistics this scrape summed.",
+            "samples": [
+                {"name": "octoplex_workers_scraped", "labels": {}, "value": len(documents)}
+            ],
+        }
+        return total
+
+    @router.route("/metrics", methods=["GET"])
+    async def prometheus(self, request: IRequest) -> bytes:
+        """
+        The workers' summed statistics in Prometheus' text format.
+        """
+        body = render_totals_text(await self._scrape())
+        request.setHeader(b"content-type", TEXT_CONTENT_TYPE)
+        return body
+
+    @router.route("/stats", methods=["GET"])
+    async def stats(self, request: IRequest) -> bytes:
+        """
+        The workers' summed statistics as a JSON document.
+        """
+        document = await self._scrape()
+        request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+        return json.dumps(document, sort_keys=True, indent=1).encode("utf-8") + b"\n"
+
+
+class TotalsSite(Site):
+    """
+    The master's statistics listener: quiet, with no access log.
+    """
+
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(self, reactor: Any, sockets: list[str]) -> None:
+        super().__init__(TotalsApp(reactor, sockets).router.resource(), reactor=reactor)
