@@ -215,6 +215,10 @@ class Master(Service):
         self._reactor.callFromThread(self.forward, number)
         if self.logs is not None and self.logs.files:
             self._reactor.callFromThread(self.logs.reopen)
+        previous = self._previous.get(number)
+        if callable(previous):
+            # twistd's handler rotates its own --logfile, when it has one.
+            previous(number, frame)
 
     def forward(self, number: int) -> None:
         """
@@ -226,7 +230,7 @@ class Master(Service):
             if protocol.transport is None:
                 continue
             try:
-                protocol.transport.signalProcess(name.removeprefix("SIG"))
+                protocol.transport.signalProcess(int(number))
             except (ProcessExitedAlready, OSError):
                 continue
             pids.append(protocol.pid)

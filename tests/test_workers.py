@@ -79,6 +79,14 @@ async def workers_seen(caller: Caller, url: str, wanted: int) -> dict[int, int]:
     pytest.fail(f"only workers {seen} answered 400 new connections")
 
 
+def whole_log(logfile: Path) -> str:
+    """
+    The log, with the part SIGUSR1 rotated out of it to PATH.1 first.
+    """
+    rotated = logfile.with_name(logfile.name + ".1")
+    return (rotated.read_text() if rotated.exists() else "") + logfile.read_text()
+
+
 def alive(pid: int) -> bool:
     """
     Whether ``pid`` runs (a zombie that no init reaps does not).
@@ -176,6 +184,12 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
                     break
                 await sleep(0.1)
 
+            process.send_signal(signal.SIGUSR1)
+            for _ in range(100):
+                if whole_log(logfile).count("log files reopened") >= 2:
+                    break
+                await sleep(0.1)
+
             process.send_signal(signal.SIGTERM)
             returncode = await wait_for_exit(process, EXIT_TIMEOUT)
         finally:
@@ -186,7 +200,7 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
     finally:
         await upstream.stop()
 
-    log = logfile.read_text()
+    log = whole_log(logfile)
     assert returncode == 0, log + output.read_text()
     assert not [pid for pid in pids if alive(pid)]
     assert re.search(r"master \(pid \d+\) starting 2 workers", log), log
@@ -198,6 +212,10 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
     assert f"worker 0 started, pid {replaced}" in log
     assert log.count("configuration reloaded from") == 2, log
     assert "SIGHUP sent on to the workers" in log
+    # SIGUSR1: each worker reopens its access log; twistd rotates the master's --logfile.
+    assert log.count("log files reopened") == 2, log
+    assert "SIGUSR1 sent on to the workers" in log
+    assert (tmp_path / "octoplex.log.1").exists()
     assert log.count("batches drained in") == 2, log
     assert re.search(rf"worker 1 \(pid {first[1]}\) exited: exit status 0", log), log
     assert re.search(rf"worker 0 \(pid {replaced}\) exited: exit status 0", log), log
