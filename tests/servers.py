@@ -291,10 +291,12 @@ def start_octoplex(
     egress: EgressPolicy = LOOPBACK,
     metrics: Metrics | None = None,
     tokens: Tokens | None = None,
+    resolver: CachingResolver | None = None,
 ) -> Octoplex:
     """
     Start Octoplex on 127.0.0.1, wired as the tap wires it; with
-    ``metrics``, every piece counts in it.
+    ``metrics``, every piece counts in it; host names are dialled through
+    ``resolver``, by default one that answers only from /etc/hosts.
     """
     limits = limits or Limits()
     metrics = Metrics() if metrics is None else metrics
@@ -303,7 +305,7 @@ def start_octoplex(
         pool or PoolSettings(),
         limits.max_response_bytes,
         tls_policy,
-        local_resolver(metrics=metrics),
+        local_resolver(metrics=metrics) if resolver is None else resolver,
         egress,
         limits.max_header_count,
         limits.max_header_bytes,

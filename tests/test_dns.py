@@ -44,21 +44,17 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from octoplex import endpoints
-from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.dns import CachingResolver, DNSSettings, NameNotResolved
-from octoplex.limits import Limits
-from octoplex.multiplexer import Multiplexer
 from octoplex.tap import Options, makeService
-from octoplex.web import OctoplexApp, OctoplexSite
 
 from .servers import (
-    LOOPBACK,
     Octoplex,
     Upstream,
     _CountingSite,
     _QuietPool,
     _Upstream,
     serve_dns,
+    start_octoplex,
 )
 
 NXDOMAIN = "NXDOMAIN (the name does not exist)"
@@ -489,27 +485,6 @@ def start_three_upstreams() -> list[Upstream]:
     raise AssertionError("found no port free on all of 127.0.0.2, .3 and .4")
 
 
-def start_resolving_octoplex(resolver: CachingResolver) -> Octoplex:
-    """
-    Start Octoplex on 127.0.0.1, wired as the tap wires it, its client
-    dialling host names through ``resolver``.
-    """
-    limits = Limits()
-    client = UpstreamClient(
-        reactor,
-        PoolSettings(),
-        limits.max_response_bytes,
-        tls_policy=None,
-        resolver=resolver,
-        egress=LOOPBACK,
-    )
-    client.startService()
-    app = OctoplexApp(Multiplexer(reactor, client), limits, reactor)
-    site = OctoplexSite(app, reactor)
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
-    return Octoplex(f"http://127.0.0.1:{port.getHost().port}", client, site, port)
-
-
 @implementer(IAgentEndpointFactory)
 class _Direct:
     """
@@ -563,7 +538,7 @@ class _World:
         """
         A fresh Octoplex, whose pool has no idle connection yet.
         """
-        octoplex = start_resolving_octoplex(self.resolver)
+        octoplex = start_octoplex(resolver=self.resolver)
         self.octoplexes.append(octoplex)
         return octoplex
 

@@ -33,14 +33,11 @@ from twisted.names.error import DomainError
 from twisted.names.server import DNSServerFactory
 from twisted.web.client import Agent
 
-from octoplex.client import PoolSettings, UpstreamClient
+from octoplex.client import PoolSettings
 from octoplex.dns import CachingResolver, DNSSettings
-from octoplex.limits import Limits
-from octoplex.multiplexer import Multiplexer
 from octoplex.pool import OctoplexPool
-from octoplex.web import OctoplexApp, OctoplexSite
 
-from .servers import LOOPBACK, Octoplex, _QuietPool, start_octoplex, start_upstream
+from .servers import Octoplex, _QuietPool, start_octoplex, start_upstream
 from .test_dns import _Direct, rr_a
 from .test_pool import _serve, _Tracking
 
@@ -126,27 +123,6 @@ class SlowDNS:
             self._port = None
 
 
-def start_resolving_octoplex(resolver: CachingResolver, pool: PoolSettings) -> Octoplex:
-    """
-    Start Octoplex on 127.0.0.1, wired as the tap wires it, with ``pool``
-    and the caching ``resolver`` installed on the reactor.
-    """
-    limits = Limits()
-    client = UpstreamClient(
-        reactor,
-        pool,
-        limits.max_response_bytes,
-        tls_policy=None,
-        resolver=resolver,
-        egress=LOOPBACK,
-    )
-    client.startService()
-    app = OctoplexApp(Multiplexer(reactor, client), limits, reactor)
-    site = OctoplexSite(app, reactor)
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
-    return Octoplex(f"http://127.0.0.1:{port.getHost().port}", client, site, port)
-
-
 def pool_of(octoplex: Octoplex) -> OctoplexPool:
     return octoplex.client._pool
 
@@ -191,8 +167,8 @@ async def _deadline_during_dns(connect_grace: float) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     try:
         slow.start()
-        octoplex = start_resolving_octoplex(
-            slow.resolver, PoolSettings(connect_grace=connect_grace)
+        octoplex = start_octoplex(
+            pool=PoolSettings(connect_grace=connect_grace), resolver=slow.resolver
         )
         pool = pool_of(octoplex)
         port = upstream.port.getHost().port
@@ -286,7 +262,7 @@ async def test_queued_request_is_never_sent(slow: str) -> None:
             # The first is still waiting for its address at the deadline;
             # its connection is finished in the background.
             dns_server.start()
-            octoplex = start_resolving_octoplex(dns_server.resolver, pool_settings)
+            octoplex = start_octoplex(pool=pool_settings, resolver=dns_server.resolver)
             host, first_path = "slow.test", "/hello"
         else:
             # The first is waiting for its response at the deadline.
@@ -458,7 +434,7 @@ async def test_stopping_gives_up_connections_still_opening() -> None:
     octoplex: Octoplex | None = None
     try:
         slow.start()
-        octoplex = start_resolving_octoplex(slow.resolver, PoolSettings(connect_grace=2.0))
+        octoplex = start_octoplex(pool=PoolSettings(connect_grace=2.0), resolver=slow.resolver)
         pool = pool_of(octoplex)
         port = upstream.port.getHost().port
         [outcome], _ = await post(octoplex, 100, [{"uri": f"http://slow.test:{port}/hello"}])
