@@ -202,6 +202,13 @@ class OctoplexApp:
             raise NotFound()
         if self.tokens and self.tokens.identify(request.getHeader(b"authorization")) is None:
             error, challenge = _challenge(request)
+            self.log.warn(
+                "statistics request from {client} refused: {error}",
+                client=format_address(request.getClientAddress()),
+                path=request.path.decode("ascii", "replace"),
+                error=error,
+                status=401,
+            )
             request.setResponseCode(401)
             request.setHeader(b"www-authenticate", challenge)
             return _respond(request, JSON_CONTENT_TYPE, error_body(error))

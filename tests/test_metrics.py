@@ -195,8 +195,10 @@ async def test_shed_batches_are_counted(upstream: Upstream, caller: Caller) -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_metrics_need_the_token_when_tokens_are_set(caller: Caller) -> None:
-    """With API tokens, /metrics and /stats answer 401 without one, 200 with one."""
+async def test_metrics_need_the_token_when_tokens_are_set(
+    caller: Caller, log_events: list[dict[str, Any]]
+) -> None:
+    """With API tokens, /metrics and /stats answer 401 (logged) without one, 200 with one."""
     server = start_octoplex(tokens=Tokens({"ops": TOKEN}))
     try:
         for path in ("/metrics", "/stats"):
@@ -209,6 +211,15 @@ async def test_metrics_need_the_token_when_tokens_are_set(caller: Caller) -> Non
             assert status == 200
     finally:
         await server.stop()
+    refused = [e for e in log_events if e.get("log_format", "").startswith("statistics request")]
+    assert [(e["path"], e["status"]) for e in refused] == [
+        ("/metrics", 401),
+        ("/metrics", 401),
+        ("/stats", 401),
+        ("/stats", 401),
+    ]
+    assert all(e["client"].startswith("127.0.0.1:") for e in refused)
+    assert "token" in refused[0]["error"]
 
 
 def test_hosts_past_the_cap_are_other() -> None:
@@ -242,6 +253,8 @@ async def test_metrics_listen_serves_them_there_only(upstream: Upstream, caller:
     options = Options()
     options.parseOptions(
         [
+            "--workers",
+            "1",
             "--listen",
             f"tcp:{main}:interface=127.0.0.1",
             "--metrics-listen",
