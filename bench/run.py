@@ -222,8 +222,8 @@ def start_octoplex(
 ) -> tuple[subprocess.Popen[Any], int, str, list[str], str]:
     port = common.free_port()
     argv, source = octoplex_argv(cmd, port)
-    if workers > 1:
-        argv += ["--workers", str(workers)]
+    # Always given: the default (auto) is one worker per CPU.
+    argv += ["--workers", str(workers)]
     env = common.daemon_env()
     log = os.path.join(tmp, f"octoplex-workers-{workers}.log")
     with open(log, "wb") as out:

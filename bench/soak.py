@@ -178,6 +178,9 @@ def start_daemon(
         # The upstream is local, and local addresses are refused by default.
         "--allow-egress",
         "127.0.0.0/8",
+        # One process, whose RSS and descriptors are the ones measured.
+        "--workers",
+        "1",
     ]
     log = os.path.join(tmp, "octoplex.log")
     with open(log, "wb") as out:

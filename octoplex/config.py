@@ -40,8 +40,9 @@ class Key:
     :ivar section: its table, e.g. ``limits``.
     :ivar name: its name in the table, e.g. ``max_batch_size``.
     :ivar option: the command-line option it stands for.
-    :ivar kind: what TOML value it takes: ``int``, ``number``, ``string``
-        or ``strings`` (an array of strings).
+    :ivar kind: what TOML value it takes: ``int``, ``number``, ``string``,
+        ``strings`` (an array of strings) or ``workers`` (a whole number or
+        ``"auto"``).
     """
 
     section: str
@@ -59,7 +60,7 @@ def _keys(section: str, kind: str, *pairs: str) -> list[Key]:
 KEYS: tuple[Key, ...] = tuple(
     [
         *_keys("server", "strings", "listen", "listen"),
-        *_keys("server", "int", "workers", "workers"),
+        *_keys("server", "workers", "workers", "workers"),
         *_keys("server", "number", "drain_delay", "drain-delay", "drain_timeout", "drain-timeout"),
         *_keys("auth", "string", "tokens_file", "api-tokens-file"),
         *_keys("tls", "strings", "listen", "listen-tls"),
@@ -135,6 +136,7 @@ RELOADABLE = frozenset(
 
 _KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "int": ("a whole number", lambda v: type(v) is int),
+    "workers": ('a whole number or "auto"', lambda v: type(v) is int or v == "auto"),
     "number": ("a number", lambda v: type(v) in (int, float)),
     "string": ("a string", lambda v: isinstance(v, str)),
     "strings": ("an array of strings", lambda v: isinstance(v, list)

@@ -50,7 +50,7 @@ from octoplex.tls import (
     server_options,
 )
 from octoplex.web import MetricsSite, OctoplexApp, OctoplexSite
-from octoplex.workers import Master, ParentWatch, stop_reactor
+from octoplex.workers import Master, ParentWatch, stop_reactor, tell_master_ready, usable_cpus
 
 __all__ = ["Options", "makeService"]
 
@@ -101,6 +101,17 @@ def _whole_id(text: str) -> int:
         raise ValueError(f"{text!r} must be 0 or more")
     return value
 
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _count(text)
+    except ValueError as e:
+        raise ValueError(f"{e}, nor auto") from None
+
+
+_workers.coerceDoc = "Must be a whole number greater than 0, or auto."  # type: ignore[attr-defined]
 
 _whole_id.coerceDoc = "Must be a whole number, 0 or more."  # type: ignore[attr-defined]
 _LIMITS = Limits()
@@ -359,10 +370,11 @@ class Options(LogOptions):
         [
             "workers",
             None,
-            1,
+            "auto",
             "Processes serving the listeners (SO_REUSEPORT); above 1, this one "
-            "supervises them and serves nothing itself.",
-            _count,
+            "supervises them and serves nothing itself. auto: one per usable CPU "
+            "(affinity and cgroup CPU quota), or 1 where a listener is not tcp:.",
+            _workers,
         ],
         [
             "worker-id",
@@ -573,25 +585,37 @@ class Options(LogOptions):
         """
         return self["workers"] > 1 and self["worker-id"] is None
 
-    def _check_workers(self) -> None:
+    def _unshareable(self) -> list[tuple[str, str]]:
         """
-        Check that the listeners can be shared by several processes, and
-        give a worker its own log files.
+        The listeners that several processes cannot share, by option.
         """
-        if self["workers"] == 1 and self["worker-id"] is None:
-            return
         from twisted.internet import reactor
 
-        for option in ("listen", "listen-tls"):
-            for description in self[option]:
-                endpoint = serverFromString(reactor, description)
-                if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
-                    raise usage.UsageError(
-                        self._located(
-                            f"--{option} {description!r} cannot be shared by --workers "
-                            f"{self['workers']}: only plain tcp: listeners can (SO_REUSEPORT)"
-                        )
-                    )
+        return [
+            (option, description)
+            for option in ("listen", "listen-tls")
+            for description in self[option]
+            if not isinstance(
+                serverFromString(reactor, description), (TCP4ServerEndpoint, TCP6ServerEndpoint)
+            )
+        ]
+
+    def _check_workers(self) -> None:
+        """
+        Settle ``--workers auto``, check that the listeners can be shared by
+        several processes, and give a worker its own log files.
+        """
+        if self["workers"] == "auto":
+            self["workers"] = 1 if self._unshareable() else usable_cpus()
+        if self["workers"] == 1 and self["worker-id"] is None:
+            return
+        for option, description in self._unshareable():
+            raise usage.UsageError(
+                self._located(
+                    f"--{option} {description!r} cannot be shared by --workers "
+                    f"{self['workers']}: only plain tcp: listeners can (SO_REUSEPORT)"
+                )
+            )
         if self.is_master:
             # The master serves no batch: the workers write the access log.
             self["access-log"] = None
@@ -707,6 +731,8 @@ class _Octoplex(MultiService):
         if self._previous_resolver is None:
             self._previous_resolver = self._reactor.installNameResolver(self._resolver)
         super().startService()
+        if self.worker:
+            tell_master_ready()
         self.log.info(
             "octoplex {version} listening on {listen}",
             version=__version__,

@@ -8,7 +8,15 @@ the same ``--config`` file, the command line still winning over it) plus
 ``--workers 1 --worker-id I``.  Each worker binds the same listeners with
 ``SO_REUSEPORT``; the kernel spreads new connections over them.
 
-Supervision: a worker that exits while the master runs is started again,
+Start-up: before spawning, the master binds each listener's address once
+itself (``SO_REUSEPORT``, no listen, closed at once), so a port held by
+another program or one it may not bind stops start-up with the same
+one-line error a single process gives.  Each worker says it is ready, on a
+pipe (its file descriptor 3), once its listeners are bound.  A worker whose
+first start fails before it is ready (a cause that a restart will not cure:
+its lines are relayed just above) stops the master, which exits 1.
+
+Supervision: a worker that exits once it has been ready is started again,
 after 1 s doubling to 30 s for a worker that keeps dying, the delay reset
 once a worker has lived 60 s.  Every start and exit is logged with the
 worker's id, pid and exit status.
@@ -17,8 +25,9 @@ Signals: SIGTERM (or SIGINT) to the master is sent on to every worker,
 each of which drains as a single daemon does; the master exits 0 once they
 all have (those still running after ``--drain-timeout`` plus a grace get
 SIGKILL).  SIGHUP and SIGUSR1 are sent on to every worker (each reloads
-its configuration, or reopens its log files); SIGUSR1 reopens the
-master's own log files too.
+its configuration, or reopens its log files); SIGHUP reloads the master's
+own log level and drain timings, and SIGUSR1 reopens the master's own log
+files too.
 
 Logs: a worker with a log file (``--log-file``, ``--access-log``) writes
 its own, the path suffixed ``.worker-I``.  What a worker writes to its
@@ -38,9 +47,12 @@ master is gone (even killed), the pipe closes and the worker stops
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
+import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -50,15 +62,24 @@ from twisted.application import strports
 from twisted.application.service import Service
 from twisted.internet import abstract, fdesc
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ReactorNotRunning
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
+from twisted.python import usage
 from twisted.python.failure import Failure
 
 from octoplex import __version__
 from octoplex.totals import TotalsSite
 
-__all__ = ["Master", "ParentWatch", "stop_reactor", "worker_argv"]
+__all__ = [
+    "Master",
+    "ParentWatch",
+    "stop_reactor",
+    "tell_master_ready",
+    "usable_cpus",
+    "worker_argv",
+]
 
 #: The first delay before a dead worker is started again, and the most.
 BACKOFF_FIRST = 1.0
@@ -67,6 +88,78 @@ BACKOFF_MAX = 30.0
 BACKOFF_RESET = 60.0
 #: Seconds past --drain-timeout the workers get to exit before SIGKILL.
 STOP_GRACE = 10.0
+#: The settings a master applies on SIGHUP (its workers reload theirs).
+MASTER_RELOADABLE = ("log-level", "drain-delay", "drain-timeout")
+#: The worker's end of the pipe on which it says it is ready.
+READY_FD = 3
+READY = b"ready\n"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _quota_cpus(root: str) -> float | None:
+    """
+    The CPUs this process's cgroup may use, from its CPU quota (cgroup v2
+    ``cpu.max`` of its group and every group above it, or cgroup v1
+    ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``); None with no quota.
+    """
+    limits = []
+    groups = _read(os.path.join(root, "proc/self/cgroup")) or ""
+    for line in groups.splitlines():
+        number, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if number == "0" and controllers == "":
+            # cgroup v2: the quota of any group above this one applies too.
+            parts = [part for part in path.split("/") if part]
+            for depth in range(len(parts), -1, -1):
+                where = os.path.join(root, "sys/fs/cgroup", *parts[:depth], "cpu.max")
+                text = _read(where)
+                if text is None:
+                    continue
+                fields = text.split()
+                if len(fields) == 2 and fields[0] != "max":
+                    try:
+                        limits.append(int(fields[0]) / int(fields[1]))
+                    except (ValueError, ZeroDivisionError):
+                        pass
+    for directory in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        base = os.path.join(root, "sys/fs/cgroup", directory)
+        quota = _read(os.path.join(base, "cpu.cfs_quota_us"))
+        period = _read(os.path.join(base, "cpu.cfs_period_us"))
+        if quota is None or period is None:
+            continue
+        try:
+            q, p = int(quota), int(period)
+        except ValueError:
+            continue
+        if q > 0 and p > 0:
+            limits.append(q / p)
+        break
+    return min(limits) if limits else None
+
+
+def usable_cpus(root: str = "/") -> int:
+    """
+    How many CPUs this process may use: those of its CPU affinity, fewer
+    where its cgroup's CPU quota (a container's CPU limit) allows fewer,
+    rounded up; at least 1.  The default of ``--workers``.
+
+    :param root: where ``/proc`` and ``/sys`` are found (tests give a copy).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _quota_cpus(root)
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(cpus, 1)
 
 
 def worker_argv(argv: list[str], worker_id: int, metrics_socket: str | None = None) -> list[str]:
@@ -90,6 +183,50 @@ def worker_argv(argv: list[str], worker_id: int, metrics_socket: str | None = No
         str(worker_id),
         *metrics,
     ]
+
+
+#: The temporary directories of the workers' metrics sockets, named after
+#: the master's pid.
+METRICS_PREFIX = "octoplex-metrics-"
+
+
+def _remove_orphaned_sockets(directory: str | None = None) -> None:
+    """
+    Remove the metrics socket directories of masters no longer running
+    (killed with SIGKILL, which leaves them behind).
+    """
+    directory = directory or tempfile.gettempdir()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        pid, _, rest = name.removeprefix(METRICS_PREFIX).partition("-")
+        if not name.startswith(METRICS_PREFIX) or not pid.isdigit() or not rest:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def tell_master_ready(fd: int = READY_FD) -> None:
+    """
+    In a worker: tell the master, on its pipe, that the listeners are
+    bound.  Nothing where there is no such pipe.
+    """
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+        os.write(fd, READY)
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def stop_reactor(reactor: Any) -> None:
@@ -120,15 +257,24 @@ class _WorkerProtocol(ProcessProtocol):
         self._partial = {1: b"", 2: b""}
         self.started = 0.0
         self.pid: int | None = None
+        #: Whether it said it is ready (its listeners bound).
+        self.ready = False
+        #: Whether this is the first start of this worker id.
+        self.first = False
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == READY_FD:
+            if not self.ready and data.startswith(READY):
+                self.ready = True
+                self._master.is_ready(self)
+            return
         lines = (self._partial.get(fd, b"") + data).split(b"\n")
         self._partial[fd] = lines.pop()
         for line in lines:
             self._master.relay(self.worker_id, line)
 
     def processEnded(self, reason: Failure) -> None:
-        for fd, rest in self._partial.items():
+        for fd, rest in list(self._partial.items()):
             if rest:
                 self._master.relay(self.worker_id, rest)
             self._partial[fd] = b""
@@ -157,11 +303,15 @@ class Master(Service):
         self._pending: dict[int, Any] = {}
         self._stopping = False
         self._stopped: Deferred[None] | None = None
+        #: Set when a worker could not start: the master exits 1.
+        self.failed = False
+        self._started: set[int] = set()
         self._previous: dict[int, Any] = {}
         self._metrics: Any = None
         self._metrics_dir: str | None = None
         if options["metrics-listen"] is not None:
-            self._metrics_dir = tempfile.mkdtemp(prefix="octoplex-metrics-")
+            _remove_orphaned_sockets()
+            self._metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
             sockets = [os.path.join(self._metrics_dir, f"worker-{i}.sock") for i in range(count)]
             site = TotalsSite(reactor, sockets)
             self._metrics = strports.service(options["metrics-listen"], site, reactor=reactor)
@@ -171,10 +321,37 @@ class Master(Service):
             return None
         return os.path.join(self._metrics_dir, f"worker-{worker_id}.sock")
 
+    #: How the master ends the process when a worker cannot start (a test
+    #: gives its own).
+    exit: Any = staticmethod(os._exit)
+
     def setServiceParent(self, parent: Any) -> None:
         if self.logs is not None:
             self.logs.attach(parent)
         super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind each listener's address once, as the workers will, so that an
+        address that cannot be bound stops start-up now, in one line.
+        """
+        for option in ("listen", "listen-tls"):
+            for description in self.options[option]:
+                endpoint: Any = serverFromString(self._reactor, description)
+                interface, port = endpoint._interface, endpoint._port
+                family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+                probe = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    probe.bind((interface, port))
+                except OSError as e:
+                    raise SystemExit(
+                        f"octoplex: cannot listen on {interface or '*'}:{port}: {e}"
+                    ) from None
+                finally:
+                    probe.close()
+        super().privilegedStartService()
 
     def startService(self) -> None:
         if self.logs is not None:
@@ -210,6 +387,35 @@ class Master(Service):
 
     def _on_forward(self, number: int, frame: Any) -> None:
         self._reactor.callFromThread(self.forward, number)
+        if number == signal.SIGHUP:
+            self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """
+        Read the ``--config`` file again for the master's own settings: its
+        log level and the drain timings its stop waits for.  (Each worker
+        reloads the rest itself, and says what needs a restart.)
+        """
+        path = self.options["config"]
+        if path is None:
+            return
+        fresh = type(self.options)()
+        fresh.reloading = True
+        try:
+            fresh.parseOptions(self.options.argv)
+        except (usage.UsageError, SystemExit) as e:
+            self.log.error(
+                "master: reload of {path} failed; its settings stay: {error}",
+                path=path,
+                error=str(e),
+            )
+            return
+        applied = [key for key in MASTER_RELOADABLE if fresh[key] != self.options[key]]
+        for key in applied:
+            self.options[key] = fresh[key]
+        if self.logs is not None:
+            self.logs.set_level(self.options["log-level"])
+        self.log.info("master reloaded {path}: applied {applied}", path=path, applied=applied)
 
     def _on_sigusr1(self, number: int, frame: Any) -> None:
         self._reactor.callFromThread(self.forward, number)
@@ -250,13 +456,26 @@ class Master(Service):
             sys.executable,
             worker_argv(self.options.argv, worker_id, socket),
             env=dict(os.environ),
-            childFDs={0: "w", 1: "r", 2: "r"},
+            childFDs={0: "w", 1: "r", 2: "r", READY_FD: "r"},
         )
+        protocol.first = worker_id not in self._started
+        self._started.add(worker_id)
         protocol.pid = transport.pid
         protocol.started = self._reactor.seconds()
         self.workers[worker_id] = protocol
         self.log.info(
             "worker {worker_id} started, pid {pid}", worker_id=worker_id, pid=transport.pid
+        )
+
+    def is_ready(self, protocol: _WorkerProtocol) -> None:
+        """
+        Worker ``protocol`` says its listeners are bound.
+        """
+        self.log.info(
+            "worker {worker_id} (pid {pid}) ready in {ready_ms} ms",
+            worker_id=protocol.worker_id,
+            pid=protocol.pid,
+            ready_ms=int((self._reactor.seconds() - protocol.started) * 1000),
         )
 
     def relay(self, worker_id: int, line: bytes) -> None:
@@ -285,6 +504,9 @@ class Master(Service):
                 stopped, self._stopped = self._stopped, None
                 stopped.callback(None)
             return
+        if protocol.first and not protocol.ready:
+            self._fail(protocol, status)
+            return
         if lived >= BACKOFF_RESET:
             self._delay[worker_id] = BACKOFF_FIRST
         delay = self._delay[worker_id]
@@ -299,6 +521,37 @@ class Master(Service):
             delay=delay,
         )
         self._pending[worker_id] = self._reactor.callLater(delay, self._spawn, worker_id)
+
+    def _fail(self, protocol: _WorkerProtocol, status: str) -> None:
+        """
+        Worker ``protocol`` exited on its first start before it was ready:
+        stop every worker, then exit 1.
+        """
+        self.log.critical(
+            "worker {worker_id} (pid {pid}) could not start: {status}; its lines above "
+            "say why. Stopping the master and every worker: exit status 1",
+            worker_id=protocol.worker_id,
+            pid=protocol.pid,
+            status=status,
+        )
+        if self.failed:
+            return
+        self.failed = True
+        self._reactor.addSystemEventTrigger("after", "shutdown", self._exit_failed)
+        stop_reactor(self._reactor)
+
+    def _exit_failed(self) -> None:
+        # twistd exits 0 once its reactor returns; a supervisor must see the
+        # failure. Its pidfile goes first, as twistd would remove it.
+        pidfile = getattr(self.options, "parent", None) and self.options.parent.get("pidfile")
+        if pidfile:
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.exit(1)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

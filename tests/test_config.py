@@ -163,6 +163,8 @@ async def test_sighup_reloads_what_can_change(tmp_path: Path, caller: Caller) ->
                 "--logfile",
                 str(logfile),
                 "octoplex",
+                "--workers",
+                "1",
                 "--config",
                 str(config),
             ],
@@ -217,7 +219,11 @@ async def test_sighup_reloads_what_can_change(tmp_path: Path, caller: Caller) ->
 async def test_start_up_event_holds_the_configuration(log_events: list[dict[str, Any]]) -> None:
     """The settings in force are logged once at start, tokens redacted."""
     token = "abcdefghijklmnopqrstuvwxyz"
-    root = makeService(parse("--listen", "tcp:0:interface=127.0.0.1", "--api-token", f"b7={token}"))
+    root = makeService(
+        parse(
+            "--workers", "1", "--listen", "tcp:0:interface=127.0.0.1", "--api-token", f"b7={token}"
+        )
+    )
     root.startService()
     await root.stopService()
     (event,) = [e for e in log_events if "configuration" in e]

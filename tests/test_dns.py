@@ -684,7 +684,9 @@ class _Tripwire:
 async def test_daemon_installs_and_restores_its_resolver() -> None:
     """The tap's root service installs its CachingResolver on start and restores the old one."""
     options = Options()
-    options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--dns-min-ttl", "2"])
+    options.parseOptions(
+        ["--workers", "1", "--listen", "tcp:0:interface=127.0.0.1", "--dns-min-ttl", "2"]
+    )
     root = makeService(options)
     resolver = root._resolver  # type: ignore[attr-defined]
     assert isinstance(resolver, CachingResolver)

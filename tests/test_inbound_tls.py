@@ -94,7 +94,7 @@ def parse(*argv: str) -> Options:
     loopback range allowed.
     """
     options = Options()
-    options.parseOptions(["--allow-egress", "127.0.0.0/8", *argv])
+    options.parseOptions(["--workers", "1", "--allow-egress", "127.0.0.0/8", *argv])
     return options
 
 

@@ -254,7 +254,9 @@ def test_octoplex_and_twistd_log_options_conflict(in_tmp: Path) -> None:
 
 def test_the_root_service_gives_twistd_its_observer(in_tmp: Path) -> None:
     """The root service sets Octoplex's observer on twistd's Application, for its AppLogger."""
-    options = _twistd_options("-n", "octoplex", "--log-file", "o.log", "--listen", "tcp:0")
+    options = _twistd_options(
+        "-n", "octoplex", "--workers", "1", "--log-file", "o.log", "--listen", "tcp:0"
+    )
     application = Application("octoplex")
     makeService(options).setServiceParent(application)
     logs = options["logs"]
@@ -282,6 +284,9 @@ def spawn(
                 *([] if daemon else ["-n"]),
                 f"--pidfile={cwd / 'twistd.pid' if daemon else ''}",
                 "octoplex",
+                # One process, whatever the CPU count.
+                "--workers",
+                "1",
                 "--listen",
                 f"tcp:{port}:interface=127.0.0.1",
                 "--allow-egress",

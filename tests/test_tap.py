@@ -64,7 +64,8 @@ def parse(*argv: str) -> Options:
     Parse ``argv`` as ``twistd octoplex`` would.
     """
     options = Options()
-    options.parseOptions(list(argv))
+    # One process: these tests build the daemon itself, not a master.
+    options.parseOptions(["--workers", "1", *argv])
     return options
 
 

@@ -80,11 +80,15 @@ def run_twistd(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedPr
     )
 
 
-def spawn_twistd(port: int, logfile: Path, output: Path, *options: str) -> subprocess.Popen[bytes]:
+def spawn_twistd(
+    port: int, logfile: Path, output: Path, *options: str, workers: int | None = 1
+) -> subprocess.Popen[bytes]:
     """
     Start ``twistd -n octoplex`` listening on ``port`` of 127.0.0.1, allowed
     to reach 127.0.0.0/8 and with the plugin's further ``options``, logging
-    to ``logfile``; its stdout and stderr go to ``output``.
+    to ``logfile``; its stdout and stderr go to ``output``.  It runs
+    ``--workers 1`` (one process, whatever the CPU count), or ``workers``
+    (None: as its options or config file say).
     """
     with output.open("wb") as out:
         return subprocess.Popen(
@@ -100,6 +104,7 @@ def spawn_twistd(port: int, logfile: Path, output: Path, *options: str) -> subpr
                 f"tcp:{port}:interface=127.0.0.1",
                 "--allow-egress",
                 "127.0.0.0/8",
+                *([] if workers is None else ["--workers", str(workers)]),
                 *options,
             ],
             cwd=ROOT,
@@ -237,9 +242,13 @@ def test_bad_option_exits_non_zero() -> None:
     assert "--max-batch-size=" in result.stdout
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("with_logfile", [True, False])
-def test_port_in_use_fails_start_up(tmp_path: Path, with_logfile: bool) -> None:
-    """A --listen port already in use makes twistd exit 1 quickly with why, in its log."""
+def test_port_in_use_fails_start_up(tmp_path: Path, with_logfile: bool, workers: str) -> None:
+    """
+    A --listen port already in use makes twistd exit 1 quickly with why, in
+    its log: one process, or a master (which binds it once before spawning).
+    """
     logfile = tmp_path / "octoplex.log"
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
@@ -251,6 +260,8 @@ def test_port_in_use_fails_start_up(tmp_path: Path, with_logfile: bool) -> None:
                 "--pidfile=",
                 *(["--logfile", str(logfile)] if with_logfile else []),
                 "octoplex",
+                "--workers",
+                workers,
                 "--listen",
                 f"tcp:{port}:interface=127.0.0.1",
             ]

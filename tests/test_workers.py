@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,16 +26,19 @@ from twisted.python.failure import Failure
 from octoplex.metrics import Metrics, render_text, stats
 from octoplex.tap import Options
 from octoplex.totals import render_totals_text, sum_stats
-from octoplex.workers import Master, worker_argv
+from octoplex.workers import Master, usable_cpus, worker_argv
 
 from .servers import Caller, start_upstream
 from .test_twistd import (
     EXIT_TIMEOUT,
+    ROOT,
+    environment,
     free_port,
     run_twistd,
     sleep,
     spawn_twistd,
     stop,
+    twistd,
     wait_for_exit,
     wait_until_healthy,
     within,
@@ -130,6 +134,7 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
             str(access),
             "--metrics-listen",
             f"tcp:{metrics_port}:interface=127.0.0.1",
+            workers=None,
         )
         try:
             await wait_until_healthy(process, caller, url, output)
@@ -212,6 +217,7 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
     assert f"worker 0 started, pid {replaced}" in log
     assert log.count("configuration reloaded from") == 2, log
     assert "SIGHUP sent on to the workers" in log
+    assert re.search(r"master reloaded \S+octoplex.toml: applied \[\]", log), log
     # SIGUSR1: each worker reopens its access log; twistd rotates the master's --logfile.
     assert log.count("log files reopened") == 2, log
     assert "SIGUSR1 sent on to the workers" in log
@@ -238,7 +244,68 @@ def test_workers_need_plain_tcp_listeners(tmp_path: Path) -> None:
     with pytest.raises(usage.UsageError, match="only plain tcp: listeners can"):
         parse("--workers", "2", "--listen", f"unix:{sock}")
     assert parse("--workers", "2", "--listen", "tcp:0:interface=127.0.0.1").is_master
-    assert not parse("--listen", "tcp:0").is_master
+    assert not parse("--workers", "1", "--listen", "tcp:0").is_master
+
+
+def test_workers_default_to_the_usable_cpus(tmp_path: Path) -> None:
+    """--workers auto (the default) is one per usable CPU, or 1 for a listener it cannot share."""
+    assert parse("--listen", "tcp:0")["workers"] == usable_cpus()
+    assert parse("--workers", "auto", "--listen", "tcp:0")["workers"] == usable_cpus()
+    sock = str(tmp_path / "octoplex.sock")
+    assert parse("--listen", f"unix:{sock}")["workers"] == 1
+    config = tmp_path / "octoplex.toml"
+    config.write_text('[server]\nworkers = "auto"\n')
+    assert parse("--config", str(config))["workers"] == usable_cpus()
+    config.write_text('[server]\nworkers = "many"\n')
+    with pytest.raises(usage.UsageError, match=r'workers must be a whole number or "auto"'):
+        parse("--config", str(config))
+    with pytest.raises(usage.UsageError, match="'none' is not a whole number, nor auto"):
+        parse("--workers", "none")
+
+
+def _cgroup(root: Path, groups: str, files: dict[str, str]) -> str:
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text(groups)
+    for name, text in files.items():
+        path = root / "sys/fs/cgroup" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(root)
+
+
+def test_usable_cpus_follow_the_cgroup_quota(tmp_path: Path) -> None:
+    """A container's CPU limit (cgroup v2 cpu.max up the tree, or v1 CFS quota) caps the count."""
+    affinity = len(os.sched_getaffinity(0))
+    v2 = _cgroup(
+        tmp_path / "v2",
+        "0::/kubepods/pod1/c1\n",
+        {
+            "cpu.max": "max 100000\n",
+            "kubepods/cpu.max": "max 100000\n",
+            "kubepods/pod1/cpu.max": "150000 100000\n",
+            "kubepods/pod1/c1/cpu.max": "max 100000\n",
+        },
+    )
+    assert usable_cpus(v2) == min(affinity, 2)  # 1.5 CPUs, rounded up
+    tiny = _cgroup(tmp_path / "tiny", "0::/\n", {"cpu.max": "10000 100000\n"})
+    assert usable_cpus(tiny) == 1
+    v1 = _cgroup(
+        tmp_path / "v1",
+        "4:cpu,cpuacct:/\n",
+        {"cpu,cpuacct/cpu.cfs_quota_us": "100000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+    )
+    assert usable_cpus(v1) == 1
+    unlimited = _cgroup(
+        tmp_path / "none",
+        "0::/\n",
+        {
+            "cpu.max": "max 100000\n",
+            "cpu/cpu.cfs_quota_us": "-1\n",
+            "cpu/cpu.cfs_period_us": "100000\n",
+        },
+    )
+    assert usable_cpus(unlimited) == affinity
+    assert usable_cpus(str(tmp_path / "nothing")) == affinity
 
 
 def test_worker_log_files_are_suffixed(tmp_path: Path) -> None:
@@ -279,6 +346,8 @@ class _FakeReactor(Clock):
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[list[str]] = []
+        self.triggers: list[tuple[str, str, Any]] = []
+        self.stopped = False
 
     def spawnProcess(self, protocol: Any, executable: str, args: list[str], **kw: Any) -> Any:
         self.spawned.append(args)
@@ -287,6 +356,12 @@ class _FakeReactor(Clock):
     def callWhenRunning(self, f: Any, *args: Any) -> None:
         pass
 
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any, *args: Any) -> None:
+        self.triggers.append((phase, event, f))
+
+    def stop(self) -> None:
+        self.stopped = True
+
 
 def test_a_dead_worker_is_restarted_with_backoff() -> None:
     """1 s, doubling to 30 s while the worker keeps dying; back to 1 s after it lived 60 s."""
@@ -294,6 +369,8 @@ def test_a_dead_worker_is_restarted_with_backoff() -> None:
     master = Master(parse("--listen", "tcp:0", "--workers", "2"), reactor, 2)
     master.startService()
     assert [args[-1] for args in reactor.spawned] == ["0", "1"]
+    for protocol in master.workers.values():
+        protocol.childDataReceived(3, b"ready\n")
     delays = []
     for _ in range(7):
         protocol = master.workers[0]
@@ -320,13 +397,79 @@ def test_a_dead_worker_is_restarted_with_backoff() -> None:
     assert len(reactor.spawned) == 10
 
 
+def test_the_master_reloads_its_own_settings(tmp_path: Path) -> None:
+    """On SIGHUP the master applies its own log level and drain timings; a bad file, nothing."""
+    config = tmp_path / "octoplex.toml"
+    config.write_text("[server]\ndrain_timeout = 30.0\n")
+    master = Master(
+        parse("--config", str(config), "--listen", "tcp:0", "--workers", "2"), _FakeReactor(), 2
+    )
+    config.write_text("[server]\ndrain_timeout = 5.0\ndrain_delay = 1.0\n")
+    master.reload()
+    assert (master.options["drain-timeout"], master.options["drain-delay"]) == (5.0, 1.0)
+    config.write_text("[server]\ndrain_timeout = 'soon'\n")
+    master.reload()
+    assert master.options["drain-timeout"] == 5.0
+
+
+def test_a_worker_that_cannot_start_stops_the_master() -> None:
+    """A worker's first start ending before it is ready stops the master, which exits 1."""
+    reactor = _FakeReactor()
+    master = Master(parse("--listen", "tcp:0", "--workers", "2"), reactor, 2)
+    exits: list[int] = []
+    master.exit = exits.append
+    master.startService()
+    master.workers[1].childDataReceived(3, b"ready\n")
+    master.workers[0].processEnded(Failure(ProcessTerminated(exitCode=1)))
+    assert master.failed and reactor.stopped
+    assert not reactor.getDelayedCalls()  # not restarted
+    ((phase, event, exit_failed),) = reactor.triggers
+    assert (phase, event) == ("after", "shutdown")
+    stopped = master.stopService()
+    master.workers[1].processEnded(Failure(ProcessDone(0)))
+    assert stopped.called
+    exit_failed()
+    assert exits == [1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_real_worker_that_cannot_start_stops_the_master(
+    tmp_path: Path, caller: Caller
+) -> None:
+    """
+    A worker that cannot open its own log file (a directory is in the way)
+    stops the master at once, exit status 1, the worker's reason in the log.
+    """
+    port = free_port()
+    logfile, output = tmp_path / "octoplex.log", tmp_path / "output.txt"
+    (tmp_path / "octoplex.log.worker-1").mkdir()
+    with output.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                *twistd(), "-n", "--pidfile=", "octoplex", "--workers", "2",
+                "--listen", f"tcp:{port}:interface=127.0.0.1", "--log-file", str(logfile),
+            ],
+            cwd=ROOT, env=environment(), stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        returncode = await wait_for_exit(process, EXIT_TIMEOUT)
+    finally:
+        stop(process)
+    log = logfile.read_text() + output.read_text()
+    assert returncode == 1, log
+    assert "worker 1: " in log and "octoplex.log.worker-1" in log, log
+    assert re.search(r"worker 1 \(pid \d+\) could not start: exit status 1", log), log
+    assert "master stopped" in log
+
+
 @pytest_twisted.ensureDeferred
 async def test_workers_stop_when_the_master_is_killed(tmp_path: Path, caller: Caller) -> None:
     """A master killed with SIGKILL leaves no worker behind: each sees its pipe close."""
     port = free_port()
     logfile, output = tmp_path / "octoplex.log", tmp_path / "output.txt"
     url = f"http://127.0.0.1:{port}"
-    process = spawn_twistd(port, logfile, output, "--workers", "2")
+    process = spawn_twistd(port, logfile, output, workers=2)
     pids: list[int] = []
     try:
         await wait_until_healthy(process, caller, url, output)
