@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from octoplex.metrics import Metrics, render_text, stats
 from octoplex.tap import Options
 from octoplex.totals import render_totals_text, sum_stats
-from octoplex.workers import Master, usable_cpus, worker_argv
+from octoplex.workers import Master, _remove_orphaned_sockets, usable_cpus, worker_argv
 
 from .servers import Caller, start_upstream
 from .test_twistd import (
@@ -395,6 +395,21 @@ def test_a_dead_worker_is_restarted_with_backoff() -> None:
     assert stopped.called
     assert not reactor.getDelayedCalls()
     assert len(reactor.spawned) == 10
+
+
+def test_orphaned_metrics_socket_directories_are_removed(tmp_path: Path) -> None:
+    """A directory left by a master that is gone goes; a running master's, and others, stay."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = tmp_path / f"octoplex-metrics-{gone.pid}-x1"
+    running = tmp_path / f"octoplex-metrics-{os.getpid()}-x2"
+    other = tmp_path / "octoplex-metrics-notapid"
+    for directory in (left, running, other):
+        directory.mkdir()
+    (left / "worker-0.sock").write_text("")
+    _remove_orphaned_sockets(str(tmp_path))
+    assert not left.exists()
+    assert running.exists() and other.exists()
 
 
 def test_the_master_reloads_its_own_settings(tmp_path: Path) -> None:
