@@ -132,6 +132,9 @@ class _Upstream(Resource):
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(document).encode()
 
+    def route_uri(self, request: Request, *rest: str) -> bytes:
+        return request.uri
+
     def route_set_cookie(self, request: Request) -> bytes:
         request.setHeader(b"set-cookie", b"session=secret-of-caller-one; Path=/")
         return b"cookie set"

@@ -227,3 +227,21 @@ async def test_batches_log_structured_events(
     assert event["client"].startswith("127.0.0.1:")
     noisy = [e for e in log_events if "factory" in str(e.get("log_format", ""))]
     assert not noisy, noisy
+
+
+@pytest_twisted.ensureDeferred
+async def test_uris_differing_in_case_or_escaping_reach_the_upstream_apart(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """
+    The per-URI cache of checked URIs keys on the exact text: URIs that
+    differ only in case or escaping each reach the upstream as sent, twice
+    over (the second batch is served from the cache).
+    """
+    paths = ["/uri/A", "/uri/a", "/uri/%41", "/uri/%61", "/uri/a?q=A", "/uri/a?q=%41", "/uri/a?q=a"]
+    for _ in range(2):
+        batch = _batch(5000, [upstream.url + p for p in paths])
+        status, _, body = await caller.post(octoplex.url + "/multiplex", batch)
+        assert status == 200
+        assert [o["Success"]["content"] for o in body["responses"]] == paths
+

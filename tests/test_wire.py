@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import pytest
+from hyperlink import EncodedURL
 from twisted.web.http_headers import Headers
 
 from octoplex.limits import Limits
@@ -194,3 +195,24 @@ def test_success_outcome_folds_headers_the_original_way() -> None:
 def test_encode_is_compact_utf8() -> None:
     """Responses are compact JSON with non-ASCII text as UTF-8, as serde_json wrote them."""
     assert encode({"a": "é", "b": [1, 2]}) == '{"a":"é","b":[1,2]}'.encode()
+
+
+def test_checked_uris_are_remembered_by_their_exact_text() -> None:
+    """
+    A URI's check is done once per distinct text: the same text gives the
+    same URL object, texts that differ in case or escaping give their own,
+    a bad one fails each time, and the URL's to_uri() is itself.
+    """
+    texts = ["http://a.test/A", "http://a.test/a", "http://a.test/%41", "http://A.test/a"]
+    first = [_ok({"uri": t}).url for t in texts]
+    again = [_ok({"uri": t}).url for t in texts]
+    assert all(one is two for one, two in zip(first, again, strict=True))
+    # The host's case is the host's (DNS names are case-blind): lower-cased.
+    assert [u.to_text() for u in first] == [
+        "http://a.test/A", "http://a.test/a", "http://a.test/%41", "http://a.test/a"
+    ]  # fmt: skip
+    assert first[0].to_uri() is first[0]
+    assert first[0] == EncodedURL.from_text("http://a.test/A")
+    for _ in range(2):
+        assert _invalid({"uri": "ftp://a.test/"}).startswith('URI "ftp://a.test/" has scheme "ftp"')
+
