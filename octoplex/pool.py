@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from typing import Any
-from weakref import WeakKeyDictionary
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -137,6 +136,11 @@ class _LimitedProtocol(HTTP11ClientProtocol):
     """
 
     head_limits = (100, 65536)
+    #: When it connected, the pool generation it belongs to, and how many
+    #: requests it has carried: the pool's retirement rules read them.
+    born = 0.0
+    generation = 0
+    uses = 0
 
     def request(self, request: Any) -> Any:
         d = super().request(request)
@@ -189,11 +193,8 @@ class OctoplexPool(HTTPConnectionPool):
         self._max_requests = max_requests
         self._max_age = max_age
         self._connect_grace = connect_grace
-        self._born: WeakKeyDictionary[Any, float] = WeakKeyDictionary()
-        self._uses: WeakKeyDictionary[Any, int] = WeakKeyDictionary()
         # Connections opened before the last retire_all() are not reused.
         self._generation = 0
-        self._generations: WeakKeyDictionary[Any, int] = WeakKeyDictionary()
         #: Connections opened, retired, and finished after their request was
         #: cancelled: for tests and statistics.
         self.opened = 0
@@ -209,8 +210,8 @@ class OctoplexPool(HTTPConnectionPool):
         def opened(protocol: Any) -> None:
             self.opened += 1
             self._metrics.upstream(key).opened.inc()
-            self._born[protocol] = self._reactor.seconds()
-            self._generations[protocol] = self._generation
+            protocol.born = self._reactor.seconds()
+            protocol.generation = self._generation
             if wanted.called:
                 # Its request was cancelled while it opened: keep it warm.
                 if self._closed:
@@ -259,15 +260,18 @@ class OctoplexPool(HTTPConnectionPool):
 
     def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
         """
-        Retire the idle connections for ``key`` that have grown too old,
-        then let Twisted hand out the newest of the rest, or a new one.
+        Let Twisted hand out the newest idle connection for ``key`` (the
+        front), retiring those found too old there first; or a new one.
+        An old connection further back is retired when it comes to the front
+        or on its idle timeout: it is never used, and the lookup stays O(1).
         """
-        connections = self._connections.get(key, [])
-        now = self._reactor.seconds()
-        for connection in [c for c in connections if self._too_old(c, now)]:
-            connections.remove(connection)
-            self._timeouts.pop(connection).cancel()
-            self._retire(key, connection)
+        connections = self._connections.get(key)
+        if connections:
+            now = self._reactor.seconds()
+            while connections and self._too_old(connections[0], now):
+                connection = connections.pop(0)
+                self._timeouts.pop(connection).cancel()
+                self._retire(key, connection)
         if connections:
             self._metrics.upstream(key).reused.inc()
         return super().getConnection(key, endpoint).addCallback(self._retrying, key, endpoint)
@@ -279,9 +283,9 @@ class OctoplexPool(HTTPConnectionPool):
         return connection
 
     def _too_old(self, connection: Any, now: float) -> bool:
-        if self._generations.get(connection, self._generation) != self._generation:
+        if connection.generation != self._generation:
             return True
-        return now - self._born.get(connection, now) >= self._max_age
+        return bool(now - connection.born >= self._max_age)
 
     def retire_all(self) -> None:
         """
@@ -305,9 +309,9 @@ class OctoplexPool(HTTPConnectionPool):
         return [(key, len(idle)) for key, idle in self._connections.items() if idle]
 
     def _putConnection(self, key: Hashable, connection: Any) -> None:
-        uses = self._uses.get(connection, 0) + 1
-        self._uses[connection] = uses
-        if uses >= self._max_requests or self._too_old(connection, self._reactor.seconds()):
+        connection.uses += 1
+        now = self._reactor.seconds()
+        if connection.uses >= self._max_requests or self._too_old(connection, now):
             self._retire(key, connection)
             return
         self._idle(key, connection)
