@@ -28,12 +28,12 @@ from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.names import client as names_client
-from twisted.python.components import proxyForInterface
-from twisted.web.client import Agent, HostnameCachingHTTPSPolicy
+from twisted.web.client import HostnameCachingHTTPSPolicy
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
+from octoplex.agent import UpstreamAgent
 from octoplex.body import ResponseBudget, read_body
 from octoplex.dns import CachingResolver, DNSSettings, nameservers
 from octoplex.egress import EgressPolicy
@@ -114,47 +114,6 @@ class _BytesProducer:
 
     def stopProducing(self) -> None:
         pass
-
-
-class _GzipResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
-    """
-    A response whose body is gzip-encoded and still to be decoded.
-    """
-
-    gzip = True
-
-
-@implementer(IAgent)
-class _OwnGzipDecoding:
-    """
-    The agent under treq's wrappers.  It takes gzip responses away from the
-    ``ContentDecoderAgent`` that treq always adds, whose decoder inflates
-    each chunk with no bound (a small bomb would exhaust memory), and leaves
-    them to :func:`octoplex.body.read_body`, which decodes within the
-    response size limit.
-    """
-
-    def __init__(self, agent: IAgent) -> None:
-        self._agent = agent
-
-    def request(
-        self,
-        method: bytes,
-        uri: bytes,
-        headers: Headers | None = None,
-        bodyProducer: IBodyProducer | None = None,
-    ) -> Deferred[IResponse]:
-        d = self._agent.request(method, uri, headers, bodyProducer)
-        return d.addCallback(self._claim)
-
-    @staticmethod
-    def _claim(response: IResponse) -> IResponse:
-        encodings = response.headers.getRawHeaders(b"content-encoding") or []
-        tokens = [t.strip().lower() for t in b",".join(encodings).split(b",") if t.strip()]
-        if tokens in ([b"gzip"], [b"x-gzip"]):
-            response.headers.removeHeader(b"content-encoding")
-            return _GzipResponse(response)
-        return response
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
@@ -281,9 +240,8 @@ class UpstreamClient(Service):
         )
         self._report = LoopingCall(self._report_connections)
         self._report.clock = reactor
-        agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
         self._http = HTTPClient(
-            _OwnGzipDecoding(agent),
+            UpstreamAgent(self._pool, endpoints),
             cookiejar=CookieJar(_NoCookies()),  # type: ignore[arg-type]
             data_to_body_producer=_BytesProducer,
         )
@@ -336,28 +294,27 @@ class UpstreamClient(Service):
         # forgets the host's entry once nothing is in flight or queued.
         queued = self._reactor.seconds()
         await self._wait(host, f"{url.host}:{url.port}", self._settings.max_per_host)
+        overall = None
         try:
             await self._wait(self._all, "any upstream", self._settings.max_total)
+            overall = self._all
             self._metrics.connection_wait.observe(self._reactor.seconds() - queued)
-            try:
-                response = await self._send(request)
-                return await self._read(response, budget)
-            finally:
-                self._release(self._all)
+            response = await self._send(request)
+            return await self._read(response, budget)
         finally:
-            self._release(host, key)
+            # On the next reactor turn: a deadline cancels all of a batch's
+            # requests in one go, and a slot freed by the first must not wake
+            # the next one of the same batch, only for it to be cancelled
+            # after it took a connection.  One call releases both slots.
+            self._reactor.callLater(0, self._released, host, key, overall)
 
-    def _release(self, semaphore: DeferredSemaphore, key: Any = None) -> None:
-        # On the next reactor turn: a deadline cancels all of a batch's
-        # requests in one go, and a slot freed by the first must not wake the
-        # next one of the same batch, only for it to be cancelled after it
-        # took a connection.
-        self._reactor.callLater(0, self._released, semaphore, key)
-
-    def _released(self, semaphore: DeferredSemaphore, key: Any) -> None:
-        semaphore.release()
-        if key is not None:
-            self._forget(key, semaphore)
+    def _released(
+        self, host: DeferredSemaphore, key: Any, overall: DeferredSemaphore | None
+    ) -> None:
+        if overall is not None:
+            overall.release()
+        host.release()
+        self._forget(key, host)
 
     def _forget(self, key: Any, semaphore: DeferredSemaphore) -> None:
         # A host with nothing in flight and nobody waiting needs no entry.

@@ -1,0 +1,80 @@
+"""
+The agent under treq (:mod:`octoplex.agent`): a request URI is parsed once
+per distinct URI, and each request still carries its own path and Host.
+Over real sockets, through the whole daemon, with a test upstream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest_twisted
+from twisted.web.client import HTTPConnectionPool
+
+from octoplex.agent import TARGET_CACHE_SIZE, UpstreamAgent
+
+from .servers import Caller, Octoplex, Upstream
+
+
+def _batch(uris: list[str], headers: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "timeout_msec": 5000,
+        "requests": [{"uri": uri, "headers": headers or {}} for uri in uris],
+    }
+
+
+class _Endpoints:
+    def endpointForURI(self, uri: Any) -> Any:
+        return object()
+
+
+def test_targets_are_parsed_once_per_uri_and_bounded() -> None:
+    """The same URI bytes give the same target; different ones their own; the cache is capped."""
+    agent = UpstreamAgent(HTTPConnectionPool(None), _Endpoints())  # type: ignore[arg-type]
+    one = agent._target(b"http://a.test/x?q=1")
+    assert agent._target(b"http://a.test/x?q=1") is one
+    assert (one.key, one.path, one.host) == ((b"http", b"a.test", 80), b"/x?q=1", b"a.test")
+    other = agent._target(b"http://a.test:8080/X")
+    assert (other.key, other.path, other.host) == (
+        (b"http", b"a.test", 8080), b"/X", b"a.test:8080",
+    )  # fmt: skip
+    tls = agent._target(b"https://a.test/")
+    assert (tls.key, tls.host) == ((b"https", b"a.test", 443), b"a.test")
+    for n in range(TARGET_CACHE_SIZE + 10):
+        agent._target(b"http://a.test/%d" % n)
+    assert len(agent._targets) == TARGET_CACHE_SIZE
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_request_carries_its_own_path_and_host(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """
+    Requests to one upstream by two spellings of its address, and a caller's
+    own Host header, each reach the upstream as sent, in one batch and again
+    (from the cache).
+    """
+    port = upstream.url.rsplit(":", 1)[1]
+    uris = [
+        f"http://127.0.0.1:{port}/uri/one?x=1",
+        f"http://127.0.0.1:{port}/uri/two",
+        f"http://localhost:{port}/uri/one?x=1",
+    ]
+    for _ in range(2):
+        status, _, body = await caller.post(octoplex.url + "/multiplex", _batch(uris))
+        assert status == 200
+        assert [o["Success"]["content"] for o in body["responses"]] == [
+            "/uri/one?x=1", "/uri/two", "/uri/one?x=1",
+        ]  # fmt: skip
+        echo = _batch([upstream.url + "/echo", f"http://localhost:{port}/echo"])
+        status, _, body = await caller.post(octoplex.url + "/multiplex", echo)
+        hosts = [
+            [v for k, v in json.loads(o["Success"]["content"])["headers"] if k.lower() == "host"]
+            for o in body["responses"]
+        ]
+        assert hosts == [[f"127.0.0.1:{port}"], [f"localhost:{port}"]]
+        mine = _batch([upstream.url + "/echo"], {"Host": "bidder.example"})
+        status, _, body = await caller.post(octoplex.url + "/multiplex", mine)
+        headers = json.loads(body["responses"][0]["Success"]["content"])["headers"]
+        assert [v for k, v in headers if k.lower() == "host"] == ["bidder.example"]
