@@ -100,12 +100,16 @@ class Multiplexer:
         self._runs: set[_BatchRun] = set()
         self._drained: list[Deferred[None]] = []
 
-    def run(self, batch: Batch, batch_id: str) -> Deferred[BatchResult]:
+    def run(
+        self, batch: Batch, batch_id: str, started: float | None = None
+    ) -> Deferred[BatchResult]:
         """
         Send every request of ``batch`` at once and gather the outcomes.
 
         :param batch: the batch to run.
         :param batch_id: the batch's id, for log events.
+        :param started: when the batch arrived, by the clock; its deadline
+            and its items' durations count from then (by default, now).
         :return: a Deferred that fires with the result no later than the
             batch's deadline (plus the time to cancel what is left).
             Cancelling it, as Klein does when the caller disconnects,
@@ -123,7 +127,7 @@ class Multiplexer:
             self._metrics,
         )
         self._runs.add(run)
-        return run.start()
+        return run.start(self._clock.seconds() if started is None else started)
 
     def _run_ended(self, run: _BatchRun) -> None:
         self._runs.discard(run)
@@ -193,11 +197,14 @@ class _BatchRun:
         self._expiring = False
         self._answer: Deferred[BatchResult] = Deferred(self._abandon)
 
-    def start(self) -> Deferred[BatchResult]:
-        self._started = self._clock.seconds()
+    def start(self, started: float) -> Deferred[BatchResult]:
+        self._started = started
+        # Armed before the sends, which take time of their own: the deadline
+        # is timeout_msec after the batch arrived, however long they take.
+        left = self._batch.timeout_msec / 1000.0 - (self._clock.seconds() - started)
+        self._deadline = self._clock.callLater(max(left, 0.0), self._expire)
         for index, request in enumerate(self._batch.requests):
             self._items.append(self._send(index, request))
-        self._deadline = self._clock.callLater(self._batch.timeout_msec / 1000.0, self._expire)
         gathered = DeferredList(self._items, consumeErrors=True)
         gathered.addCallback(self._gathered)
         return self._answer

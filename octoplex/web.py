@@ -278,7 +278,7 @@ class OctoplexApp:
             self.requests_in_flight -= size
             return result
 
-        d = self.multiplexer.run(batch, batch_id).addBoth(done)
+        d = self.multiplexer.run(batch, batch_id, started).addBoth(done)
         d.addCallback(self._answer, request, who, started)
         return d
 

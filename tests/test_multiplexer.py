@@ -192,3 +192,48 @@ def test_deadline_answers_even_if_a_cancellation_is_slow() -> None:
     assert stuck_cancel == [True]
     assert results[0].outcomes == [{"Failure": {"error": "timeout elapsed", "duration_msec": 100}}]
     assert clock.getDelayedCalls() == []
+
+
+class SlowToSend(ControlledClient):
+    """
+    A client whose every send takes 20 ms of the clock (TLS set-up, a
+    loaded core): the deadline must not wait for the sends.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def fetch(self, request: UpstreamRequest, budget: Any = None) -> Deferred[UpstreamResponse]:
+        # Time passes, but no timed call can run in the middle of a send.
+        self.clock.rightNow += 0.02
+        return super().fetch(request, budget)
+
+
+def test_the_deadline_counts_from_the_batch_arrival_not_the_last_send() -> None:
+    """
+    A batch that arrived 30 ms before it ran, with five sends of 20 ms each,
+    is answered at 100 ms after its arrival: not 100 ms after the last send.
+    """
+    clock = Clock()
+    clock.advance(5.0)
+    arrived = clock.seconds()
+    clock.advance(0.03)  # reading and parsing the batch
+    batch = _batch(100, *[f"http://a.test/{n}" for n in range(5)])
+    results: list[Any] = []
+    Multiplexer(clock, SlowToSend(clock)).run(batch, "b", arrived).addBoth(results.append)
+    assert clock.seconds() - arrived == pytest.approx(0.13)  # past the deadline already
+    assert results == []
+    clock.advance(0)
+    (result,) = results
+    assert [o["Failure"]["error"] for o in result.outcomes] == ["timeout elapsed"] * 5
+    # 130 ms, less float rounding.
+    assert all(129 <= o["Failure"]["duration_msec"] <= 130 for o in result.outcomes)
+    # One that arrived just now, sent in 100 ms, is cut at 100 ms exactly.
+    results.clear()
+    start = clock.seconds()
+    Multiplexer(clock, SlowToSend(clock)).run(batch, "b").addBoth(results.append)
+    assert results == []
+    clock.advance(0.001)  # float sums: 5 x 0.02 may land a hair past 0.1
+    assert clock.seconds() - start == pytest.approx(0.101)
+    assert len(results) == 1
