@@ -341,7 +341,7 @@ def _check_method(method: str) -> bytes:
     return method.encode("ascii")
 
 
-class URI(EncodedURL):  # type: ignore[misc]
+class URI(EncodedURL):
     """
     A checked URL that is already in URI form (ASCII host, percent-encoded),
     as :func:`_check_uri` returns it: ``to_uri()`` is the URL itself and

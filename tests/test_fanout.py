@@ -244,4 +244,3 @@ async def test_uris_differing_in_case_or_escaping_reach_the_upstream_apart(
         status, _, body = await caller.post(octoplex.url + "/multiplex", batch)
         assert status == 200
         assert [o["Success"]["content"] for o in body["responses"]] == paths
-

@@ -215,4 +215,3 @@ def test_checked_uris_are_remembered_by_their_exact_text() -> None:
     assert first[0] == EncodedURL.from_text("http://a.test/A")
     for _ in range(2):
         assert _invalid({"uri": "ftp://a.test/"}).startswith('URI "ftp://a.test/" has scheme "ftp"')
-
