@@ -36,6 +36,8 @@ REPO_ROOT = os.path.dirname(BENCH_DIR)
 HOST = "127.0.0.1"
 #: The wrk script that builds a batch (or a plain GET) and reports in done().
 LUA_SCRIPT = os.path.join(BENCH_DIR, "batch.lua")
+#: What the upstreams answer.
+UPSTREAM_BODY = "hello world\n"
 #: The asyncio upstream: the fallback for nginx, and the one that can delay.
 PYTHON_UPSTREAM = os.path.join(BENCH_DIR, "upstream.py")
 #: twistd writes a plugin cache next to the working tree's plugin.
@@ -579,6 +581,90 @@ def start_octoplex(
         )
     wait_until_serving(proc, f"http://{HOST}:{port}/healthz", "octoplex", log, timeout=30)
     return proc, port, log, argv, source
+
+
+def batch_document(size: int, upstream_url: str, timeout_msec: int) -> dict[str, Any]:
+    return {
+        "timeout_msec": timeout_msec,
+        "requests": [{"method": "GET", "uri": upstream_url} for _ in range(size)],
+    }
+
+
+def check_one_batch(port: int, size: int, upstream_url: str, timeout_msec: int) -> None:
+    """
+    POST one batch by hand and insist that every outcome is a Success with
+    status 200 and the upstream's body.
+    """
+    url = f"http://{HOST}:{port}/multiplex"
+    body = json.dumps(batch_document(size, upstream_url, timeout_msec)).encode()
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_msec / 1000 + 10) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    except OSError as e:
+        raise BenchError(f"check batch of {size}: POST {url} failed: {e}") from None
+    shown = raw[:2000].decode("utf-8", "replace")
+    if status != 200:
+        raise BenchError(f"check batch of {size}: /multiplex answered HTTP {status}: {shown}")
+    try:
+        responses = json.loads(raw)["responses"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BenchError(f"check batch of {size}: unreadable answer ({e}): {shown}") from None
+    if not isinstance(responses, list) or len(responses) != size:
+        raise BenchError(
+            f"check batch of {size}: expected {size} outcomes, got "
+            f"{len(responses) if isinstance(responses, list) else type(responses).__name__}"
+        )
+    bad = []
+    for i, outcome in enumerate(responses):
+        success = outcome.get("Success") if isinstance(outcome, dict) else None
+        if (
+            not isinstance(success, dict)
+            or success.get("status") != 200
+            or success.get("content") != UPSTREAM_BODY
+        ):
+            bad.append((i, outcome))
+    if bad:
+        first = ", ".join(f"#{i}: {json.dumps(o)[:400]}" for i, o in bad[:3])
+        raise BenchError(
+            f"check batch of {size}: {len(bad)} of {size} outcomes are not "
+            f"Success/200/{UPSTREAM_BODY!r}; first: {first}"
+        )
+
+
+# --------------------------------------------------------------------------
+# wrk
+
+
+def daemon_code_path(argv: list[str]) -> str:
+    """
+    Where the daemon started with ``argv`` (twistd first) imports octoplex
+    from: the interpreter of twistd's ``#!`` line, asked with the daemon's
+    environment and working directory.
+    """
+    python = sys.executable
+    try:
+        with open(argv[0], "rb") as f:
+            first = f.readline().decode("utf-8", "replace")
+        if first.startswith("#!") and first[2:].split():
+            python = first[2:].split()[0]
+    except OSError:
+        pass
+    out = subprocess.run(
+        [python, "-c", "import octoplex; print(octoplex.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+        env=daemon_env(),
+    )
+    if out.returncode != 0:
+        raise BenchError(f"{python} cannot import octoplex: {out.stderr.strip()}")
+    return os.path.dirname(out.stdout.strip())
 
 
 # --------------------------------------------------------------------------

@@ -10,6 +10,9 @@ them with wrk:
 - once per batch size, POSTing a batch of that many requests (all to the
   upstream) to /multiplex.
 
+``--scenarios all`` runs bench/scenarios.py instead: idle overhead, deadline
+accuracy, memory per in-flight sub-request and TLS upstreams.
+
 For each batch size it reports batches/s, sub-requests/s, batch latency p50
 and p99, errors, failed sub-requests, and sub-requests/s as a fraction of the
 direct upstream requests/s.  The daemon runs pinned to one CPU, upstream and
@@ -26,22 +29,19 @@ bench/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import common
 from common import (
     HOST,
-    BenchError,
     Pinning,
+    check_one_batch,
     nginx_accepts,
     positive_int,
     run_wrk,
@@ -51,68 +51,8 @@ from common import (
     summarise_wrk,
 )
 
-UPSTREAM_BODY = "hello world\n"
-
-
 # --------------------------------------------------------------------------
 # Octoplex
-
-
-def batch_document(size: int, upstream_url: str, timeout_msec: int) -> dict[str, Any]:
-    return {
-        "timeout_msec": timeout_msec,
-        "requests": [{"method": "GET", "uri": upstream_url} for _ in range(size)],
-    }
-
-
-def check_one_batch(port: int, size: int, upstream_url: str, timeout_msec: int) -> None:
-    """
-    POST one batch by hand and insist that every outcome is a Success with
-    status 200 and the upstream's body.
-    """
-    url = f"http://{HOST}:{port}/multiplex"
-    body = json.dumps(batch_document(size, upstream_url, timeout_msec)).encode()
-    request = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_msec / 1000 + 10) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    except OSError as e:
-        raise BenchError(f"check batch of {size}: POST {url} failed: {e}") from None
-    shown = raw[:2000].decode("utf-8", "replace")
-    if status != 200:
-        raise BenchError(f"check batch of {size}: /multiplex answered HTTP {status}: {shown}")
-    try:
-        responses = json.loads(raw)["responses"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise BenchError(f"check batch of {size}: unreadable answer ({e}): {shown}") from None
-    if not isinstance(responses, list) or len(responses) != size:
-        raise BenchError(
-            f"check batch of {size}: expected {size} outcomes, got "
-            f"{len(responses) if isinstance(responses, list) else type(responses).__name__}"
-        )
-    bad = []
-    for i, outcome in enumerate(responses):
-        success = outcome.get("Success") if isinstance(outcome, dict) else None
-        if (
-            not isinstance(success, dict)
-            or success.get("status") != 200
-            or success.get("content") != UPSTREAM_BODY
-        ):
-            bad.append((i, outcome))
-    if bad:
-        first = ", ".join(f"#{i}: {json.dumps(o)[:400]}" for i, o in bad[:3])
-        raise BenchError(
-            f"check batch of {size}: {len(bad)} of {size} outcomes are not "
-            f"Success/200/{UPSTREAM_BODY!r}; first: {first}"
-        )
-
-
-# --------------------------------------------------------------------------
-# wrk
 
 
 def measured(
@@ -330,10 +270,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("-v", "--verbose", action="store_true", help="print wrk's full output")
+    parser.add_argument(
+        "--scenarios",
+        metavar="LIST",
+        help="run bench/scenarios.py instead (all, or idle,deadline,memory,tls); every "
+        "other option then goes to it: see python3 bench/scenarios.py --help",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--scenarios" or a.startswith("--scenarios=") for a in argv):
+        import scenarios
+
+        return scenarios.main(argv)
     args = parse_args(argv)
     started = time.monotonic()
     common.raise_on_sigterm()
