@@ -16,7 +16,7 @@ line, headers, and a Content-Length body; chunked request bodies get 501.
 
 It raises its own RLIMIT_NOFILE to the hard limit, to hold many connections.
 
-    python3 bench/upstream.py --port 8081 [--host 127.0.0.1] [--delay-ms 50]
+    python3 bench/upstream.py --port 8081 [--port 8082 ...] [--host 127.0.0.1] [--delay-ms 50]
 """
 
 from __future__ import annotations
@@ -138,22 +138,28 @@ class Hello(asyncio.Protocol):
             self.transport.close()
 
 
-async def serve(host: str, port: int, context: ssl.SSLContext | None, backlog: int) -> None:
+async def serve(host: str, ports: list[int], context: ssl.SSLContext | None, backlog: int) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set_result, None)
-    server = await loop.create_server(Hello, host, port, backlog=backlog, ssl=context)
+    servers = [
+        await loop.create_server(Hello, host, port, backlog=backlog, ssl=context) for port in ports
+    ]
     scheme = "https" if context else "http"
-    print(f"upstream listening on {scheme}://{host}:{port}", flush=True)
-    async with server:
-        await stop
+    for port in ports:
+        print(f"upstream listening on {scheme}://{host}:{port}", flush=True)
+    await stop
+    for server in servers:
+        server.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--port", type=int, action="append", required=True, help="a port; repeatable"
+    )
     parser.add_argument(
         "--delay-ms",
         type=float,
