@@ -1,7 +1,8 @@
 """
-Helpers shared by the benchmark scripts bench/run.py and bench/soak.py:
-processes, ports, logs, /proc, finding twistd, the daemon's environment,
-the machine description and the JSON report.
+Helpers shared by the benchmark scripts bench/run.py, bench/scenarios.py and
+bench/soak.py: processes, ports, logs, /proc, pinning, the upstreams (nginx
+and bench/upstream.py), finding and starting the daemon, wrk, the machine
+description and the JSON report.
 
 Stdlib only.  The scripts run as ``python bench/run.py``, with bench/ first
 on sys.path, and import this module as ``common``.
@@ -10,23 +11,35 @@ on sys.path, and import this module as ``common``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
+import re
+import resource
+import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Sequence
 from typing import Any
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 HOST = "127.0.0.1"
+#: The wrk script that builds a batch (or a plain GET) and reports in done().
+LUA_SCRIPT = os.path.join(BENCH_DIR, "batch.lua")
+#: What the upstreams answer.
+UPSTREAM_BODY = "hello world\n"
+#: The asyncio upstream: the fallback for nginx, and the one that can delay.
+PYTHON_UPSTREAM = os.path.join(BENCH_DIR, "upstream.py")
 #: twistd writes a plugin cache next to the working tree's plugin.
 PLUGIN_CACHE = os.path.join(REPO_ROOT, "twisted", "plugins", "dropin.cache")
 
@@ -248,6 +261,502 @@ def daemon_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
+
+
+# --------------------------------------------------------------------------
+# Serving
+
+
+def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read()
+
+
+def wait_until_serving(
+    proc: subprocess.Popen[Any], url: str, name: str, log: str, timeout: float = 20.0
+) -> None:
+    def serving() -> bool | str:
+        status, _ = http_get(url)
+        return True if status == 200 else f"HTTP {status}"
+
+    wait_until(serving, proc, name, log, timeout, f"answer GET {url}")
+
+
+def raise_nofile() -> int:
+    """
+    Raise this process's soft RLIMIT_NOFILE to its hard limit (inherited by
+    the processes it starts after); return the new soft limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+def rss_kib(pid: int) -> int:
+    """The resident memory of ``pid`` in KiB (``VmRSS`` in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS in /proc/{pid}/status")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """
+    Read one HTTP/1.1 answer with a Content-Length: its status and body.
+    """
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length = None
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    if length is None:
+        raise ValueError("an answer without Content-Length")
+    return status, await reader.readexactly(length)
+
+
+def post_bytes(port: int, path: str, body: bytes) -> bytes:
+    """A keep-alive HTTP/1.1 POST of a JSON ``body``, ready to write."""
+    return (
+        b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (path.encode(), HOST.encode(), port, len(body)) + body
+    )
+
+
+def get_bytes(port: int, path: str) -> bytes:
+    """A keep-alive HTTP/1.1 GET, ready to write."""
+    return b"GET %s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (path.encode(), HOST.encode(), port)
+
+
+# --------------------------------------------------------------------------
+# Pinning
+
+
+def cpu_list(text: str) -> set[int]:
+    """The CPUs of a taskset-style list such as ``1`` or ``0,2-3``."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+class Pinning:
+    def __init__(self, daemon_cpus: str, load_cpus: str, enabled: bool) -> None:
+        self.taskset = shutil.which("taskset")
+        self.daemon_cpus = daemon_cpus
+        self.load_cpus = load_cpus
+        self.enabled = enabled
+        self.note = ""
+        if not enabled:
+            self.note = "pinning disabled (--no-pin)"
+        elif self.taskset is None:
+            self.enabled = False
+            self.note = "taskset not found: NOT pinning"
+        else:
+            available = len(os.sched_getaffinity(0))
+            if available < 2:
+                self.enabled = False
+                self.note = f"only {available} CPU available: NOT pinning"
+            else:
+                self.note = f"daemon on CPU {daemon_cpus}, upstream and wrk on CPU {load_cpus}"
+
+    def daemon(self, argv: list[str]) -> list[str]:
+        return self._wrap(self.daemon_cpus, argv)
+
+    def load(self, argv: list[str]) -> list[str]:
+        return self._wrap(self.load_cpus, argv)
+
+    def pin_self_to_load(self) -> None:
+        """
+        Move this process (a load generator) to the load CPUs; the processes
+        it starts later are pinned by :meth:`daemon` and :meth:`load`.
+        """
+        if self.enabled:
+            os.sched_setaffinity(0, cpu_list(self.load_cpus))
+
+    def _wrap(self, cpus: str, argv: list[str]) -> list[str]:
+        if not self.enabled:
+            return argv
+        assert self.taskset is not None
+        return [self.taskset, "-c", cpus, *argv]
+
+
+# --------------------------------------------------------------------------
+# Upstreams
+
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+error_log {tmp}/error.log warn;
+pid {tmp}/nginx.pid;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    access_log off;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+{temp_paths}
+{servers}
+}}
+"""
+
+NGINX_SERVER = """\
+    server {{
+        listen {host}:{port}{ssl};
+{tls}        location / {{
+            return 200 "hello world\\n";
+        }}
+        # Accepted connections, to count the upstream connections Octoplex opens.
+        location = /nginx_status {{
+            stub_status;
+        }}
+    }}
+"""
+
+
+def nginx_accepts(
+    port: int, scheme: str = "http", context: ssl.SSLContext | None = None
+) -> int | None:
+    """
+    The connections nginx has accepted so far (its stub_status), counting
+    the one this call opens.
+    """
+    url = f"{scheme}://{HOST}:{port}/nginx_status"
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=context) as answer:
+            text = answer.read().decode("ascii", "replace")
+    except (OSError, urllib.error.URLError):
+        return None
+    m = re.search(r"^\s*(\d+)\s+\d+\s+\d+\s*$", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def nginx_version(nginx: str) -> tuple[str, tuple[int, ...]]:
+    out = subprocess.run([nginx, "-V"], capture_output=True, text=True, timeout=10)
+    text = out.stderr + out.stdout
+    m = re.search(r"nginx/(\d+(?:\.\d+)*)", text)
+    version = tuple(int(x) for x in m.group(1).split(".")) if m else ()
+    return text, version
+
+
+def nginx_has_ssl(nginx: str) -> bool:
+    return "--with-http_ssl_module" in nginx_version(nginx)[0]
+
+
+def start_nginx(
+    nginx: str,
+    tmp: str,
+    port: int,
+    pin: Pinning,
+    procs: Processes,
+    more_ports: Sequence[int] = (),
+    tls_ports: Sequence[int] = (),
+    tls: tuple[str, str] | None = None,
+) -> tuple[subprocess.Popen[Any], str, str]:
+    """
+    Start nginx answering ``hello world`` on ``port`` and ``more_ports``, and
+    with TLS on ``tls_ports`` (``tls``: the certificate and key PEM files).
+    """
+    configure, version = nginx_version(nginx)
+    temp_paths = [f"    client_body_temp_path {tmp}/client_body;"]
+    for module, directive in (
+        ("proxy", "proxy_temp_path"),
+        ("fastcgi", "fastcgi_temp_path"),
+        ("uwsgi", "uwsgi_temp_path"),
+        ("scgi", "scgi_temp_path"),
+    ):
+        if f"--without-http_{module}_module" not in configure:
+            temp_paths.append(f"    {directive} {tmp}/{module};")
+    servers = [NGINX_SERVER.format(host=HOST, port=p, ssl="", tls="") for p in (port, *more_ports)]
+    if tls_ports:
+        assert tls is not None, "TLS ports need a certificate and key"
+        directives = f"        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};\n"
+        servers += [
+            NGINX_SERVER.format(host=HOST, port=p, ssl=" ssl", tls=directives) for p in tls_ports
+        ]
+    conf = os.path.join(tmp, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(
+            NGINX_CONF.format(
+                tmp=tmp, temp_paths="\n".join(temp_paths), servers="\n".join(servers).rstrip()
+            )
+        )
+    argv = [nginx, "-p", tmp + "/", "-c", conf]
+    if version >= (1, 19, 5):
+        # Log to our file from the start, not to the built-in path.
+        argv[1:1] = ["-e", os.path.join(tmp, "error.log")]
+    log = os.path.join(tmp, "nginx.out")
+    with open(log, "wb") as out:
+        proc = procs.start("nginx", pin.load(argv), stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
+    error_log = os.path.join(tmp, "error.log")
+    # nginx binds every listener before it serves any.
+    wait_until_serving(proc, f"http://{HOST}:{port}/", "nginx", error_log)
+    label = "nginx " + ".".join(map(str, version)) if version else "nginx"
+    return proc, label, error_log
+
+
+def start_python_upstream(
+    tmp: str, port: int, pin: Pinning, procs: Processes, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[Any], str, str]:
+    """
+    Start bench/upstream.py on ``port``, with ``extra`` options (see its
+    ``--help``).
+    """
+    log = os.path.join(tmp, f"upstream-{port}.log")
+    argv = [sys.executable, PYTHON_UPSTREAM, "--host", HOST, "--port", str(port), *extra]
+    with open(log, "wb") as out:
+        proc = procs.start("upstream", pin.load(argv), stdout=out, stderr=subprocess.STDOUT)
+
+    def listening() -> bool:
+        with socket.create_connection((HOST, port), timeout=1):
+            return True
+
+    wait_until(listening, proc, "bench/upstream.py", log, 20)
+    return proc, "bench/upstream.py (asyncio)", log
+
+
+# --------------------------------------------------------------------------
+# The daemon
+
+
+def octoplex_argv(cmd: str | None, port: int) -> tuple[list[str], str]:
+    listen = f"tcp:{port}:interface={HOST}"
+    if cmd is None:
+        twistd, where = find_twistd(" or pass --octoplex-cmd")
+        # The upstream is local, and local addresses are refused by default.
+        argv = [twistd, "-n", "--pidfile=", "octoplex", "--listen", listen]
+        argv += ["--allow-egress", "127.0.0.0/8"]
+        return argv, f"{twistd} (found {where})"
+    if "{port}" in cmd or "{listen}" in cmd:
+        argv = shlex.split(cmd.replace("{port}", str(port)).replace("{listen}", listen))
+    else:
+        argv = [*shlex.split(cmd), "--listen", listen]
+    return argv, "--octoplex-cmd"
+
+
+def start_octoplex(
+    cmd: str | None,
+    tmp: str,
+    pin: Pinning,
+    procs: Processes,
+    workers: int = 1,
+    extra: Sequence[str] = (),
+    name: str = "",
+) -> tuple[subprocess.Popen[Any], int, str, list[str], str]:
+    """
+    Start the daemon with ``--workers N`` and ``extra`` options, pinned to
+    the daemon CPUs if it is one process; wait for /healthz.  Return the
+    process, its port, its log, its argv and where its command came from.
+    """
+    port = free_port()
+    argv, source = octoplex_argv(cmd, port)
+    # Always given: the default (auto) is one worker per CPU.
+    argv += ["--workers", str(workers), *extra]
+    env = daemon_env()
+    log = os.path.join(tmp, f"octoplex-{name or f'workers-{workers}'}.log")
+    with open(log, "wb") as out:
+        proc = procs.start(
+            "octoplex",
+            pin.daemon(argv) if workers == 1 else argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=env,
+        )
+    wait_until_serving(proc, f"http://{HOST}:{port}/healthz", "octoplex", log, timeout=30)
+    return proc, port, log, argv, source
+
+
+def batch_document(size: int, upstream_url: str, timeout_msec: int) -> dict[str, Any]:
+    return {
+        "timeout_msec": timeout_msec,
+        "requests": [{"method": "GET", "uri": upstream_url} for _ in range(size)],
+    }
+
+
+def check_one_batch(port: int, size: int, upstream_url: str, timeout_msec: int) -> None:
+    """
+    POST one batch by hand and insist that every outcome is a Success with
+    status 200 and the upstream's body.
+    """
+    url = f"http://{HOST}:{port}/multiplex"
+    body = json.dumps(batch_document(size, upstream_url, timeout_msec)).encode()
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_msec / 1000 + 10) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    except OSError as e:
+        raise BenchError(f"check batch of {size}: POST {url} failed: {e}") from None
+    shown = raw[:2000].decode("utf-8", "replace")
+    if status != 200:
+        raise BenchError(f"check batch of {size}: /multiplex answered HTTP {status}: {shown}")
+    try:
+        responses = json.loads(raw)["responses"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BenchError(f"check batch of {size}: unreadable answer ({e}): {shown}") from None
+    if not isinstance(responses, list) or len(responses) != size:
+        raise BenchError(
+            f"check batch of {size}: expected {size} outcomes, got "
+            f"{len(responses) if isinstance(responses, list) else type(responses).__name__}"
+        )
+    bad = []
+    for i, outcome in enumerate(responses):
+        success = outcome.get("Success") if isinstance(outcome, dict) else None
+        if (
+            not isinstance(success, dict)
+            or success.get("status") != 200
+            or success.get("content") != UPSTREAM_BODY
+        ):
+            bad.append((i, outcome))
+    if bad:
+        first = ", ".join(f"#{i}: {json.dumps(o)[:400]}" for i, o in bad[:3])
+        raise BenchError(
+            f"check batch of {size}: {len(bad)} of {size} outcomes are not "
+            f"Success/200/{UPSTREAM_BODY!r}; first: {first}"
+        )
+
+
+# --------------------------------------------------------------------------
+# wrk
+
+
+def daemon_code_path(argv: list[str]) -> str:
+    """
+    Where the daemon started with ``argv`` (twistd first) imports octoplex
+    from: the interpreter of twistd's ``#!`` line, asked with the daemon's
+    environment and working directory.
+    """
+    python = sys.executable
+    try:
+        with open(argv[0], "rb") as f:
+            first = f.readline().decode("utf-8", "replace")
+        if first.startswith("#!") and first[2:].split():
+            python = first[2:].split()[0]
+    except OSError:
+        pass
+    out = subprocess.run(
+        [python, "-c", "import octoplex; print(octoplex.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+        env=daemon_env(),
+    )
+    if out.returncode != 0:
+        raise BenchError(f"{python} cannot import octoplex: {out.stderr.strip()}")
+    return os.path.dirname(out.stdout.strip())
+
+
+# --------------------------------------------------------------------------
+# wrk
+
+
+RESULT_LINE = re.compile(r"^BENCH_RESULT (\{.*\})\s*$", re.MULTILINE)
+
+
+def run_wrk(
+    wrk: str,
+    pin: Pinning,
+    procs_to_watch: list[tuple[str, subprocess.Popen[Any], str]],
+    url: str,
+    connections: int,
+    duration: int,
+    script_args: list[str],
+) -> tuple[dict[str, Any], str]:
+    argv = pin.load(
+        [
+            wrk,
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--timeout",
+            "30s",
+            "--latency",
+            "-s",
+            LUA_SCRIPT,
+            url,
+            "--",
+            *script_args,
+        ]
+    )
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=duration + 60)
+    finally:
+        stop(proc, grace=2)
+    for name, p, log in procs_to_watch:
+        if p.poll() is not None:
+            raise BenchError(
+                f"{name} died (status {p.returncode}) during the run.\n--- {log} ---\n{tail(log)}"
+            )
+    if proc.returncode != 0:
+        raise BenchError(f"wrk exited with {proc.returncode}: {' '.join(argv)}\n{out}\n{err}")
+    m = RESULT_LINE.search(out)
+    if not m:
+        raise BenchError(f"no BENCH_RESULT line in wrk's output:\n{out}\n{err}")
+    result = json.loads(m.group(1))
+    # Cross-check the script's status count against wrk's own report.
+    m2 = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+    result["wrk_non_2xx_line"] = int(m2.group(1)) if m2 else 0
+    return result, out
+
+
+def summarise_wrk(
+    raw: dict[str, Any], batch_size: int, daemon_cpu: float | None, upstream_cpu: float | None
+) -> dict[str, Any]:
+    seconds = raw["duration_us"] / 1e6
+    rate = raw["requests"] / seconds if seconds > 0 else 0.0
+    e = raw["errors"]
+    socket_errors = e["connect"] + e["read"] + e["write"] + e["timeout"]
+    # With the response() check, non_2xx counts every non-2xx answer; without
+    # it, wrk's status count (>= 400) is what there is.
+    non_2xx = raw["non_2xx"] if raw["checked"] else max(e["status"], raw["wrk_non_2xx_line"])
+    return {
+        "batch_size": batch_size,
+        "requests": raw["requests"],
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(rate, 1),
+        "sub_requests_per_s": round(rate * max(batch_size, 1), 1),
+        "p50_ms": raw["latency_us"]["p50"] / 1000,
+        "p90_ms": raw["latency_us"]["p90"] / 1000,
+        "p99_ms": raw["latency_us"]["p99"] / 1000,
+        "max_ms": raw["latency_us"]["max"] / 1000,
+        "errors": socket_errors + non_2xx,
+        "socket_errors": e,
+        "non_2xx": non_2xx,
+        "responses_checked": raw["checked"],
+        "bad_batches": raw["bad_batches"],
+        "failed_sub_requests": raw["failed_subs"],
+        "sample_bad_response": raw["sample"],
+        "daemon_cpu_pct": None if daemon_cpu is None else round(daemon_cpu, 1),
+        "upstream_cpu_pct": None if upstream_cpu is None else round(upstream_cpu, 1),
+    }
 
 
 # --------------------------------------------------------------------------

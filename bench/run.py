@@ -10,6 +10,9 @@ them with wrk:
 - once per batch size, POSTing a batch of that many requests (all to the
   upstream) to /multiplex.
 
+``--scenarios all`` runs bench/scenarios.py instead: idle overhead, deadline
+accuracy, memory per in-flight sub-request and TLS upstreams.
+
 For each batch size it reports batches/s, sub-requests/s, batch latency p50
 and p99, errors, failed sub-requests, and sub-requests/s as a fraction of the
 direct upstream requests/s.  The daemon runs pinned to one CPU, upstream and
@@ -26,363 +29,30 @@ bench/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import common
-from common import BENCH_DIR, HOST, REPO_ROOT, BenchError, positive_int
-
-LUA_SCRIPT = os.path.join(BENCH_DIR, "batch.lua")
-FALLBACK_UPSTREAM = os.path.join(BENCH_DIR, "upstream.py")
-UPSTREAM_BODY = "hello world\n"
-
-
-# --------------------------------------------------------------------------
-# Processes
-
-
-def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read()
-
-
-def wait_until_serving(
-    proc: subprocess.Popen[Any], url: str, name: str, log: str, timeout: float = 20.0
-) -> None:
-    def serving() -> bool | str:
-        status, _ = http_get(url)
-        return True if status == 200 else f"HTTP {status}"
-
-    common.wait_until(serving, proc, name, log, timeout, f"answer GET {url}")
-
-
-# --------------------------------------------------------------------------
-# Pinning
-
-
-class Pinning:
-    def __init__(self, daemon_cpus: str, load_cpus: str, enabled: bool) -> None:
-        self.taskset = shutil.which("taskset")
-        self.daemon_cpus = daemon_cpus
-        self.load_cpus = load_cpus
-        self.enabled = enabled
-        self.note = ""
-        if not enabled:
-            self.note = "pinning disabled (--no-pin)"
-        elif self.taskset is None:
-            self.enabled = False
-            self.note = "taskset not found: NOT pinning"
-        else:
-            available = len(os.sched_getaffinity(0))
-            if available < 2:
-                self.enabled = False
-                self.note = f"only {available} CPU available: NOT pinning"
-            else:
-                self.note = f"daemon on CPU {daemon_cpus}, upstream and wrk on CPU {load_cpus}"
-
-    def daemon(self, argv: list[str]) -> list[str]:
-        return self._wrap(self.daemon_cpus, argv)
-
-    def load(self, argv: list[str]) -> list[str]:
-        return self._wrap(self.load_cpus, argv)
-
-    def _wrap(self, cpus: str, argv: list[str]) -> list[str]:
-        if not self.enabled:
-            return argv
-        assert self.taskset is not None
-        return [self.taskset, "-c", cpus, *argv]
-
-
-# --------------------------------------------------------------------------
-# Upstream
-
-
-NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-error_log {tmp}/error.log warn;
-pid {tmp}/nginx.pid;
-
-events {{
-    worker_connections 4096;
-}}
-
-http {{
-    access_log off;
-    keepalive_timeout 75s;
-    keepalive_requests 1000000;
-{temp_paths}
-    server {{
-        listen {host}:{port};
-        location / {{
-            return 200 "hello world\\n";
-        }}
-        # Accepted connections, to count the upstream connections Octoplex opens.
-        location = /nginx_status {{
-            stub_status;
-        }}
-    }}
-}}
-"""
-
-
-def nginx_accepts(port: int) -> int | None:
-    """
-    The connections nginx has accepted so far (its stub_status), counting
-    the one this call opens.
-    """
-    try:
-        with urllib.request.urlopen(f"http://{HOST}:{port}/nginx_status", timeout=5) as answer:
-            text = answer.read().decode("ascii", "replace")
-    except (OSError, urllib.error.URLError):
-        return None
-    m = re.search(r"^\s*(\d+)\s+\d+\s+\d+\s*$", text, re.M)
-    return int(m.group(1)) if m else None
-
-
-def nginx_version(nginx: str) -> tuple[str, tuple[int, ...]]:
-    out = subprocess.run([nginx, "-V"], capture_output=True, text=True, timeout=10)
-    text = out.stderr + out.stdout
-    m = re.search(r"nginx/(\d+(?:\.\d+)*)", text)
-    version = tuple(int(x) for x in m.group(1).split(".")) if m else ()
-    return text, version
-
-
-def start_nginx(
-    nginx: str, tmp: str, port: int, pin: Pinning, procs: common.Processes
-) -> tuple[subprocess.Popen[Any], str, str]:
-    configure, version = nginx_version(nginx)
-    temp_paths = [f"    client_body_temp_path {tmp}/client_body;"]
-    for module, directive in (
-        ("proxy", "proxy_temp_path"),
-        ("fastcgi", "fastcgi_temp_path"),
-        ("uwsgi", "uwsgi_temp_path"),
-        ("scgi", "scgi_temp_path"),
-    ):
-        if f"--without-http_{module}_module" not in configure:
-            temp_paths.append(f"    {directive} {tmp}/{module};")
-    conf = os.path.join(tmp, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(NGINX_CONF.format(tmp=tmp, host=HOST, port=port, temp_paths="\n".join(temp_paths)))
-    argv = [nginx, "-p", tmp + "/", "-c", conf]
-    if version >= (1, 19, 5):
-        # Log to our file from the start, not to the built-in path.
-        argv[1:1] = ["-e", os.path.join(tmp, "error.log")]
-    log = os.path.join(tmp, "nginx.out")
-    with open(log, "wb") as out:
-        proc = procs.start("nginx", pin.load(argv), stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
-    error_log = os.path.join(tmp, "error.log")
-    wait_until_serving(proc, f"http://{HOST}:{port}/", "nginx", error_log)
-    label = "nginx " + ".".join(map(str, version)) if version else "nginx"
-    return proc, label, error_log
-
-
-def start_fallback_upstream(
-    tmp: str, port: int, pin: Pinning, procs: common.Processes
-) -> tuple[subprocess.Popen[Any], str, str]:
-    log = os.path.join(tmp, "upstream.log")
-    argv = [sys.executable, FALLBACK_UPSTREAM, "--host", HOST, "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = procs.start("upstream", pin.load(argv), stdout=out, stderr=subprocess.STDOUT)
-    wait_until_serving(proc, f"http://{HOST}:{port}/", "bench/upstream.py", log)
-    return proc, "bench/upstream.py (asyncio)", log
-
+from common import (
+    HOST,
+    Pinning,
+    check_one_batch,
+    nginx_accepts,
+    positive_int,
+    run_wrk,
+    start_nginx,
+    start_octoplex,
+    start_python_upstream,
+    summarise_wrk,
+)
 
 # --------------------------------------------------------------------------
 # Octoplex
-
-
-def octoplex_argv(cmd: str | None, port: int) -> tuple[list[str], str]:
-    listen = f"tcp:{port}:interface={HOST}"
-    if cmd is None:
-        twistd, where = common.find_twistd(" or pass --octoplex-cmd")
-        # The upstream is local, and local addresses are refused by default.
-        argv = [twistd, "-n", "--pidfile=", "octoplex", "--listen", listen]
-        argv += ["--allow-egress", "127.0.0.0/8"]
-        return argv, f"{twistd} (found {where})"
-    if "{port}" in cmd or "{listen}" in cmd:
-        argv = shlex.split(cmd.replace("{port}", str(port)).replace("{listen}", listen))
-    else:
-        argv = [*shlex.split(cmd), "--listen", listen]
-    return argv, "--octoplex-cmd"
-
-
-def start_octoplex(
-    cmd: str | None, tmp: str, pin: Pinning, procs: common.Processes, workers: int = 1
-) -> tuple[subprocess.Popen[Any], int, str, list[str], str]:
-    port = common.free_port()
-    argv, source = octoplex_argv(cmd, port)
-    # Always given: the default (auto) is one worker per CPU.
-    argv += ["--workers", str(workers)]
-    env = common.daemon_env()
-    log = os.path.join(tmp, f"octoplex-workers-{workers}.log")
-    with open(log, "wb") as out:
-        proc = procs.start(
-            "octoplex",
-            pin.daemon(argv) if workers == 1 else argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env=env,
-        )
-    wait_until_serving(proc, f"http://{HOST}:{port}/healthz", "octoplex", log, timeout=30)
-    return proc, port, log, argv, source
-
-
-def batch_document(size: int, upstream_url: str, timeout_msec: int) -> dict[str, Any]:
-    return {
-        "timeout_msec": timeout_msec,
-        "requests": [{"method": "GET", "uri": upstream_url} for _ in range(size)],
-    }
-
-
-def check_one_batch(port: int, size: int, upstream_url: str, timeout_msec: int) -> None:
-    """
-    POST one batch by hand and insist that every outcome is a Success with
-    status 200 and the upstream's body.
-    """
-    url = f"http://{HOST}:{port}/multiplex"
-    body = json.dumps(batch_document(size, upstream_url, timeout_msec)).encode()
-    request = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_msec / 1000 + 10) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    except OSError as e:
-        raise BenchError(f"check batch of {size}: POST {url} failed: {e}") from None
-    shown = raw[:2000].decode("utf-8", "replace")
-    if status != 200:
-        raise BenchError(f"check batch of {size}: /multiplex answered HTTP {status}: {shown}")
-    try:
-        responses = json.loads(raw)["responses"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise BenchError(f"check batch of {size}: unreadable answer ({e}): {shown}") from None
-    if not isinstance(responses, list) or len(responses) != size:
-        raise BenchError(
-            f"check batch of {size}: expected {size} outcomes, got "
-            f"{len(responses) if isinstance(responses, list) else type(responses).__name__}"
-        )
-    bad = []
-    for i, outcome in enumerate(responses):
-        success = outcome.get("Success") if isinstance(outcome, dict) else None
-        if (
-            not isinstance(success, dict)
-            or success.get("status") != 200
-            or success.get("content") != UPSTREAM_BODY
-        ):
-            bad.append((i, outcome))
-    if bad:
-        first = ", ".join(f"#{i}: {json.dumps(o)[:400]}" for i, o in bad[:3])
-        raise BenchError(
-            f"check batch of {size}: {len(bad)} of {size} outcomes are not "
-            f"Success/200/{UPSTREAM_BODY!r}; first: {first}"
-        )
-
-
-# --------------------------------------------------------------------------
-# wrk
-
-
-RESULT_LINE = re.compile(r"^BENCH_RESULT (\{.*\})\s*$", re.MULTILINE)
-
-
-def run_wrk(
-    wrk: str,
-    pin: Pinning,
-    procs_to_watch: list[tuple[str, subprocess.Popen[Any], str]],
-    url: str,
-    connections: int,
-    duration: int,
-    script_args: list[str],
-) -> tuple[dict[str, Any], str]:
-    argv = pin.load(
-        [
-            wrk,
-            "-t1",
-            f"-c{connections}",
-            f"-d{duration}s",
-            "--timeout",
-            "30s",
-            "--latency",
-            "-s",
-            LUA_SCRIPT,
-            url,
-            "--",
-            *script_args,
-        ]
-    )
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=duration + 60)
-    finally:
-        common.stop(proc, grace=2)
-    for name, p, log in procs_to_watch:
-        if p.poll() is not None:
-            raise BenchError(
-                f"{name} died (status {p.returncode}) during the run.\n"
-                f"--- {log} ---\n{common.tail(log)}"
-            )
-    if proc.returncode != 0:
-        raise BenchError(f"wrk exited with {proc.returncode}: {' '.join(argv)}\n{out}\n{err}")
-    m = RESULT_LINE.search(out)
-    if not m:
-        raise BenchError(f"no BENCH_RESULT line in wrk's output:\n{out}\n{err}")
-    result = json.loads(m.group(1))
-    # Cross-check the script's status count against wrk's own report.
-    m2 = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
-    result["wrk_non_2xx_line"] = int(m2.group(1)) if m2 else 0
-    return result, out
-
-
-def summarise(
-    raw: dict[str, Any], batch_size: int, daemon_cpu: float | None, upstream_cpu: float | None
-) -> dict[str, Any]:
-    seconds = raw["duration_us"] / 1e6
-    rate = raw["requests"] / seconds if seconds > 0 else 0.0
-    e = raw["errors"]
-    socket_errors = e["connect"] + e["read"] + e["write"] + e["timeout"]
-    # With the response() check, non_2xx counts every non-2xx answer; without
-    # it, wrk's status count (>= 400) is what there is.
-    non_2xx = raw["non_2xx"] if raw["checked"] else max(e["status"], raw["wrk_non_2xx_line"])
-    return {
-        "batch_size": batch_size,
-        "requests": raw["requests"],
-        "seconds": round(seconds, 3),
-        "requests_per_s": round(rate, 1),
-        "sub_requests_per_s": round(rate * max(batch_size, 1), 1),
-        "p50_ms": raw["latency_us"]["p50"] / 1000,
-        "p90_ms": raw["latency_us"]["p90"] / 1000,
-        "p99_ms": raw["latency_us"]["p99"] / 1000,
-        "max_ms": raw["latency_us"]["max"] / 1000,
-        "errors": socket_errors + non_2xx,
-        "socket_errors": e,
-        "non_2xx": non_2xx,
-        "responses_checked": raw["checked"],
-        "bad_batches": raw["bad_batches"],
-        "failed_sub_requests": raw["failed_subs"],
-        "sample_bad_response": raw["sample"],
-        "daemon_cpu_pct": None if daemon_cpu is None else round(daemon_cpu, 1),
-        "upstream_cpu_pct": None if upstream_cpu is None else round(upstream_cpu, 1),
-    }
 
 
 def measured(
@@ -416,7 +86,7 @@ def measured(
     def pct(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else 100 * (b - a) / elapsed
 
-    result = summarise(raw, batch_size, pct(d0, d1), pct(u0, u1))
+    result = summarise_wrk(raw, batch_size, pct(d0, d1), pct(u0, u1))
     # Connections the upstream accepted during the measured run (less the
     # status request's own), per 1,000 sub-requests: near 0 once warm.
     subs = raw["requests"] * max(batch_size, 1)
@@ -600,10 +270,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("-v", "--verbose", action="store_true", help="print wrk's full output")
+    parser.add_argument(
+        "--scenarios",
+        metavar="LIST",
+        help="run bench/scenarios.py instead (all, or idle,deadline,memory,tls); every "
+        "other option then goes to it: see python3 bench/scenarios.py --help",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--scenarios" or a.startswith("--scenarios=") for a in argv):
+        import scenarios
+
+        return scenarios.main(argv)
     args = parse_args(argv)
     started = time.monotonic()
     common.raise_on_sigterm()
@@ -644,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                 "- using the fallback upstream bench/upstream.py (asyncio); its "
                 "numbers are not comparable with nginx runs.",
             )
-            upstream, upstream_label, upstream_log = start_fallback_upstream(
+            upstream, upstream_label, upstream_log = start_python_upstream(
                 tmp, upstream_port, pin, procs
             )
         upstream_url = f"http://{HOST}:{upstream_port}/"

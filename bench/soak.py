@@ -209,15 +209,7 @@ def sample(pid: int) -> tuple[int, int]:
     """
     The RSS in KiB and the number of open file descriptors of ``pid``.
     """
-    rss = None
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-                break
-    if rss is None:
-        raise BenchError(f"no VmRSS in /proc/{pid}/status")
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    return common.rss_kib(pid), common.open_fds(pid)
 
 
 # --------------------------------------------------------------------------
@@ -323,21 +315,8 @@ class Load:
     async def _exchange(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
     ) -> tuple[int, bytes]:
-        writer.write(
-            b"POST /multiplex HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % (HOST.encode(), self.port, len(body)) + body
-        )
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ", 2)[1])
-        length = None
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-        if length is None:
-            raise ValueError("an answer without Content-Length")
-        return status, await reader.readexactly(length)
+        writer.write(common.post_bytes(self.port, "/multiplex", body))
+        return await common.read_answer(reader)
 
     def _count(self, status: int, answer: bytes, kinds: list[str]) -> None:
         self.statuses[status] += 1
