@@ -1,0 +1,225 @@
+"""
+The CPU floor of each layer an Octoplex sub-request passes through, with
+no sockets: how many microseconds one request costs in treq alone, in
+Twisted's HTTP/1.1 client protocol alone, and in a C parser, each timed
+in-process over in-memory stubs (a null agent, a StringTransport).
+
+These floors bound what any tuning below them can reach: a sub-request
+cannot cost less CPU than the layers it must cross.  ``bench/run.py``
+measures the whole daemon; this says where its time must go.
+
+    python3 bench/floor.py            # about 10 s
+    python3 bench/floor.py --json bench/results/floor.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from collections.abc import Callable
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from treq.client import HTTPClient
+from twisted.internet.defer import succeed
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+from twisted.web._newclient import HTTP11ClientProtocol, Request
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from zope.interface import implementer
+
+from octoplex.wire import _check_uri
+
+#: nginx's answer in bench/run.py: its status line and headers, byte for byte.
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Server: nginx/1.22.1\r\n"
+    b"Date: Sat, 28 Nov 2026 11:00:00 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\n"
+    b"Content-Length: 12\r\n"
+    b"Connection: keep-alive\r\n"
+    b"\r\n"
+    b"hello world\n"
+)
+
+
+@implementer(IResponse)
+class _Response:
+    version = (b"HTTP", 1, 1)
+    code = 200
+    phrase = b"OK"
+    length = 12
+    request = None
+    previousResponse = None
+
+    def __init__(self) -> None:
+        self.headers = Headers({b"content-type": [b"text/plain"], b"server": [b"nginx"]})
+
+    def deliverBody(self, protocol: Any) -> None:
+        pass
+
+    def setPreviousResponse(self, response: Any) -> None:
+        pass
+
+
+@implementer(IAgent)
+class _NullAgent:
+    """Answers every request at once with the same response: only treq's work is left."""
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Any:
+        return succeed(_Response())
+
+
+class _NoCookies(DefaultCookiePolicy):
+    def set_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+
+class _Sink(Protocol):
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+
+def _treq() -> Callable[[], None]:
+    client = HTTPClient(_NullAgent(), cookiejar=CookieJar(_NoCookies()))  # type: ignore[arg-type]
+    url = _check_uri("http://127.0.0.1:8080/hello")
+
+    def one() -> None:
+        client.request(
+            "GET",
+            url,
+            headers=Headers({b"x-request": [b"1"]}),
+            allow_redirects=False,
+            unbuffered=True,
+        )
+
+    return one
+
+
+def _twisted_protocol() -> Callable[[], None]:
+    protocol = HTTP11ClientProtocol()
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+
+    def one() -> None:
+        request = Request(
+            b"GET",
+            b"/hello",
+            Headers({b"host": [b"127.0.0.1:8080"], b"x-request": [b"1"]}),
+            None,
+            persistent=True,
+        )
+        d = protocol.request(request)
+        responses: list[Any] = []
+        d.addCallback(responses.append)
+        transport.clear()
+        protocol.dataReceived(RESPONSE)
+        responses[0].deliverBody(_Sink())
+
+    return one
+
+
+def _httptools() -> Callable[[], None] | None:
+    try:
+        import httptools  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+
+    class Callbacks:
+        def __init__(self) -> None:
+            self.headers: list[tuple[bytes, bytes]] = []
+            self.body: list[bytes] = []
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.headers.append((name, value))
+
+        def on_body(self, body: bytes) -> None:
+            self.body.append(body)
+
+    def one() -> None:
+        callbacks = Callbacks()
+        parser = httptools.HttpResponseParser(callbacks)
+        parser.feed_data(RESPONSE)
+
+    return one
+
+
+def _request_bytes() -> Callable[[], None]:
+    def one() -> None:
+        headers = [(b"Host", b"127.0.0.1:8080"), (b"X-Request", b"1")]
+        b"".join(
+            [b"GET /hello HTTP/1.1\r\n"] + [n + b": " + v + b"\r\n" for n, v in headers] + [b"\r\n"]
+        )
+
+    return one
+
+
+def measure(one: Callable[[], None], seconds: float) -> tuple[float, int]:
+    """
+    Microseconds per call of ``one``, the best of several rounds within
+    ``seconds`` (the least disturbed by the rest of a shared machine).
+    """
+    for _ in range(200):
+        one()
+    best = float("inf")
+    calls = 0
+    deadline = time.perf_counter() + seconds
+    gc.collect()
+    while time.perf_counter() < deadline:
+        n = 2000
+        start = time.perf_counter()
+        for _ in range(n):
+            one()
+        best = min(best, (time.perf_counter() - start) / n)
+        calls += n
+    return best * 1e6, calls
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="per layer (default: 2)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    args = parser.parse_args()
+    layers = [
+        ("treq: HTTPClient.request over a null agent (its wrappers, URL, cookies)", _treq()),
+        (
+            "Twisted: HTTP11ClientProtocol, one request written and nginx's response parsed",
+            _twisted_protocol(),
+        ),
+        ("httptools: nginx's response parsed in C", _httptools()),
+        ("the request's bytes built by hand", _request_bytes()),
+    ]
+    rows = []
+    for label, one in layers:
+        if one is None:
+            print(f"{label}: not installed, left out")
+            continue
+        micros, calls = measure(one, args.seconds)
+        rows.append({"layer": label, "us_per_request": round(micros, 1), "calls": calls})
+        print(f"  {label}: {micros:.1f} us ({calls} calls)", flush=True)
+    print()
+    print("| layer, per sub-request | CPU us (best round) | at most sub-requests/s on one core |")
+    print("|---|---:|---:|")
+    for row in rows:
+        print(f"| {row['layer']} | {row['us_per_request']} | {1e6 / row['us_per_request']:,.0f} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"layers": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
