@@ -23,6 +23,8 @@ setup(
         "service-identity>=24.2.0",
         "pyopenssl>=24.2.1",
         "attrs>=23.1.0",
+        # The upstream response parser (octoplex.http11): llhttp, in C.
+        "httptools>=0.6.4",
         # /metrics and /stats (octoplex.metrics).
         "prometheus-client>=0.20",
         # The config file: tomllib is in the standard library from 3.11.

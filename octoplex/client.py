@@ -99,11 +99,12 @@ class _BytesProducer:
     replayable = True
 
     def __init__(self, body: bytes) -> None:
-        self._body = body
+        #: The bytes, which octoplex.http11 writes with the head at once.
+        self.body = body
         self.length = len(body)
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
+        consumer.write(self.body)
         return succeed(None)
 
     def pauseProducing(self) -> None:

@@ -24,7 +24,7 @@ from twisted.web.http import _MalformedChunkedDataError
 
 from octoplex.body import BadGzip, BodyTooLarge
 from octoplex.egress import EgressRefused
-from octoplex.pool import HeadTooLarge
+from octoplex.http11 import HeadTooLarge
 from octoplex.tls import CertificateRejected
 
 __all__ = ["TIMEOUT_ELAPSED", "cause", "describe"]
@@ -61,6 +61,8 @@ def _lost(cause: Failure, when: str) -> str:
 def _parse_detail(exc: BaseException | None) -> str:
     assert exc is not None
     reason, data = exc.args[0], exc.args[1] if len(exc.args) > 1 else b""
+    if not data:
+        return str(reason)
     shown = data[:60] if isinstance(data, bytes) else data
     return f"{reason} {shown!r}"
 

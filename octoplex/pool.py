@@ -22,10 +22,12 @@ timeout and the pool never shrinks; and it keeps a connection for ever.
   cancelled, by a batch deadline say, is finished in the background within
   ``connect_grace`` seconds and pooled for the next request, where Twisted
   throws that work away;
-- a response head (status line and headers) is held to ``max_header_count``
-  lines and ``max_header_bytes`` bytes, where Twisted's parser takes any
-  number of header lines and closes a connection without a word on a line
-  over 16 KiB.
+- its connections speak :class:`octoplex.http11.UpstreamProtocol` (one
+  write per request, responses parsed by httptools) rather than Twisted's
+  ``HTTP11ClientProtocol``, and each response head is held to
+  ``max_header_count`` lines and ``max_header_bytes`` bytes, where
+  Twisted's parser takes any number of header lines and closes a
+  connection without a word on a line over 16 KiB.
 """
 
 from __future__ import annotations
@@ -36,9 +38,6 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web._newclient import (
-    HEADER,
-    STATUS,
-    HTTP11ClientProtocol,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseNeverReceived,
@@ -49,6 +48,7 @@ from twisted.web.client import (
     _RetryingHTTP11ClientProtocol,
 )
 
+from octoplex.http11 import HeadTooLarge, UpstreamProtocol
 from octoplex.metrics import Metrics
 
 __all__ = ["HeadTooLarge", "OctoplexPool"]
@@ -82,71 +82,6 @@ class _Retrying(_RetryingHTTP11ClientProtocol):
         if any(reason.check(CancelledError) for reason in reasons):
             return False
         return bodyProducer is None or getattr(bodyProducer, "replayable", False)
-
-
-class HeadTooLarge(Exception):
-    """
-    An upstream response's status line and headers pass a limit.
-    """
-
-    def __str__(self) -> str:
-        return f"upstream response head {self.args[0]}"
-
-
-class _HeadLimit:
-    """
-    Stand in for a response parser's ``lineReceived`` while it reads the
-    head, counting its lines and bytes.  Raising from here makes
-    ``HTTP11ClientProtocol`` fail the response and drop the connection.
-    """
-
-    def __init__(self, parser: Any, max_count: int, max_bytes: int) -> None:
-        self._parser = parser
-        self._line = parser.lineReceived
-        self._max_count = max_count
-        self._max_bytes = max_bytes
-        self._count = -1  # the status line is not a header
-        self._bytes = 0
-        parser.MAX_LENGTH = max_bytes
-        parser.lineReceived = self
-        parser.lineLengthExceeded = self._line_too_long
-
-    def __call__(self, raw: bytes) -> None:
-        if self._parser.state in (STATUS, HEADER):
-            # The parser splits on LF; its lines may still end in CR.
-            self._bytes += len(raw) + 1
-            line = raw.rstrip(b"\r")
-            if self._bytes > self._max_bytes:
-                raise HeadTooLarge(f"exceeds {self._max_bytes} bytes (--max-header-bytes)")
-            if line and line[:1] not in (b" ", b"\t"):
-                self._count += 1
-                if self._count > self._max_count:
-                    raise HeadTooLarge(
-                        f"has more than {self._max_count} header lines (--max-header-count)"
-                    )
-        self._line(raw)
-
-    def _line_too_long(self, line: bytes) -> None:
-        raise HeadTooLarge(f"has a line over {self._max_bytes} bytes (--max-header-bytes)")
-
-
-class _LimitedProtocol(HTTP11ClientProtocol):
-    """
-    A client protocol whose every response head is held to the limits.
-    """
-
-    head_limits = (100, 65536)
-    #: When it connected, the pool generation it belongs to, and how many
-    #: requests it has carried: the pool's retirement rules read them.
-    born = 0.0
-    generation = 0
-    uses = 0
-
-    def request(self, request: Any) -> Any:
-        d = super().request(request)
-        if self._parser is not None:
-            _HeadLimit(self._parser, *self.head_limits)
-        return d
 
 
 class OctoplexPool(HTTPConnectionPool):
@@ -184,8 +119,10 @@ class OctoplexPool(HTTPConnectionPool):
         pool = self
 
         class Factory(_HTTP11ClientFactory):
-            def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-                protocol = _LimitedProtocol(self._quiescentCallback)
+            # Twisted's factory is typed to build its own protocol; the pool
+            # needs only the same interface (octoplex.http11).
+            def buildProtocol(self, addr: Any) -> UpstreamProtocol:  # type: ignore[override]
+                protocol = UpstreamProtocol(self._quiescentCallback)
                 protocol.head_limits = pool.head_limits
                 return protocol
 

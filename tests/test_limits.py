@@ -363,10 +363,18 @@ def upstream_sending(head: bytes) -> tuple[str, Any]:
             "upstream response head has a line over 4096 bytes (--max-header-bytes)",
         ),
         (
-            # Folded continuation lines: one header, ever longer.
+            # Under the line count, over the bytes.
+            b"HTTP/1.1 200 OK\r\n"
+            + b"".join(b"X-H%d: " % n + b"v" * 200 + b"\r\n" for n in range(40)),
+            "upstream response head exceeds 4096 bytes (--max-header-bytes)",
+        ),
+        (
+            # Folded continuation lines (one header, ever longer, where
+            # Twisted's parser grew without bound) are refused outright.
             b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n"
             + b"".join(b" " + b"c" * 100 + b"\r\n" for _ in range(60)),
-            "upstream response head exceeds 4096 bytes (--max-header-bytes)",
+            "upstream sent an invalid HTTP response: "
+            "Unexpected whitespace after header value b'X-Folded: a'",
         ),
     ],
 )

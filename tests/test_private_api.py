@@ -31,17 +31,28 @@ def test_the_pool_internals_octoplex_pool_overrides() -> None:
     assert "_clientProtocol" in inspect.getsource(retrying.__init__)
 
 
-def test_the_client_protocol_and_parser_the_head_limits_hook() -> None:
-    """octoplex.pool._HeadLimit stands in for the parser's lineReceived during the head."""
-    protocol = _newclient.HTTP11ClientProtocol(lambda c: None)
-    assert protocol._parser is None and protocol._quiescentCallback is not None
-    assert protocol.state == "QUIESCENT"
-    parser = _newclient.HTTPClientParser(None, None)
-    assert callable(parser.lineReceived) and callable(parser.lineLengthExceeded)
-    assert _newclient.STATUS != _newclient.HEADER
-    assert "self._parser = HTTPClientParser(" in inspect.getsource(
-        _newclient.HTTP11ClientProtocol.request
-    )
+def test_the_response_octoplex_http11_builds_and_feeds() -> None:
+    """
+    octoplex.http11.UpstreamProtocol stands in for HTTP11ClientProtocol and
+    HTTPClientParser: it builds Twisted's Response, feeds it the body, and
+    ends it, as the parser did.
+    """
+    assert _parameters(_newclient.Response._construct) == [
+        "version", "code", "phrase", "headers", "_transport", "request",
+    ]  # fmt: skip
+    response = _newclient.Response._construct((b"HTTP", 1, 1), 200, b"OK", None, None, None)
+    assert response._state == "INITIAL"
+    response._bodyDataReceived(b"buffered")
+    response._bodyDataFinished()
+    assert response._state == "DEFERRED_CLOSE"
+    proxy = _newclient.TransportProxyProducer(None)
+    assert callable(proxy.stopProxying) and callable(proxy.pauseProducing)
+    assert issubclass(http._DataLoss, Exception)
+    assert _newclient._ensureValidMethod(b"GET") == b"GET"
+    assert _newclient._ensureValidURI(b"/x?y") == b"/x?y"
+    # The retry wrapper and the pool read only these of a protocol.
+    assert "connection.state" in inspect.getsource(client.HTTPConnectionPool.getConnection)
+    assert "_quiescentCallback" in inspect.getsource(client._HTTP11ClientFactory.buildProtocol)
 
 
 def test_the_request_octoplex_agent_builds() -> None:
