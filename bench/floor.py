@@ -1,8 +1,9 @@
 """
 The CPU floor of each layer an Octoplex sub-request passes through, with
 no sockets: how many microseconds one request costs in treq alone, in
-Twisted's HTTP/1.1 client protocol alone, and in a C parser, each timed
-in-process over in-memory stubs (a null agent, a StringTransport).
+Twisted's HTTP/1.1 client protocol alone, in Octoplex's own
+(octoplex.http11), and in a C parser, each timed in-process over in-memory
+stubs (a null agent, a StringTransport).
 
 These floors bound what any tuning below them can reach: a sub-request
 cannot cost less CPU than the layers it must cross.  ``bench/run.py``
@@ -132,6 +133,31 @@ def _twisted_protocol() -> Callable[[], None]:
     return one
 
 
+def _octoplex_protocol() -> Callable[[], None]:
+    from octoplex.http11 import UpstreamProtocol
+
+    protocol = UpstreamProtocol()
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+
+    def one() -> None:
+        request = Request(
+            b"GET",
+            b"/hello",
+            Headers({b"host": [b"127.0.0.1:8080"], b"x-request": [b"1"]}),
+            None,
+            persistent=True,
+        )
+        d = protocol.request(request)
+        responses: list[Any] = []
+        d.addCallback(responses.append)
+        transport.clear()
+        protocol.dataReceived(RESPONSE)
+        responses[0].deliverBody(_Sink())
+
+    return one
+
+
 def _httptools() -> Callable[[], None] | None:
     try:
         import httptools  # type: ignore[import-not-found]
@@ -198,6 +224,10 @@ def main() -> int:
         (
             "Twisted: HTTP11ClientProtocol, one request written and nginx's response parsed",
             _twisted_protocol(),
+        ),
+        (
+            "Octoplex: octoplex.http11.UpstreamProtocol, the same exchange (httptools)",
+            _octoplex_protocol(),
         ),
         ("httptools: nginx's response parsed in C", _httptools()),
         ("the request's bytes built by hand", _request_bytes()),
