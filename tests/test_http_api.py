@@ -323,3 +323,30 @@ async def test_framing_headers_in_success(
     assert "transfer-encoding" not in chunked["headers"]
     assert chunked["content"] == "delayed 1"
     assert (head["headers"]["content-length"], head["content"]) == ("7", "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_form_content_type_is_not_parsed_as_a_form(
+    octoplex: Octoplex, upstream: Upstream
+) -> None:
+    """
+    The body is read as a JSON batch whatever its Content-Type: twisted.web's
+    form parsing is off, so a multipart type with no valid parts gets the
+    JSON answer (a batch that runs), not twisted.web's bare 400 and a close.
+    """
+    port = octoplex.port.getHost().port
+    body = json.dumps({"timeout_msec": 1000, "requests": [{"uri": upstream.url + "/hello"}]})
+    for content_type in (
+        b"multipart/form-data; boundary=nothere",
+        b"application/x-www-form-urlencoded",
+    ):
+        request = (
+            b"POST /multiplex HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
+            + content_type
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body.encode()
+        )
+        answer = await deferToThread(_raw_exchange, port, request)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        document = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert document["responses"][0]["Success"]["content"] == "Hello world!"
