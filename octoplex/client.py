@@ -88,6 +88,25 @@ class _NoCookies(DefaultCookiePolicy):
         return False
 
 
+class _NoCookieJar(CookieJar):
+    """
+    The jar for treq's ``CookieAgent``, which treq puts on every request: it
+    neither reads a response's cookies nor adds any to a request, so none
+    can pass between callers, and the standard library's cookie machinery
+    (a URL parse and header scans per request and per response) is not
+    run.  Its policy refuses every cookie as well.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_NoCookies())
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+
 @implementer(IBodyProducer)
 class _BytesProducer:
     """
@@ -243,7 +262,7 @@ class UpstreamClient(Service):
         self._report.clock = reactor
         self._http = HTTPClient(
             UpstreamAgent(self._pool, endpoints),
-            cookiejar=CookieJar(_NoCookies()),  # type: ignore[arg-type]
+            cookiejar=_NoCookieJar(),  # type: ignore[arg-type]
             data_to_body_producer=_BytesProducer,
         )
         self._all = DeferredSemaphore(settings.max_total)
