@@ -10,6 +10,7 @@ here, with one structured log event per batch.
 from __future__ import annotations
 
 import os
+import re
 import zlib
 from typing import Any, ClassVar, cast
 
@@ -20,10 +21,11 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import _GenericHTTPChannelProtocol
-from twisted.web.iweb import IRequest
+from twisted.web.iweb import IRequest, _IRequestEncoder, _IRequestEncoderFactory
 from twisted.web.resource import EncodingResourceWrapper
-from twisted.web.server import GzipEncoderFactory, Request, Site
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from zope.interface import implementer
 
 from octoplex.auth import Tokens
 from octoplex.endpoints import set_tcp_nodelay
@@ -417,6 +419,51 @@ class OctoplexApp:
         )
 
 
+@implementer(_IRequestEncoderFactory)
+class LazyGzipEncoderFactory:
+    """
+    gzip for callers that accept it (``Accept-Encoding: gzip``), at
+    :data:`GZIP_LEVEL`, as twisted.web's ``GzipEncoderFactory`` does, except
+    that the compressor (about 256 KiB of zlib state) is made at the
+    answer's first byte rather than when the request arrives: a batch
+    waiting on its upstreams holds none.
+    """
+
+    _accepts = re.compile(rb"(?:^|[\s,])gzip(?:$|[\s,;])")
+
+    def encoderForRequest(self, request: IRequest) -> _LazyGzipEncoder | None:
+        accepted = b",".join(request.requestHeaders.getRawHeaders(b"accept-encoding", []))
+        if not self._accepts.search(accepted):
+            return None
+        encoding = request.responseHeaders.getRawHeaders(b"content-encoding")
+        value = b",".join([*encoding, b"gzip"]) if encoding else b"gzip"
+        request.responseHeaders.setRawHeaders(b"content-encoding", [value])
+        return _LazyGzipEncoder(request)
+
+
+@implementer(_IRequestEncoder)
+class _LazyGzipEncoder:
+    def __init__(self, request: IRequest) -> None:
+        self._request = request
+        self._compressor: Any = None
+
+    def _zlib(self) -> Any:
+        if self._compressor is None:
+            self._compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        return self._compressor
+
+    def encode(self, data: bytes) -> bytes:
+        if not self._request.startedWriting:  # type: ignore[attr-defined]
+            # The length is the uncompressed body's; the answer is chunked.
+            self._request.responseHeaders.removeHeader(b"content-length")
+        return bytes(self._zlib().compress(data))
+
+    def finish(self) -> bytes:
+        remain = bytes(self._zlib().flush())
+        self._compressor = None
+        return remain
+
+
 class OctoplexRequest(Request):
     """
     A request that sets TCP_NODELAY on its connection and refuses a body
@@ -498,8 +545,7 @@ class OctoplexSite(Site):
 
     def __init__(self, app: OctoplexApp, reactor: Any) -> None:
         # A caller that sends Accept-Encoding: gzip gets its answers gzipped.
-        gzip = GzipEncoderFactory()
-        gzip.compressLevel = GZIP_LEVEL
+        gzip = LazyGzipEncoderFactory()
         super().__init__(
             EncodingResourceWrapper(app.router.resource(), [gzip]),
             reactor=reactor,

@@ -191,3 +191,35 @@ def _dechunk(payload: bytes) -> bytes:
         out += rest[:length]
         payload = rest[length + 2 :]
     return out
+
+
+class _Request:
+    def __init__(self, accept: bytes | None) -> None:
+        from twisted.web.http_headers import Headers
+
+        self.requestHeaders = Headers({} if accept is None else {b"accept-encoding": [accept]})
+        self.responseHeaders = Headers({b"content-length": [b"99"]})
+        self.startedWriting = False
+
+
+def test_the_answer_compressor_is_made_at_the_first_byte() -> None:
+    """
+    gzip only for callers that accept it; the zlib state (about 256 KiB)
+    exists only once the answer is written, not while the batch runs; the
+    stream decodes, even an empty one.
+    """
+    from octoplex.web import LazyGzipEncoderFactory
+
+    factory = LazyGzipEncoderFactory()
+    assert factory.encoderForRequest(_Request(None)) is None  # type: ignore[arg-type]
+    assert factory.encoderForRequest(_Request(b"br, deflate")) is None  # type: ignore[arg-type]
+    assert factory.encoderForRequest(_Request(b"gzipped")) is None  # type: ignore[arg-type]
+    request = _Request(b"deflate, gzip;q=1.0")
+    encoder = factory.encoderForRequest(request)  # type: ignore[arg-type]
+    assert encoder is not None and encoder._compressor is None
+    assert request.responseHeaders.getRawHeaders(b"content-encoding") == [b"gzip"]
+    data = encoder.encode(b'{"responses": []}') + encoder.finish()
+    assert gzip.decompress(data) == b'{"responses": []}'
+    assert not request.responseHeaders.hasHeader(b"content-length")
+    empty = factory.encoderForRequest(_Request(b"gzip"))  # type: ignore[arg-type]
+    assert empty is not None and gzip.decompress(empty.finish()) == b""

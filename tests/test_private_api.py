@@ -86,3 +86,12 @@ def test_the_channel_state_octoplex_inbound_reads() -> None:
     assert channel._handlingRequest is False
     assert isinstance(channel.totalHeadersSize, int) and isinstance(channel.maxHeaders, int)
     assert "_receivedHeaderCount" in inspect.getsource(http.HTTPChannel.headerReceived)
+
+
+def test_the_answer_encoder_interfaces_octoplex_web_implements() -> None:
+    """octoplex.web.LazyGzipEncoderFactory stands in for GzipEncoderFactory."""
+    from twisted.web import iweb, resource
+
+    assert "encoderForRequest" in iweb._IRequestEncoderFactory.names()
+    assert set(iweb._IRequestEncoder.names()) == {"encode", "finish"}
+    assert "encoderForRequest" in inspect.getsource(resource.EncodingResourceWrapper)
