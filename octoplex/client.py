@@ -23,7 +23,7 @@ from typing import Any
 import attr
 from treq.client import HTTPClient
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, succeed
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -300,16 +300,41 @@ class UpstreamClient(Service):
             whatever stage the exchange is; cancelling it while it waits for
             a connection fails it with :class:`QueueTimeout`.
         """
-        return Deferred.fromCoroutine(self._fetch(request, budget))
+        url = request.url
+        key = (url.scheme, url.host, url.port)
+        host = self._hosts.get(key)
+        if host is None:
+            host = self._hosts[key] = DeferredSemaphore(self._settings.max_per_host)
+        overall = self._all
+        if not (host.tokens and not host.waiting and overall.tokens and not overall.waiting):
+            # A cap is reached: wait in its queue, which a deadline cancels.
+            return Deferred.fromCoroutine(self._fetch(request, budget))
+        # Both slots are free: take them at once, as acquire() would, without
+        # a coroutine and its Deferreds (the usual case).
+        host.tokens -= 1
+        overall.tokens -= 1
+        self._metrics.connection_wait.observe(0.0)
+        try:
+            d = self._send(request)
+        except Exception:
+            d = fail()
+        d.addCallback(self._read, budget)
+        d.addBoth(self._settle, host, key, overall)
+        return d
+
+    def _settle(
+        self, result: Any, host: DeferredSemaphore, key: Any, overall: DeferredSemaphore
+    ) -> Any:
+        # On the next reactor turn, as in _fetch.
+        self._reactor.callLater(0, self._released, host, key, overall)
+        return result
 
     async def _fetch(
         self, request: UpstreamRequest, budget: ResponseBudget | None
     ) -> UpstreamResponse:
         url = request.url
         key = (url.scheme, url.host, url.port)
-        host = self._hosts.get(key)
-        if host is None:
-            host = self._hosts[key] = DeferredSemaphore(self._settings.max_per_host)
+        host = self._hosts[key]
         # A request queued here holds nothing; the holder's release later
         # forgets the host's entry once nothing is in flight or queued.
         queued = self._reactor.seconds()
