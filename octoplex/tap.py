@@ -9,6 +9,7 @@ per ``--listen``.  Only this module imports the global reactor.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import resource
@@ -731,6 +732,7 @@ class _Octoplex(MultiService):
         if self._previous_resolver is None:
             self._previous_resolver = self._reactor.installNameResolver(self._resolver)
         super().startService()
+        self._reactor.callWhenRunning(self._freeze_heap)
         if self.worker:
             tell_master_ready()
         self.log.info(
@@ -741,6 +743,23 @@ class _Octoplex(MultiService):
             config_file=self.options["config"],
             # Every setting in force, tokens left out.
             configuration=self.options.effective(),
+        )
+
+    def _freeze_heap(self) -> None:
+        """
+        Move every object alive once the daemon has started (its modules,
+        classes and services, some 60,000) out of the cyclic garbage
+        collector's reach.  A full collection otherwise walks them all, some
+        30 ms during which no deadline fires; refcounting still frees what
+        it can, and what is frozen lives as long as the daemon anyway.
+        """
+        if not self.running:
+            return
+        gc.collect()
+        gc.freeze()
+        self.log.info(
+            "heap frozen: {frozen} objects left out of garbage collection",
+            frozen=gc.get_freeze_count(),
         )
 
     def _raise_file_limit(self) -> None:
@@ -873,6 +892,9 @@ class _Octoplex(MultiService):
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sigterm = None
+        # Give the heap back to the collector (a process that runs on, as a
+        # test does, collects its garbage again).
+        gc.unfreeze()
         self.log.info(
             "octoplex {version} stopped: {in_flight} batches drained in {drained_ms} ms",
             version=__version__,

@@ -6,6 +6,7 @@ ports of 127.0.0.1.
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 from collections.abc import Iterator
@@ -208,6 +209,8 @@ async def test_service_serves_and_stops(log_events: list[dict[str, Any]], caller
     root.startService()
     try:
         assert root.running
+        # Once running, the start-up heap is out of the collector's reach.
+        assert gc.get_freeze_count() > 10_000
         for port in ports:
             status, _, body = await caller.get(f"http://127.0.0.1:{port}/healthz")
             assert (status, json.loads(body)) == (200, {"healthy": True})
@@ -216,10 +219,12 @@ async def test_service_serves_and_stops(log_events: list[dict[str, Any]], caller
         assert isinstance(stopped, Deferred)
         await stopped
     assert not root.running
+    assert gc.get_freeze_count() == 0
     messages = [event.get("log_format", "") for event in log_events]
     assert "octoplex {version} listening on {listen}" in messages
     assert any(m.startswith("octoplex {version} stopping: draining") for m in messages)
     assert any(m.startswith("octoplex {version} stopped:") for m in messages)
+    assert "heap frozen: {frozen} objects left out of garbage collection" in messages
     announce = next(e for e in log_events if e.get("log_format", "").endswith("{listen}"))
     assert announce["listen"] == listen
     for port in ports:
