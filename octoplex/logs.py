@@ -61,6 +61,7 @@ from twisted.logger import (
     LogPublisher,
     formatEvent,
     formatEventAsClassicLogText,
+    formatTime,
     globalLogPublisher,
 )
 from twisted.python import usage
@@ -406,8 +407,32 @@ def json_line(event: dict[str, Any]) -> bytes:
     return text.encode("utf-8", "backslashreplace") + b"\n"
 
 
+class _SecondStamp:
+    """
+    twistd's timestamp (``2026-11-28T11:08:58+0000``), formatted once per
+    second: Twisted's ``formatTime`` works out the time zone on every call,
+    most of the cost of a text line.
+    """
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._text = "-"
+
+    def __call__(self, when: float | None) -> str:
+        if when is None:
+            return formatTime(when)
+        second = int(when)
+        if second != self._second:
+            self._text = formatTime(second)
+            self._second = second
+        return self._text
+
+
+_stamp = _SecondStamp()
+
+
 def _text_line(event: dict[str, Any]) -> bytes | None:
-    text = formatEventAsClassicLogText(event)
+    text = formatEventAsClassicLogText(event, formatTime=_stamp)
     return None if text is None else text.encode("utf-8", "backslashreplace")
 
 

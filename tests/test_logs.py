@@ -25,7 +25,7 @@ from twisted.application.service import Application
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
-from twisted.logger import ILogObserver, Logger, LogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.log import LogPublisher as LegacyLogPublisher
@@ -589,3 +589,21 @@ async def test_every_operator_event_is_in_the_log(tmp_path: Path, upstream: Upst
     assert reload["applied"] == ["max-batches-in-flight"] and reload["restart"] == []
     assert one("stopping: draining")["in_flight"] == 0
     assert "drained_ms" in one("stopped:")
+
+
+def test_text_lines_are_twisteds_classic_lines_with_the_stamp_formatted_once_a_second() -> None:
+    """The per-second timestamp cache writes exactly twistd's lines, across seconds."""
+    from twisted.logger import formatEventAsClassicLogText
+
+    from octoplex.logs import _text_line
+
+    base = 1_795_000_000.25
+    for when in (base, base + 0.5, base + 1.0, base + 1.9, base + 3600, None):
+        event = {
+            "log_format": "batch {batch_id} answered",
+            "log_level": LogLevel.info,
+            "log_namespace": "octoplex.web.OctoplexApp",
+            "log_time": when,
+            "batch_id": "9e67",
+        }
+        assert _text_line(event) == formatEventAsClassicLogText(event).encode(), when
