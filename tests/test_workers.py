@@ -88,7 +88,14 @@ def whole_log(logfile: Path) -> str:
     The log, with the part SIGUSR1 rotated out of it to PATH.1 first.
     """
     rotated = logfile.with_name(logfile.name + ".1")
-    return (rotated.read_text() if rotated.exists() else "") + logfile.read_text()
+    text = ""
+    for path in (rotated, logfile):
+        try:
+            text += path.read_text()
+        except FileNotFoundError:
+            # Between twistd's rename of the log and its reopening.
+            pass
+    return text
 
 
 def alive(pid: int) -> bool:
