@@ -308,11 +308,13 @@ class UpstreamProtocol(Protocol):
         try:
             exchange.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
-            cause = e.__context__
-            if isinstance(cause, HeadTooLarge):
-                self._fail_exchange(exchange, Failure(cause))
-            else:
-                self._fail_exchange(exchange, Failure(cause or e))
+            cause = e.__context__ or e
+            if exchange.dead and not isinstance(cause, HeadTooLarge):
+                # Raised by whoever read the finished response, not by the
+                # upstream: a bug to log; the exchange was over already.
+                self._log.failure("while handing over a response", Failure(cause))
+                return
+            self._fail_exchange(exchange, Failure(cause))
             return
         except httptools.HttpParserUpgrade:
             self._fail_exchange(

@@ -247,3 +247,25 @@ def test_head_limits_hold_whole_or_in_pieces(piece: int | None) -> None:
     assert str(failure.value.reasons[0].value) == (
         "upstream response head exceeds 1000 bytes (--max-header-bytes)"
     )
+
+
+def test_a_reader_that_raises_is_logged_and_the_connection_kept(
+    log_events: list[dict[str, Any]],
+) -> None:
+    """An exception from the body's reader is a logged bug, not the upstream's fault."""
+
+    class Raising(_Body):
+        def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+            raise RuntimeError("reader bug")
+
+    protocol, transport, pooled = _connected()
+    results = _results(protocol.request(_request()))
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel")
+    results[0].deliverBody(Raising())
+    protocol.dataReceived(b"lo")
+    assert pooled == [protocol] and not transport.disconnecting
+    (logged,) = [e for e in log_events if "log_failure" in e]
+    assert logged["log_failure"].check(RuntimeError)
+    assert logged["log_format"] == "while handing over a response"
+    # The check after each test fails on an error logged: this one is the point.
+    logged["expected_failure"] = True
