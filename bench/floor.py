@@ -36,6 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
+from octoplex.http11 import UpstreamProtocol
 from octoplex.wire import _check_uri
 
 #: nginx's answer in bench/run.py: its status line and headers, byte for byte.
@@ -110,33 +111,11 @@ def _treq() -> Callable[[], None]:
     return one
 
 
-def _twisted_protocol() -> Callable[[], None]:
-    protocol = HTTP11ClientProtocol()
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-
-    def one() -> None:
-        request = Request(
-            b"GET",
-            b"/hello",
-            Headers({b"host": [b"127.0.0.1:8080"], b"x-request": [b"1"]}),
-            None,
-            persistent=True,
-        )
-        d = protocol.request(request)
-        responses: list[Any] = []
-        d.addCallback(responses.append)
-        transport.clear()
-        protocol.dataReceived(RESPONSE)
-        responses[0].deliverBody(_Sink())
-
-    return one
-
-
-def _octoplex_protocol() -> Callable[[], None]:
-    from octoplex.http11 import UpstreamProtocol
-
-    protocol = UpstreamProtocol()
+def _exchange(protocol: Any) -> Callable[[], None]:
+    """
+    One request written and nginx's response parsed by ``protocol``, an
+    HTTP/1.1 client protocol on a StringTransport.
+    """
     transport = StringTransport()
     protocol.makeConnection(transport)
 
@@ -286,11 +265,11 @@ def main() -> int:
         ("treq: HTTPClient.request over a null agent (its wrappers, URL, cookies)", _treq()),
         (
             "Twisted: HTTP11ClientProtocol, one request written and nginx's response parsed",
-            _twisted_protocol(),
+            _exchange(HTTP11ClientProtocol()),
         ),
         (
             "Octoplex: octoplex.http11.UpstreamProtocol, the same exchange (httptools)",
-            _octoplex_protocol(),
+            _exchange(UpstreamProtocol()),
         ),
         ("httptools: nginx's response parsed in C", _httptools()),
         ("the request's bytes built by hand", _request_bytes()),
