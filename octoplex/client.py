@@ -308,7 +308,7 @@ class UpstreamClient(Service):
         overall = self._all
         if not (host.tokens and not host.waiting and overall.tokens and not overall.waiting):
             # A cap is reached: wait in its queue, which a deadline cancels.
-            return Deferred.fromCoroutine(self._fetch(request, budget))
+            return Deferred.fromCoroutine(self._fetch(request, budget, host, key))
         # Both slots are free: take them at once, as acquire() would, without
         # a coroutine and its Deferreds (the usual case).
         host.tokens -= 1
@@ -330,11 +330,13 @@ class UpstreamClient(Service):
         return result
 
     async def _fetch(
-        self, request: UpstreamRequest, budget: ResponseBudget | None
+        self,
+        request: UpstreamRequest,
+        budget: ResponseBudget | None,
+        host: DeferredSemaphore,
+        key: Any,
     ) -> UpstreamResponse:
         url = request.url
-        key = (url.scheme, url.host, url.port)
-        host = self._hosts[key]
         # A request queued here holds nothing; the holder's release later
         # forgets the host's entry once nothing is in flight or queued.
         queued = self._reactor.seconds()
