@@ -225,6 +225,48 @@ def _stack() -> Callable[[], None]:
     return batch
 
 
+def _inbound() -> Callable[[], None]:
+    """
+    twisted.web and Klein alone: one keep-alive POST of a batch of 10
+    parsed by twisted.web's HTTPChannel, routed by Klein to a handler that
+    answers a fixed JSON body at once, the answer written to a
+    StringTransport.  The fixed inbound cost of every batch in this design.
+    """
+    from klein import Klein
+    from twisted.web.server import Site
+
+    app = Klein()
+    answer = json.dumps({"responses": []}).encode()
+
+    @app.route("/multiplex", methods=["POST"])
+    def multiplex(request: Any) -> bytes:
+        request.content.read()
+        request.setHeader(b"content-type", b"application/json")
+        return answer
+
+    body = json.dumps(
+        {"timeout_msec": 5000, "requests": [{"uri": "http://127.0.0.1:8080/hello"}] * 10}
+    ).encode()
+    post = (
+        b"POST /multiplex HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    site = Site(app.resource())
+    site.logFile = None  # no access log line (Octoplex writes its own)
+    site.log = lambda request: None  # type: ignore[method-assign]
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)  # type: ignore[union-attr]
+
+    def one() -> None:
+        channel.dataReceived(post)  # type: ignore[union-attr]
+        if b"200 OK" not in transport.value()[:20]:
+            raise RuntimeError(f"unexpected answer: {transport.value()[:200]!r}")
+        transport.clear()
+
+    return one
+
+
 def _request_bytes() -> Callable[[], None]:
     def one() -> None:
         headers = [(b"Host", b"127.0.0.1:8080"), (b"X-Request", b"1")]
@@ -273,6 +315,11 @@ def main() -> int:
         ),
         ("httptools: nginx's response parsed in C", _httptools()),
         ("the request's bytes built by hand", _request_bytes()),
+        (
+            "twisted.web + Klein: a batch of 10 POSTed, routed to a handler that answers "
+            "at once, per sub-request",
+            _inbound(),
+        ),
         (
             "Octoplex's client stack in-process, a batch of 10 (JSON in, multiplexer, "
             "client, treq, agent, pool, http11, body, JSON out), per sub-request",

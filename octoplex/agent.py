@@ -112,9 +112,13 @@ class UpstreamAgent:
             headers.addRawHeader(b"Host", target.host)
         request = Request(method, target.path, headers, bodyProducer, persistent=True)
         d: Deferred[Any] = self._pool.getConnection(target.key, endpoint)
-        d.addCallback(lambda connection: connection.request(request))
+        d.addCallback(_send, request)
         d.addCallback(_claim_gzip)
         return d
+
+
+def _send(connection: Any, request: Request) -> Deferred[IResponse]:
+    return connection.request(request)
 
 
 def _claim_gzip(response: Any) -> IResponse:

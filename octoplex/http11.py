@@ -73,6 +73,8 @@ _CONNECTION_HEADERS = frozenset(
     }
 )
 _NO_BODY_CODES = frozenset({204, 304})
+#: The connection headers of an exchange with no answer yet (never changed).
+_NONE: dict[bytes, list[bytes]] = {}
 _VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
 
 
@@ -113,21 +115,32 @@ class _Exchange:
     def __init__(self, protocol: UpstreamProtocol, request: Any) -> None:
         self.protocol = protocol
         self.request = request
-        self.parser = httptools.HttpResponseParser(self)
-        self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
-        self.headers = Headers()
-        self.conn: dict[bytes, list[bytes]] = {}
+        # The parser and the head's containers come with the first byte of
+        # the answer (begin()): a request waiting on a slow upstream holds
+        # none of them (about 1 KB each).
+        self.parser: Any = None
+        self.headers: Any = None
+        self.conn: dict[bytes, list[bytes]] = _NONE
+        #: The bytes of the head received so far, to quote a bad one.
+        self.head: list[bytes] = []
         self.phrase = b""
         self.count = 0
         self.head_bytes = 0
-        #: The bytes of the head received so far, to quote a bad one.
-        self.head: list[bytes] = []
         self.fed = 0
         self.response: Any = None
         self.proxy: TransportProxyProducer | None = None
         self.body_until_close = False
         self.informational = False
         self.dead = False
+
+    def begin(self) -> None:
+        """
+        The answer's first bytes are in: make the parser.
+        """
+        self.parser = httptools.HttpResponseParser(self)
+        self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+        self.headers = Headers()
+        self.conn = {}
 
     # llhttp's callbacks ------------------------------------------------
 
@@ -302,6 +315,8 @@ class UpstreamProtocol(Protocol):
             self.transport.loseConnection()
             return
         self._received = True
+        if exchange.parser is None:
+            exchange.begin()
         if exchange.response is None:
             exchange.fed += len(data)
             exchange.head.append(data)

@@ -109,6 +109,25 @@ def test_a_response_whole_or_in_pieces(piece: int | None) -> None:
     assert pooled == [protocol] and protocol.state == "QUIESCENT"
 
 
+def test_a_request_awaiting_its_answer_holds_no_parser() -> None:
+    """
+    The parser and the head's containers (about 1 KB) come with the first
+    byte of the answer, not with the request: a request held by a slow
+    upstream does not carry them.  The next request gets fresh ones.
+    """
+    protocol, _, _ = _connected()
+    for _ in range(2):
+        results = _results(protocol.request(_request()))
+        exchange: Any = protocol._exchange
+        assert (exchange.parser, exchange.headers, exchange.conn) == (None, None, {})
+        protocol.dataReceived(OK[:1])
+        assert exchange.parser is not None and exchange.headers is not None
+        protocol.dataReceived(OK[1:])
+        body = _Body()
+        results[0].deliverBody(body)
+        assert b"".join(body.data) == b"hello"
+
+
 def test_interim_answers_head_and_no_content() -> None:
     """100 Continue is skipped; HEAD and 204 have no body, HEAD keeps its Content-Length."""
     protocol, _, pooled = _connected()

@@ -141,6 +141,30 @@ def test_a_fetch_that_raises_fails_that_request_alone() -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_an_outcome_that_cannot_be_built_fails_that_request_alone(
+    log_events: list[dict[str, Any]],
+) -> None:
+    """
+    A bug while building one request's outcome is logged and that request
+    alone fails as an internal error; its neighbour is answered as usual.
+    """
+    clock, client, _, results = _run(_batch(1000, "http://a.test/bad", "http://a.test/good"))
+    # Not a Headers: building the outcome raises.
+    client.pending[0].callback(UpstreamResponse(200, object(), b"x"))  # type: ignore[arg-type]
+    client.answer(1, body=b"fine")
+    [result] = results
+    assert result.outcomes[0] == {
+        "Failure": {"error": "internal error in Octoplex; see its log", "duration_msec": 0}
+    }
+    assert result.outcomes[1]["Success"]["content"] == "fine"
+    assert (result.succeeded, result.failed) == (1, 1)
+    bugs = [e for e in log_events if "log_failure" in e]
+    assert [e["index"] for e in bugs] == [0]
+    for event in bugs:
+        event["expected_failure"] = True
+    assert clock.getDelayedCalls() == []
+
+
 def test_upstream_failure_is_explained() -> None:
     """A failed request becomes a Failure whose error explains it, at its own time."""
     clock, client, _, results = _run(_batch(1000, "http://a.test/"))
