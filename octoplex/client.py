@@ -146,12 +146,15 @@ class UpstreamResponse:
     :ivar headers: the response headers, as received.
     :ivar body: the body, decoded if it was gzip-encoded.
     :ivar content_encoding: ``"gzip"`` if it was, else ``None``.
+    :ivar raw_headers: every header line as received, names unchanged, in
+        order (connection headers such as ``Content-Length`` included).
     """
 
     status: int
     headers: Headers
     body: bytes
     content_encoding: str | None = None
+    raw_headers: list[tuple[bytes, bytes]] = attr.Factory(list)
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -409,7 +412,9 @@ class UpstreamClient(Service):
         self, response: IResponse, budget: ResponseBudget | None
     ) -> Deferred[UpstreamResponse]:
         headers = response.headers
-        gzip = getattr(getattr(response, "original", response), "gzip", False)
+        inner = getattr(response, "original", response)
+        gzip = getattr(inner, "gzip", False)
+        raw = getattr(getattr(inner, "original", inner), "raw_headers", None)
         if headers.getRawHeaders(b"content-encoding") == [b""]:
             # ContentDecoderAgent (which treq always adds) sets an empty
             # Content-Encoding on a response that had none; the caller must
@@ -430,7 +435,7 @@ class UpstreamClient(Service):
 
         def complete(body: bytes) -> UpstreamResponse:
             received.inc(len(body))
-            return UpstreamResponse(response.code, response.headers, body, encoding)
+            return UpstreamResponse(response.code, response.headers, body, encoding, raw or [])
 
         return d.addCallback(complete)
 

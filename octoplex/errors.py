@@ -27,7 +27,7 @@ from octoplex.egress import EgressRefused
 from octoplex.http11 import HeadTooLarge
 from octoplex.tls import CertificateRejected
 
-__all__ = ["TIMEOUT_ELAPSED", "cause", "describe"]
+__all__ = ["KINDS", "TIMEOUT_ELAPSED", "cause", "describe", "kind_of"]
 
 #: The original Octoplex's message for an item cut off by the deadline.
 TIMEOUT_ELAPSED = "timeout elapsed"
@@ -154,3 +154,32 @@ def cause(failure: Failure) -> str:
     if isinstance(value, (error.ConnectionLost, error.ConnectionDone)):
         return "connection"
     return "other"
+
+
+#: The machine-readable ``kind`` of every ``Failure`` outcome: a stable,
+#: documented set (README, "Error kinds").
+KINDS = (
+    "timeout",
+    "queue_timeout",
+    "cancelled",
+    "invalid",
+    "forbidden",
+    "dns",
+    "connect",
+    "tls",
+    "connection",
+    "protocol",
+    "too_large",
+    "internal",
+)
+
+# The statistics' causes that the wire names differently.
+_KIND_OF_CAUSE = {"deadline": "timeout", "other": "internal"}
+
+
+def kind_of(cause_name: str) -> str:
+    """
+    The ``kind`` a caller reads for an item that failed for ``cause_name``,
+    one of the causes of :data:`octoplex.metrics.CAUSES`.
+    """
+    return _KIND_OF_CAUSE.get(cause_name, cause_name)

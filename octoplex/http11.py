@@ -75,6 +75,7 @@ _CONNECTION_HEADERS = frozenset(
 _NO_BODY_CODES = frozenset({204, 304})
 #: The connection headers of an exchange with no answer yet (never changed).
 _NONE: dict[bytes, list[bytes]] = {}
+_NO_LINES: list[tuple[bytes, bytes]] = []
 _VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
 
 
@@ -108,6 +109,7 @@ class _Exchange:
         "phrase",
         "protocol",
         "proxy",
+        "raw",
         "request",
         "response",
     )
@@ -120,6 +122,7 @@ class _Exchange:
         # none of them (about 1 KB each).
         self.parser: Any = None
         self.headers: Any = None
+        self.raw: list[tuple[bytes, bytes]] = _NO_LINES
         self.conn: dict[bytes, list[bytes]] = _NONE
         #: The bytes of the head received so far, to quote a bad one.
         self.head: list[bytes] = []
@@ -141,6 +144,8 @@ class _Exchange:
         self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self.headers = Headers()
         self.conn = {}
+        #: Every header line as received, names unchanged, in order.
+        self.raw = []
 
     # llhttp's callbacks ------------------------------------------------
 
@@ -161,6 +166,7 @@ class _Exchange:
         self.head_bytes += size
         if self.head_bytes > max_bytes:
             raise HeadTooLarge(f"exceeds {max_bytes} bytes (--max-header-bytes)")
+        self.raw.append((name, value))
         name = name.lower()
         if name in _CONNECTION_HEADERS and not (
             # The length of what a GET would have answered, not of this body.
@@ -178,6 +184,7 @@ class _Exchange:
             # An interim answer (100 Continue): ignored, as Twisted does.
             self.informational = True
             self.headers, self.conn, self.phrase, self.count = Headers(), {}, b"", 0
+            self.raw = []
             return
         self.protocol._head_received(self, code)
 
@@ -358,6 +365,8 @@ class UpstreamProtocol(Protocol):
         response = Response._construct(
             version, code, exchange.phrase, exchange.headers, proxy, request
         )
+        #: Every header line as received (octoplex.client reads it).
+        response.raw_headers = exchange.raw
         exchange.head = []
         no_body = request.method == b"HEAD" or code in _NO_BODY_CODES
         lengths = exchange.conn.get(b"content-length")

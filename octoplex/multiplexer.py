@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from octoplex.body import ResponseBudget
 from octoplex.client import QueueTimeout, UpstreamResponse
-from octoplex.errors import TIMEOUT_ELAPSED, cause, describe
+from octoplex.errors import TIMEOUT_ELAPSED, cause, describe, kind_of
 from octoplex.limits import DEFAULT_MAX_BATCH_RESPONSE_BYTES
 from octoplex.metrics import Metrics
 from octoplex.wire import (
@@ -195,6 +195,10 @@ class _BatchRun:
         self._deadline: IDelayedCall | None = None
         self._abandoned = False
         self._expiring = False
+        #: The deadlines of the requests that have their own timeout_msec,
+        #: by index, and the index whose own deadline is cancelling it.
+        self._timers: dict[int, IDelayedCall] = {}
+        self._item_expiring: int | None = None
         self._answer: Deferred[BatchResult] = Deferred(self._abandon)
 
     def start(self, started: float) -> Deferred[BatchResult]:
@@ -234,13 +238,35 @@ class _BatchRun:
             self._fail(index, describe(Failure()), "invalid", at_once=True)
             return succeed(None)
         self._running.add(index)
+        if request.timeout_msec is not None and request.timeout_msec < self._batch.timeout_msec:
+            # Its own deadline, counted from the batch's arrival like the
+            # batch's; a longer one than the batch's changes nothing.
+            left = request.timeout_msec / 1000.0 - (self._clock.seconds() - self._started)
+            self._timers[index] = self._clock.callLater(
+                max(left, 0.0), self._item_expired, index, d
+            )
         # One callback for both outcomes, not three: each callback costs a
         # few hundred bytes for as long as the request is in flight.
         d.addBoth(self._settled, index)
         return d  # type: ignore[return-value]
 
+    def _item_expired(self, index: int, d: Deferred[Any]) -> None:
+        del self._timers[index]
+        self._item_expiring = index
+        try:
+            d.cancel()
+        finally:
+            self._item_expiring = None
+        if self._result.outcomes[index] is None:
+            # A cancellation that did not settle it at once: it is a
+            # timeout all the same.
+            self._timed_out(index, None)
+
     def _settled(self, result: UpstreamResponse | Failure, index: int) -> None:
         self._running.discard(index)
+        timer = self._timers.pop(index, None)
+        if timer is not None and timer.active():
+            timer.cancel()
         try:
             if isinstance(result, Failure):
                 self._failed(result, index)
@@ -258,6 +284,9 @@ class _BatchRun:
             response.body,
             self._settle_item(self._metrics.item_success),
             response.content_encoding,
+            id=self._batch.requests[index].id,
+            options=self._batch.options,
+            raw_headers=response.raw_headers,
         )
         self._result.succeeded += 1
 
@@ -266,20 +295,33 @@ class _BatchRun:
             # Already answered by the caller's departure; this is the
             # cancellation arriving.
             return
-        if self._expiring:
-            # The deadline's cancellation: a timeout, which says so if the
-            # request never even got a connection.
-            if failure.check(QueueTimeout):
-                error, counter = str(failure.value), self._metrics.item_queue_timeout
-            else:
-                error, counter = TIMEOUT_ELAPSED, self._metrics.item_deadline
-            self._result.outcomes[index] = failure_outcome(error, self._settle_item(counter))
-            self._result.timed_out += 1
+        if self._expiring or index == self._item_expiring:
+            self._timed_out(index, failure)
             return
         self._fail(index, describe(failure), cause(failure))
 
-    def _fail(self, index: int, error: str, kind: str, at_once: bool = False) -> None:
-        counter = self._metrics.item_failed(kind)
+    def _timed_out(self, index: int, failure: Failure | None) -> None:
+        """
+        The outcome of a request cut off by the batch's deadline or its own:
+        a timeout, which says so if the request never even got a connection.
+        """
+        if failure is not None and failure.check(QueueTimeout):
+            error, kind = str(failure.value), "queue_timeout"
+            counter = self._metrics.item_queue_timeout
+        else:
+            error, kind, counter = TIMEOUT_ELAPSED, "timeout", self._metrics.item_deadline
+            request = self._batch.requests[index]
+            if not self._expiring and isinstance(request, UpstreamRequest):
+                error = (
+                    f"{TIMEOUT_ELAPSED} (the request's own timeout_msec of {request.timeout_msec})"
+                )
+        self._result.outcomes[index] = failure_outcome(
+            error, self._settle_item(counter), kind, id=self._batch.requests[index].id
+        )
+        self._result.timed_out += 1
+
+    def _fail(self, index: int, error: str, cause_name: str, at_once: bool = False) -> None:
+        counter = self._metrics.item_failed(cause_name)
         if at_once:
             # Refused before it was sent: it took no time.
             counter.inc()
@@ -287,7 +329,9 @@ class _BatchRun:
             elapsed = 0
         else:
             elapsed = self._settle_item(counter)
-        self._result.outcomes[index] = failure_outcome(error, elapsed)
+        self._result.outcomes[index] = failure_outcome(
+            error, elapsed, kind_of(cause_name), id=self._batch.requests[index].id
+        )
         self._result.failed += 1
 
     def _bug(self, failure: Failure, index: int) -> None:
@@ -300,6 +344,8 @@ class _BatchRun:
         self._result.outcomes[index] = failure_outcome(
             "internal error in Octoplex; see its log",
             self._settle_item(self._metrics.item_failed("internal")),
+            "internal",
+            id=self._batch.requests[index].id,
         )
         self._result.failed += 1
 
@@ -332,7 +378,9 @@ class _BatchRun:
         for index in pending:
             if self._result.outcomes[index] is None:
                 self._settle_item(self._metrics.item_deadline)
-                self._result.outcomes[index] = failure_outcome(TIMEOUT_ELAPSED, elapsed)
+                self._result.outcomes[index] = failure_outcome(
+                    TIMEOUT_ELAPSED, elapsed, "timeout", id=self._batch.requests[index].id
+                )
                 self._result.timed_out += 1
         self._finish()
 
@@ -351,6 +399,7 @@ class _BatchRun:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        self._stop_timers()
         pending = self._pending()
         self._log.info(
             "batch {batch_id}: caller disconnected; cancelling {pending_count} pending requests",
@@ -361,7 +410,9 @@ class _BatchRun:
         cancelled = self._metrics.item_failed("cancelled")
         for index in pending:
             self._settle_item(cancelled)
-            self._result.outcomes[index] = failure_outcome(CANCELLED, elapsed)
+            self._result.outcomes[index] = failure_outcome(
+                CANCELLED, elapsed, "cancelled", id=self._batch.requests[index].id
+            )
         self._cancel(pending)
 
     def _gathered(self, _: object) -> None:
@@ -378,7 +429,14 @@ class _BatchRun:
             self._deadline.cancel()
             self._expire()
 
+    def _stop_timers(self) -> None:
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+
     def _finish(self) -> None:
+        self._stop_timers()
         if not (self._abandoned or self._answer.called):
             self._answer.callback(self._result)
         # After the answer is written: a drain waiting on this batch may

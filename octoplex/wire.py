@@ -20,6 +20,8 @@ Two kinds of problem are told apart, as in the original:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import gzip
 import json
@@ -37,6 +39,7 @@ __all__ = [
     "Batch",
     "BatchError",
     "InvalidRequest",
+    "Options",
     "UpstreamRequest",
     "encode",
     "error_body",
@@ -47,8 +50,12 @@ __all__ = [
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
-_BATCH_FIELDS = ("timeout_msec", "requests")
-_REQUEST_FIELDS = ("method", "uri", "headers", "body")
+_BATCH_FIELDS = ("timeout_msec", "requests", "content_base64", "header_list", "content_encoding")
+_OPTION_FIELDS = _BATCH_FIELDS[2:]
+_REQUEST_FIELDS = ("id", "method", "uri", "headers", "body", "body_base64", "timeout_msec")
+
+#: The longest request ``id``, in characters.
+MAX_ID_LENGTH = 256
 
 # RFC 9110 section 5.6.2: token = 1*tchar.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -95,6 +102,9 @@ class UpstreamRequest:
     :ivar url: the URI in its ASCII (URI, not IRI) form.
     :ivar headers: the headers to send.
     :ivar body: the body to send, or ``None`` for none.
+    :ivar id: the caller's id for it, echoed in its outcome, if given.
+    :ivar timeout_msec: its own deadline, counted like the batch's, if
+        given; the batch's deadline still caps it.
     """
 
     method: bytes
@@ -102,6 +112,8 @@ class UpstreamRequest:
     url: EncodedURL
     headers: Headers
     body: bytes | None
+    id: str | None = None
+    timeout_msec: int | None = None
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
@@ -111,10 +123,35 @@ class InvalidRequest:
 
     :ivar uri: the URI as the caller wrote it, if it was a string.
     :ivar error: why, naming the bad value.
+    :ivar id: the caller's id for it, if given.
     """
 
     uri: str | None
     error: str
+    id: str | None = None
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class Options:
+    """
+    What a batch asks to be told beyond the original format (each is a
+    boolean batch field named after the outcome field it adds).
+
+    :ivar content_base64: every body as ``content_base64``, even one that is
+        valid UTF-8.
+    :ivar header_list: ``header_list`` in each ``Success``: every header line
+        as received, in order, as ``[name, value]`` pairs.
+    :ivar content_encoding: ``content_encoding`` in each ``Success`` whose
+        body Octoplex decompressed.
+    """
+
+    content_base64: bool = False
+    header_list: bool = False
+    content_encoding: bool = False
+
+
+#: What a batch that asks for nothing new gets: the original format.
+ORIGINAL = Options()
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
@@ -124,10 +161,12 @@ class Batch:
 
     :ivar timeout_msec: the deadline, counted from the batch's arrival.
     :ivar requests: one entry per request, in the caller's order.
+    :ivar options: what the answer should carry beyond the original format.
     """
 
     timeout_msec: int
     requests: list[UpstreamRequest | InvalidRequest]
+    options: Options = ORIGINAL
 
 
 def _quote(value: Any) -> str:
@@ -262,10 +301,24 @@ def parse_batch(body: bytes, limits: Limits) -> Batch:
             f"batch has {len(items)} requests; at most {limits.max_batch_size} are allowed"
         )
 
-    return Batch(
-        timeout_msec=timeout,
-        requests=[_parse_request(item, index, limits) for index, item in enumerate(items)],
-    )
+    flags = {}
+    for name in _OPTION_FIELDS:
+        value = document.get(name, False)
+        if type(value) is not bool:
+            raise BatchError(f"{name} must be true or false, got {_quote(value)}")
+        flags[name] = value
+
+    requests = [_parse_request(item, index, limits) for index, item in enumerate(items)]
+    seen: dict[str, int] = {}
+    for index, request in enumerate(requests):
+        if request.id is not None:
+            if request.id in seen:
+                raise BatchError(
+                    f"requests[{index}].id {_quote(request.id)} is already the id of "
+                    f"requests[{seen[request.id]}]; ids must be unique within a batch"
+                )
+            seen[request.id] = index
+    return Batch(timeout_msec=timeout, requests=requests, options=Options(**flags))
 
 
 def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | InvalidRequest:
@@ -278,6 +331,26 @@ def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | I
         raise BatchError(f"{where} must be a JSON object, got {_quote(item)}")
     _check_fields(item, _REQUEST_FIELDS, where)
 
+    id_ = item.get("id")
+    if id_ is not None:
+        if not isinstance(id_, str):
+            raise BatchError(f"{where}.id must be a string, got {_quote(id_)}")
+        if not id_ or len(id_) > MAX_ID_LENGTH:
+            raise BatchError(
+                f"{where}.id is {len(id_)} characters long; between 1 and {MAX_ID_LENGTH} "
+                "are allowed"
+            )
+    timeout = item.get("timeout_msec")
+    if timeout is not None:
+        if type(timeout) is not int or timeout < 0:
+            raise BatchError(
+                f"{where}.timeout_msec must be a whole number of milliseconds, "
+                f"got {_quote(timeout)}"
+            )
+        if timeout > limits.max_timeout_msec:
+            raise BatchError(
+                f"{where}.timeout_msec is {timeout}; at most {limits.max_timeout_msec} is allowed"
+            )
     method = item.get("method", "GET")
     if not isinstance(method, str):
         raise BatchError(f"{where}.method must be a string, got {_quote(method)}")
@@ -291,22 +364,41 @@ def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | I
         headers = {}
     if not isinstance(headers, dict):
         raise BatchError(f"{where}.headers must be an object, got {_quote(headers)}")
+    pairs: list[tuple[str, str]] = []
     for name, value in headers.items():
-        if not isinstance(value, str):
+        if isinstance(value, str):
+            pairs.append((name, value))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            # A list sends the header once per value, in order.
+            pairs.extend((name, v) for v in value)
+        else:
             raise BatchError(
-                f"{where}.headers[{_quote(name)}] must be a string, got {_quote(value)}"
+                f"{where}.headers[{_quote(name)}] must be a string or an array of strings, "
+                f"got {_quote(value)}"
             )
     body = item.get("body")
     if body is not None and not isinstance(body, str):
         raise BatchError(f"{where}.body must be a string or null, got {_quote(body)}")
+    body_base64 = item.get("body_base64")
+    if body_base64 is not None:
+        if not isinstance(body_base64, str):
+            raise BatchError(
+                f"{where}.body_base64 must be a string or null, got {_quote(body_base64)}"
+            )
+        if body is not None:
+            raise BatchError(f"{where} has both body and body_base64; give one at most")
 
-    encoded = None if body is None else body.encode("utf-8")
     try:
-        _check_header_size(headers, limits)
-        checked = _check_headers(headers, 0 if encoded is None else len(encoded))
-        if encoded is not None and _asks_for_gzip(checked):
+        if body_base64 is not None:
+            encoded: bytes | None = _from_base64(body_base64)
+        else:
+            encoded = None if body is None else body.encode("utf-8")
+        _check_header_size(pairs, limits)
+        checked = _check_headers(pairs, 0 if encoded is None else len(encoded))
+        if body is not None and _asks_for_gzip(checked):
             # A text body cannot already be gzip: the header asks Octoplex
-            # to compress it.
+            # to compress it.  A body_base64 is sent as given.
+            assert encoded is not None
             encoded = gzip.compress(encoded, compresslevel=6)
         return UpstreamRequest(
             method=_check_method(method),
@@ -314,9 +406,20 @@ def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | I
             url=_check_uri(uri),
             headers=checked,
             body=encoded,
+            id=id_,
+            timeout_msec=timeout,
         )
     except _InvalidValue as e:
-        return InvalidRequest(uri=uri, error=str(e))
+        return InvalidRequest(uri=uri, error=str(e), id=id_)
+
+
+def _from_base64(text: str) -> bytes:
+    # Standard alphabet with padding (RFC 4648 section 4), strictly: a
+    # stray character is an error, not skipped.
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise _InvalidValue(f"body_base64 is not valid base64 ({e}): {_quote(text)}") from None
 
 
 def _asks_for_gzip(headers: Headers) -> bool:
@@ -489,14 +592,14 @@ def _ipv4_number(part: str) -> int | None:
         return None
 
 
-def _check_header_size(headers: dict[str, str], limits: Limits) -> None:
+def _check_header_size(headers: list[tuple[str, str]], limits: Limits) -> None:
     if len(headers) > limits.max_header_count:
         raise _InvalidValue(
             f"request has {len(headers)} headers; at most {limits.max_header_count} are allowed "
             "(--max-header-count)"
         )
     # As on the wire: "name: value" and CR LF.
-    size = sum(len(name) + len(value.encode("utf-8")) + 4 for name, value in headers.items())
+    size = sum(len(name) + len(value.encode("utf-8")) + 4 for name, value in headers)
     if size > limits.max_header_bytes:
         raise _InvalidValue(
             f"request headers are {size} bytes; at most {limits.max_header_bytes} are allowed "
@@ -504,17 +607,17 @@ def _check_header_size(headers: dict[str, str], limits: Limits) -> None:
         )
 
 
-def _check_headers(headers: dict[str, str], body_length: int) -> Headers:
+def _check_headers(headers: list[tuple[str, str]], body_length: int) -> Headers:
     result = Headers()
     # RFC 9110 section 7.6.1: the headers a Connection header names are
     # hop-by-hop too.
     named = {
         token.strip().lower()
-        for key, value in headers.items()
+        for key, value in headers
         if key.lower() == "connection"
         for token in value.split(",")
     }
-    for name, value in headers.items():
+    for name, value in headers:
         if not _TOKEN.match(name):
             raise _InvalidValue(f"header name {_quote(name)} is not a valid HTTP token")
         bad = _BAD_VALUE_CHAR.search(value)
@@ -543,37 +646,59 @@ def success_outcome(
     content: bytes,
     duration_msec: int,
     content_encoding: str | None = None,
+    *,
+    id: str | None = None,
+    options: Options = ORIGINAL,
+    raw_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> dict[str, Any]:
     """
-    The ``Success`` outcome of the original format.
+    The ``Success`` outcome of the original format, and what the batch
+    asked for beyond it.
 
     Header names are lowercased; a repeated header keeps its last value (the
-    original kept one value per name).  The body is decoded as UTF-8, each
-    invalid sequence replaced with U+FFFD, as the original's lossy decoding
-    did.  ``content_encoding``, only when the upstream compressed the body
-    (which ``content`` holds decoded), is the one field the original never
-    sent.
+    original kept one value per name; ``header_list`` has them all).  A body
+    that is valid UTF-8 is ``content``, as text.  One that is not, or any
+    body when the batch asked for ``content_base64``, is ``content_base64``
+    instead (the original decoded it lossily, replacing each invalid
+    sequence with U+FFFD: binary bodies came back corrupted).
+    ``content_encoding``, when asked for, says the upstream compressed the
+    body that ``content`` holds decoded.
     """
     folded = {
         name.decode("ascii", "replace").lower(): values[-1].decode("utf-8", "replace")
         for name, values in headers.getAllRawHeaders()
     }
-    success = {
-        "headers": folded,
-        "status": status,
-        "content": content.decode("utf-8", "replace"),
-        "duration_msec": duration_msec,
-    }
-    if content_encoding is not None:
+    success: dict[str, Any] = {"headers": folded, "status": status}
+    if options.content_base64:
+        success["content_base64"] = base64.b64encode(content).decode("ascii")
+    else:
+        try:
+            success["content"] = content.decode("utf-8")
+        except UnicodeDecodeError:
+            success["content_base64"] = base64.b64encode(content).decode("ascii")
+    success["duration_msec"] = duration_msec
+    if options.header_list:
+        success["header_list"] = [
+            [name.decode("latin-1"), value.decode("latin-1")] for name, value in raw_headers or ()
+        ]
+    if content_encoding is not None and options.content_encoding:
         success["content_encoding"] = content_encoding
+    if id is not None:
+        success["id"] = id
     return {"Success": success}
 
 
-def failure_outcome(error: str, duration_msec: int) -> dict[str, Any]:
+def failure_outcome(
+    error: str, duration_msec: int, kind: str, *, id: str | None = None
+) -> dict[str, Any]:
     """
-    The ``Failure`` outcome of the original format.
+    The ``Failure`` outcome of the original format, with its ``kind``
+    (:data:`octoplex.errors.KINDS`), and its ``id`` if the request had one.
     """
-    return {"Failure": {"error": error, "duration_msec": duration_msec}}
+    failure: dict[str, Any] = {"error": error, "kind": kind, "duration_msec": duration_msec}
+    if id is not None:
+        failure["id"] = id
+    return {"Failure": failure}
 
 
 def encode(document: Any) -> bytes:

@@ -72,6 +72,7 @@ class _Upstream(Resource):
     - ``/delay/<ms>``: 200 ``delayed <ms>`` after ``ms`` milliseconds;
     - ``/status/<code>``: that status;
     - ``/echo``: the request's method, headers and body as JSON;
+    - ``/mirror``: the request's body, byte for byte;
     - ``/set-cookie`` and ``/show-cookie``;
     - ``/redirect``: a 302;
     - ``/bytes/<n>``: ``n`` bytes of ``x``;
@@ -131,6 +132,11 @@ class _Upstream(Resource):
         }
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(document).encode()
+
+    def route_mirror(self, request: Request) -> bytes:
+        assert request.content is not None
+        request.setHeader(b"content-type", b"application/octet-stream")
+        return request.content.read()
 
     def route_uri(self, request: Request, *rest: str) -> bytes:
         return request.uri

@@ -298,6 +298,7 @@ async def outcomes(octoplex: Octoplex, caller: Caller, *uris: str, **item: Any) 
 
 def refusal(outcome: dict[str, Any]) -> str:
     assert set(outcome) == {"Failure"}, outcome
+    assert outcome["Failure"]["kind"] == "forbidden", outcome
     return str(outcome["Failure"]["error"])
 
 

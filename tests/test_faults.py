@@ -211,12 +211,13 @@ def assert_hello(outcome: dict[str, Any]) -> None:
     assert outcome["Success"]["content"] == "Hello world!"
 
 
-def failure(outcome: dict[str, Any]) -> str:
+def failure(outcome: dict[str, Any], kind: str) -> str:
     """
-    The error of a Failure outcome; fail if it is not one.
+    The error of a Failure outcome of ``kind``; fail if it is not one.
     """
     assert list(outcome) == ["Failure"], outcome
-    assert sorted(outcome["Failure"]) == ["duration_msec", "error"], outcome
+    assert sorted(outcome["Failure"]) == ["duration_msec", "error", "kind"], outcome
+    assert outcome["Failure"]["kind"] == kind, outcome
     assert isinstance(outcome["Failure"]["duration_msec"], int)
     error: str = outcome["Failure"]["error"]
     return error
@@ -632,7 +633,7 @@ async def test_connection_refused(daemon: Watched) -> None:
     """A port nothing listens on fails its item at once; the /hello beside it succeeds."""
     refused = f"http://127.0.0.1:{free_port()}/"
     fault, hello = await daemon.multiplex(refused, daemon.hello)
-    assert failure(fault) == "connection refused by upstream"
+    assert failure(fault, "connect") == "connection refused by upstream"
     assert fault["Failure"]["duration_msec"] < 1000
     assert_hello(hello)
     await daemon.check_recovered()
@@ -643,36 +644,43 @@ INVALID = "upstream sent an invalid HTTP response: "
 #: Each faulty upstream speaking HTTP, and its item's exact error: a string,
 #: or a pattern where the test asks for more than the daemon says today
 #: (see the test's docstring).
-UPSTREAM_FAULTS: dict[str, tuple[Callable[[_Fault], None], str | re.Pattern[str]]] = {
+UPSTREAM_FAULTS: dict[str, tuple[Callable[[_Fault], None], str | re.Pattern[str], str]] = {
     "reset-mid-headers": (
         write_then(b"HTTP/1.1 200 OK\r\nContent-Type: text/pl", _Fault.reset),
         "connection to upstream was lost or reset before finishing the response headers",
+        "connection",
     ),
     "reset-mid-body": (
         write_then(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 50, _Fault.reset),
         "connection to upstream was lost or reset while sending the response body",
+        "connection",
     ),
     "eof-before-status-line": (
         write_then(b"", _Fault.close),
         "upstream closed the connection before sending a response",
+        "connection",
     ),
     "garbage": (
         write_then(b"SSH-2.0-OpenSSH_9.6\r\n\x00\x01\x02 not HTTP\r\n\r\n", _Fault.close),
         # llhttp's words vary by version: "Expected HTTP/" (httptools 0.6),
         # "Expected HTTP/, RTSP/ or ICE/" (0.9).
         re.compile(re.escape(INVALID + "Expected HTTP/") + ".* b'SSH-2.0-OpenSSH_9.6'\\Z"),
+        "protocol",
     ),
     "status-line-only": (
         write_then(b"HTTP/1.1 200 OK\r\n", _Fault.close),
         "upstream closed the connection before finishing the response headers",
+        "connection",
     ),
     "content-length-abc": (
         write_then(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nhello", _Fault.close),
         INVALID + "Invalid character in Content-Length b'Content-Length: abc'",
+        "protocol",
     ),
     "content-length-past-eof": (
         write_then(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10, _Fault.close),
         "upstream closed the connection while sending the response body",
+        "connection",
     ),
     "bad-chunk-size": (
         # The server leaves the connection open: the daemon must close it.
@@ -680,10 +688,12 @@ UPSTREAM_FAULTS: dict[str, tuple[Callable[[_Fault], None], str | re.Pattern[str]
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nmore\r\n"
         ),
         re.compile(re.escape(INVALID) + "(?i:.*chunk)"),
+        "protocol",
     ),
     "endless-body": (
         endless_body,
         f"upstream response body exceeded {MAX_RESPONSE_BYTES} bytes (--max-response-bytes)",
+        "too_large",
     ),
 }
 
@@ -699,13 +709,13 @@ async def test_upstream_fault(daemon: Watched, name: str) -> None:
     HTTP response: ..." as the README promises, whichever layer of Twisted
     rejected it, and quote what was wrong.
     """
-    behave, expected = UPSTREAM_FAULTS[name]
+    behave, expected, kind = UPSTREAM_FAULTS[name]
     async with faulty_upstream(daemon, behave) as server:
         fault, hello = await daemon.multiplex(server.url, daemon.hello)
         if isinstance(expected, str):
-            assert failure(fault) == expected
+            assert failure(fault, kind) == expected
         else:
-            assert expected.match(failure(fault)), failure(fault)
+            assert expected.match(failure(fault, kind)), fault
         assert fault["Failure"]["duration_msec"] < 2000
         assert_hello(hello)
 
@@ -722,7 +732,7 @@ async def test_slow_upstream_times_out_at_the_deadline(
         fault, hello = await daemon.multiplex(server.url, daemon.hello, timeout_msec=1200)
         elapsed = time.monotonic() - started
         assert 1.2 <= elapsed < 1.2 + SLACK, elapsed
-        assert failure(fault) == "timeout elapsed"
+        assert failure(fault, "timeout") == "timeout elapsed"
         assert 1200 <= fault["Failure"]["duration_msec"] < 1200 + SLACK * 1000
         assert_hello(hello)
 
@@ -754,7 +764,7 @@ async def test_full_backlog_times_out_at_the_deadline(daemon: Watched) -> None:
         )
         elapsed = time.monotonic() - started
         assert 1.0 <= elapsed < 1.0 + SLACK, elapsed
-        assert failure(fault) == "timeout elapsed"
+        assert failure(fault, "timeout") == "timeout elapsed"
         assert_hello(hello)
         assert _tcp_states(daemon.pid, port) == ["SYN_SENT"]
         # The listener stays, so that the pending connect is given up by the
@@ -775,7 +785,7 @@ async def test_tls_handshake_answered_with_plain_http(daemon: Watched) -> None:
     plain_http = write_then(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
     async with faulty_upstream(daemon, plain_http, on_first_bytes=True, scheme="https") as server:
         fault, hello = await daemon.multiplex(server.url, daemon.hello)
-        assert failure(fault) == "TLS error before sending a response: wrong version number"
+        assert failure(fault, "tls") == "TLS error before sending a response: wrong version number"
         assert_hello(hello)
 
 
@@ -789,8 +799,8 @@ async def test_tls_untrusted_certificate(daemon: Watched) -> None:
             r"TLS handshake failed: certificate of 127\.0\.0\.1 rejected: its issuer is not "
             r"trusted \(unable to get local issuer certificate\) \(subject OU=Testing cert "
             r"#[-\w]+,O=trustme v[\d.]+, chain depth 0\)",
-            failure(fault),
-        ), failure(fault)
+            failure(fault, "tls"),
+        ), fault
         assert_hello(hello)
         await eventually(
             lambda: len(upstream.site.lost) == len(upstream.site.connections) == 1,
@@ -824,9 +834,10 @@ async def test_dns_failures(daemon: Watched, name_server: tuple[_NameServer, int
         f"http://broken.test:{port}/hello",
         f"http://ok.test:{port}/hello",
     )
-    assert failure(nx) == "DNS lookup for nx.test failed: NXDOMAIN (the name does not exist)"
+    assert failure(nx, "dns") == "DNS lookup for nx.test failed: NXDOMAIN (the name does not exist)"
     assert (
-        failure(servfail) == "DNS lookup for broken.test failed: SERVFAIL (the name server failed)"
+        failure(servfail, "dns")
+        == "DNS lookup for broken.test failed: SERVFAIL (the name server failed)"
     )
     assert_hello(ok)
     await daemon.check_recovered()
@@ -947,21 +958,69 @@ WRONG_TYPES: dict[str, tuple[Any, str]] = {
             "timeout_msec": 1000,
             "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "headers": {"X-A": 1}}],
         },
-        'requests[1].headers["X-A"] must be a string, got 1',
+        'requests[1].headers["X-A"] must be a string or an array of strings, got 1',
     ),
     "header-value-null": (
         {
             "timeout_msec": 1000,
             "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "headers": {"X-A": None}}],
         },
-        'requests[1].headers["X-A"] must be a string, got null',
+        'requests[1].headers["X-A"] must be a string or an array of strings, got null',
     ),
-    "header-value-list": (
+    "header-value-list-of-numbers": (
         {
             "timeout_msec": 1000,
-            "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "headers": {"X-A": ["a", "b"]}}],
+            "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "headers": {"X-A": ["a", 2]}}],
         },
-        'requests[1].headers["X-A"] must be a string, got ["a", "b"]',
+        'requests[1].headers["X-A"] must be a string or an array of strings, got ["a", 2]',
+    ),
+    "id-number": (
+        {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "id": 7}]},
+        "requests[1].id must be a string, got 7",
+    ),
+    "id-empty": (
+        {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "id": ""}]},
+        "requests[1].id is 0 characters long; between 1 and 256 are allowed",
+    ),
+    "id-too-long": (
+        {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "id": "i" * 257}]},
+        "requests[1].id is 257 characters long; between 1 and 256 are allowed",
+    ),
+    "id-duplicate": (
+        {
+            "timeout_msec": 1000,
+            "requests": [{"uri": "HELLO", "id": "a"}, {"uri": "HELLO", "id": "a"}],
+        },
+        'requests[1].id "a" is already the id of requests[0]; ids must be unique within a batch',
+    ),
+    "item-timeout-string": (
+        {
+            "timeout_msec": 1000,
+            "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "timeout_msec": "5"}],
+        },
+        'requests[1].timeout_msec must be a whole number of milliseconds, got "5"',
+    ),
+    "item-timeout-over-the-limit": (
+        {
+            "timeout_msec": 1000,
+            "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "timeout_msec": 3_600_001}],
+        },
+        "requests[1].timeout_msec is 3600001; at most 3600000 is allowed",
+    ),
+    "body-base64-number": (
+        {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "body_base64": 5}]},
+        "requests[1].body_base64 must be a string or null, got 5",
+    ),
+    "body-and-body-base64": (
+        {
+            "timeout_msec": 1000,
+            "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "body": "a", "body_base64": "YQ=="}],
+        },
+        "requests[1] has both body and body_base64; give one at most",
+    ),
+    "option-not-a-boolean": (
+        {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "header_list": 1},
+        "header_list must be true or false, got 1",
     ),
     "body-number": (
         {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "body": 5}]},

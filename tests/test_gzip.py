@@ -73,21 +73,29 @@ async def test_bad_gzip_is_explained(
     _, _, body = await caller.post(octoplex.url + "/multiplex", batch)
     error = body["responses"][0]["Failure"]["error"]
     assert error.startswith("upstream sent a gzip-encoded body that does not decode: "), error
+    assert body["responses"][0]["Failure"]["kind"] == "protocol"
 
 
 @pytest_twisted.ensureDeferred
 async def test_compressed_response_is_reported(
     octoplex: Octoplex, upstream: Upstream, caller: Caller
 ) -> None:
-    """A decoded body's Success says content_encoding gzip; a plain one has no such field."""
-    batch = {
-        "timeout_msec": 2000,
-        "requests": [{"uri": upstream.url + "/gzip/10"}, {"uri": upstream.url + "/hello"}],
-    }
+    """
+    Asked for, a decoded body's Success says content_encoding gzip and a
+    plain one has no such field; not asked for, neither has it (the
+    original format never sent it).
+    """
+    requests = [{"uri": upstream.url + "/gzip/10"}, {"uri": upstream.url + "/hello"}]
+    batch = {"timeout_msec": 2000, "requests": requests, "content_encoding": True}
     _, _, body = await caller.post(octoplex.url + "/multiplex", batch)
     compressed, plain = (o["Success"] for o in body["responses"])
     assert compressed["content_encoding"] == "gzip"
     assert "content_encoding" not in plain
+    _, _, body = await caller.post(
+        octoplex.url + "/multiplex", {"timeout_msec": 2000, "requests": requests}
+    )
+    compressed, plain = (o["Success"] for o in body["responses"])
+    assert "content_encoding" not in compressed and "content_encoding" not in plain
 
 
 @pytest_twisted.ensureDeferred

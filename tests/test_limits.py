@@ -311,6 +311,7 @@ async def test_item_heads_over_the_limits_fail_alone(
     assert many == {
         "Failure": {
             "error": "request has 9 headers; at most 8 are allowed (--max-header-count)",
+            "kind": "invalid",
             "duration_msec": 0,
         }
     }
@@ -318,6 +319,7 @@ async def test_item_heads_over_the_limits_fail_alone(
         "Failure": {
             "error": "request headers are 2009 bytes; at most 2000 are allowed "
             "(--max-header-bytes)",
+            "kind": "invalid",
             "duration_msec": 0,
         }
     }
@@ -393,6 +395,8 @@ async def test_upstream_heads_over_the_limits_fail_alone(
     assert status == 200
     bad, good = body["responses"]
     assert bad["Failure"]["error"] == message
+    kind = "protocol" if message.startswith("upstream sent an invalid") else "too_large"
+    assert bad["Failure"]["kind"] == kind
     assert good["Success"]["content"] == "Hello world!"
     # Within the limits, the same server's answer passes.
     small, port = upstream_sending(b"HTTP/1.1 200 OK\r\n" + b"X-H: v\r\n" * 49)
@@ -435,6 +439,7 @@ async def test_batch_response_total_is_capped(
         assert hello["Success"]["content"] == "Hello world!"
         failed = [o["Failure"]["error"] for o in large if "Failure" in o]
         assert failed == [BATCH_TOO_LARGE]
+        assert [o["Failure"]["kind"] for o in large if "Failure" in o] == ["too_large"]
         assert sorted(len(o["Success"]["content"]) for o in large if "Success" in o) == [
             12000,
             12000,
@@ -447,6 +452,7 @@ async def test_batch_response_total_is_capped(
     status, _, body = await caller.post(octoplex.url + "/multiplex", batch)
     big, hello = body["responses"]
     assert big["Failure"]["error"] == BATCH_TOO_LARGE
+    assert big["Failure"]["kind"] == "too_large"
     assert hello["Success"]["content"] == "Hello world!"
 
 

@@ -83,7 +83,9 @@ def test_deadline_times_out_and_cancels_what_is_left() -> None:
     clock.advance(0.15)
     [result] = results
     assert result.outcomes[0]["Success"]["duration_msec"] == 100
-    assert result.outcomes[1] == {"Failure": {"error": "timeout elapsed", "duration_msec": 250}}
+    assert result.outcomes[1] == {
+        "Failure": {"error": "timeout elapsed", "kind": "timeout", "duration_msec": 250}
+    }
     assert client.cancelled == ["http://a.test/slow"]
     assert (result.succeeded, result.failed, result.timed_out) == (1, 0, 1)
     assert clock.getDelayedCalls() == []
@@ -135,7 +137,11 @@ def test_a_fetch_that_raises_fails_that_request_alone() -> None:
     Multiplexer(clock, Picky()).run(batch, "b").addBoth(results.append)
     [result] = results
     assert result.outcomes[0] == {
-        "Failure": {"error": "ValueError: cannot build this one", "duration_msec": 0}
+        "Failure": {
+            "error": "ValueError: cannot build this one",
+            "kind": "invalid",
+            "duration_msec": 0,
+        }
     }
     assert result.outcomes[1]["Success"]["status"] == 204
     assert clock.getDelayedCalls() == []
@@ -154,7 +160,11 @@ def test_an_outcome_that_cannot_be_built_fails_that_request_alone(
     client.answer(1, body=b"fine")
     [result] = results
     assert result.outcomes[0] == {
-        "Failure": {"error": "internal error in Octoplex; see its log", "duration_msec": 0}
+        "Failure": {
+            "error": "internal error in Octoplex; see its log",
+            "kind": "internal",
+            "duration_msec": 0,
+        }
     }
     assert result.outcomes[1]["Success"]["content"] == "fine"
     assert (result.succeeded, result.failed) == (1, 1)
@@ -171,7 +181,13 @@ def test_upstream_failure_is_explained() -> None:
     clock.advance(0.003)
     client.pending[0].errback(Failure(ConnectionRefusedError()))
     assert results[0].outcomes == [
-        {"Failure": {"error": "connection refused by upstream", "duration_msec": 3}}
+        {
+            "Failure": {
+                "error": "connection refused by upstream",
+                "kind": "connect",
+                "duration_msec": 3,
+            }
+        }
     ]
 
 
@@ -214,7 +230,9 @@ def test_deadline_answers_even_if_a_cancellation_is_slow() -> None:
     Multiplexer(clock, Swallow()).run(batch, "b").addBoth(results.append)
     clock.advance(0.1)
     assert stuck_cancel == [True]
-    assert results[0].outcomes == [{"Failure": {"error": "timeout elapsed", "duration_msec": 100}}]
+    assert results[0].outcomes == [
+        {"Failure": {"error": "timeout elapsed", "kind": "timeout", "duration_msec": 100}}
+    ]
     assert clock.getDelayedCalls() == []
 
 
@@ -261,3 +279,73 @@ def test_the_deadline_counts_from_the_batch_arrival_not_the_last_send() -> None:
     clock.advance(0.001)  # float sums: 5 x 0.02 may land a hair past 0.1
     assert clock.seconds() - start == pytest.approx(0.101)
     assert len(results) == 1
+
+
+def _items(timeout_msec: int, *items: dict[str, Any]) -> Batch:
+    document = {"timeout_msec": timeout_msec, "requests": list(items)}
+    return parse_batch(json.dumps(document).encode(), Limits())
+
+
+def test_a_request_timeout_cuts_off_that_request_alone() -> None:
+    """
+    A request's own timeout_msec fires on the clock, cancels it alone, and
+    its timer goes; the batch waits for the rest.
+    """
+    clock, client, _, results = _run(
+        _items(
+            1000,
+            {"uri": "http://a.test/short", "timeout_msec": 100, "id": "s"},
+            {"uri": "http://a.test/other"},
+        )
+    )
+    clock.advance(0.1)
+    assert client.cancelled == ["http://a.test/short"]
+    assert results == []
+    clock.advance(0.2)
+    client.answer(1)
+    [result] = results
+    assert result.outcomes[0] == {
+        "Failure": {
+            "error": "timeout elapsed (the request's own timeout_msec of 100)",
+            "kind": "timeout",
+            "duration_msec": 100,
+            "id": "s",
+        }
+    }
+    assert result.outcomes[1]["Success"]["duration_msec"] == 300
+    assert (result.succeeded, result.timed_out) == (1, 1)
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_request_timeout_is_stopped_by_its_answer_and_capped_by_the_batch() -> None:
+    """
+    An answer before its own deadline stops that timer; a timeout_msec at
+    or over the batch's sets none (the batch's deadline comes first).
+    """
+    clock, client, _, results = _run(
+        _items(
+            500,
+            {"uri": "http://a.test/answered", "timeout_msec": 400},
+            {"uri": "http://a.test/longer", "timeout_msec": 900},
+        )
+    )
+    # The batch deadline and one request timer, no more.
+    assert len(clock.getDelayedCalls()) == 2
+    client.answer(0)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0.5)
+    [result] = results
+    assert result.outcomes[1]["Failure"] == {
+        "error": "timeout elapsed",
+        "kind": "timeout",
+        "duration_msec": 500,
+    }
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_caller_leaving_stops_the_request_timers() -> None:
+    """Cancelling the batch stops every request's own timer too."""
+    clock, _, d, results = _run(_items(1000, {"uri": "http://a.test/1", "timeout_msec": 200}))
+    d.cancel()
+    assert clock.getDelayedCalls() == []
+    assert results[0].check(CancelledError)

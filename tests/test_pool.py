@@ -189,6 +189,7 @@ async def test_request_still_queued_at_the_deadline_is_never_sent(caller: Caller
     assert status == 200
     sent, queued = body["responses"]
     assert sent["Failure"]["error"] == "timeout elapsed"
+    assert (sent["Failure"]["kind"], queued["Failure"]["kind"]) == ("timeout", "queue_timeout")
     port = upstream.url.rsplit(":", 1)[1]
     assert queued["Failure"]["error"] == (
         f"timeout elapsed before a connection to 127.0.0.1:{port} was free "

@@ -284,6 +284,7 @@ async def test_queued_request_is_never_sent(slow: str) -> None:
         await upstream.stop()
     sent, queued = outcomes
     assert sent["Failure"]["error"] == TIMEOUT_ELAPSED
+    assert (sent["Failure"]["kind"], queued["Failure"]["kind"]) == ("timeout", "queue_timeout")
     assert queued["Failure"]["error"] == (
         f"timeout elapsed before a connection to {host}:{port} was free "
         "(all 1 in use); the request was never sent"

@@ -5,6 +5,8 @@ folded, how URIs are normalised, and how outcomes are serialised.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 from typing import Any
 
@@ -18,6 +20,7 @@ from octoplex.wire import (
     InvalidRequest,
     UpstreamRequest,
     encode,
+    failure_outcome,
     parse_batch,
     success_outcome,
 )
@@ -179,17 +182,22 @@ def test_json_must_be_an_object_and_strict() -> None:
 
 
 def test_success_outcome_folds_headers_the_original_way() -> None:
-    """Names are lowercased, a repeated header keeps its last value, bodies decode lossily."""
+    """
+    Names are lowercased and a repeated header keeps its last value, as in
+    the original; a UTF-8 body is content, any other content_base64.
+    """
     headers = Headers({b"Content-Type": [b"text/plain"], b"Set-Cookie": [b"a=1", b"b=2"]})
-    outcome = success_outcome(201, headers, b"ok \xff", 12)
+    outcome = success_outcome(201, headers, "ok é".encode(), 12)
     assert outcome == {
         "Success": {
             "headers": {"content-type": "text/plain", "set-cookie": "b=2"},
             "status": 201,
-            "content": "ok \ufffd",
+            "content": "ok é",
             "duration_msec": 12,
         }
     }
+    binary = success_outcome(200, Headers(), b"ok \xff", 3)["Success"]
+    assert binary["content_base64"] == "b2sg/w==" and "content" not in binary
 
 
 def test_encode_is_compact_utf8() -> None:
@@ -215,3 +223,65 @@ def test_checked_uris_are_remembered_by_their_exact_text() -> None:
     assert first[0] == EncodedURL.from_text("http://a.test/A")
     for _ in range(2):
         assert _invalid({"uri": "ftp://a.test/"}).startswith('URI "ftp://a.test/" has scheme "ftp"')
+
+
+def test_new_item_fields_are_parsed() -> None:
+    """id, timeout_msec, body_base64, header lists and the batch's options."""
+    batch = parse_batch(
+        json.dumps(
+            {
+                "timeout_msec": 100,
+                "header_list": True,
+                "content_base64": True,
+                "requests": [
+                    {
+                        "id": "a",
+                        "uri": "http://a.test/",
+                        "timeout_msec": 50,
+                        "body_base64": base64.b64encode(b"\x00\xff").decode(),
+                        "headers": {"X-Two": ["1", "2"], "X-One": "x"},
+                    }
+                ],
+            }
+        ).encode(),
+        Limits(),
+    )
+    [request] = batch.requests
+    assert isinstance(request, UpstreamRequest)
+    assert (request.id, request.timeout_msec, request.body) == ("a", 50, b"\x00\xff")
+    assert request.headers.getRawHeaders(b"x-two") == [b"1", b"2"]
+    assert (batch.options.header_list, batch.options.content_base64) == (True, True)
+    assert batch.options.content_encoding is False
+
+
+def test_a_gzip_body_base64_is_sent_as_given() -> None:
+    """Content-Encoding: gzip compresses a text body, never a body_base64 (already bytes)."""
+    raw = gzip.compress(b"already")
+    batch = parse_batch(
+        json.dumps(
+            {
+                "timeout_msec": 100,
+                "requests": [
+                    {
+                        "uri": "http://a.test/",
+                        "headers": {"Content-Encoding": "gzip"},
+                        "body_base64": base64.b64encode(raw).decode(),
+                    },
+                    {"uri": "http://a.test/", "headers": {"Content-Encoding": "gzip"}, "body": "t"},
+                ],
+            }
+        ).encode(),
+        Limits(),
+    )
+    given, text = batch.requests
+    assert isinstance(given, UpstreamRequest) and isinstance(text, UpstreamRequest)
+    assert given.body == raw
+    assert text.body is not None and gzip.decompress(text.body) == b"t"
+
+
+def test_failure_outcomes_carry_kind_and_id() -> None:
+    """kind always, id only when the request had one."""
+    assert failure_outcome("x", 3, "dns") == {
+        "Failure": {"error": "x", "kind": "dns", "duration_msec": 3}
+    }
+    assert failure_outcome("x", 3, "dns", id="i")["Failure"]["id"] == "i"

@@ -1,0 +1,277 @@
+"""
+The API beyond the original format (issue 8), over real sockets: request
+ids, per-request timeouts, binary bodies both ways, repeated headers both
+ways, typed error kinds, and an original-format batch answered exactly as
+the original answered it (plus the documented ``kind``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import pytest_twisted
+
+from octoplex.client import PoolSettings
+from octoplex.errors import KINDS
+
+from .servers import Caller, Octoplex, Upstream, start_octoplex
+
+
+async def _multiplex(octoplex: Octoplex, caller: Caller, batch: dict[str, Any]) -> list[Any]:
+    status, _, body = await caller.post(octoplex.url + "/multiplex", batch)
+    assert status == 200, body
+    responses: list[Any] = body["responses"]
+    return responses
+
+
+@pytest_twisted.ensureDeferred
+async def test_ids_are_echoed_in_every_kind_of_outcome(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """An id comes back in its Success or Failure; an item without one has none."""
+    outcomes = await _multiplex(
+        octoplex,
+        caller,
+        {
+            "timeout_msec": 2000,
+            "requests": [
+                {"id": "bidder-a", "uri": upstream.url + "/hello"},
+                {"id": "bidder-b", "uri": "ftp://127.0.0.1/"},
+                {"uri": upstream.url + "/hello"},
+                {"id": "bidder-ü", "uri": "http://127.0.0.1:1/"},
+            ],
+        },
+    )
+    ok, invalid, anonymous, refused = outcomes
+    assert ok["Success"]["id"] == "bidder-a"
+    assert (invalid["Failure"]["id"], invalid["Failure"]["kind"]) == ("bidder-b", "invalid")
+    assert "id" not in anonymous["Success"]
+    assert (refused["Failure"]["id"], refused["Failure"]["kind"]) == ("bidder-ü", "connect")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_duplicate_id_is_a_400(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """Two items with one id refuse the batch, naming both; nothing is sent."""
+    status, _, body = await caller.post(
+        octoplex.url + "/multiplex",
+        {
+            "timeout_msec": 1000,
+            "requests": [
+                {"id": "x", "uri": upstream.url + "/hello"},
+                {"id": "y", "uri": upstream.url + "/hello"},
+                {"id": "x", "uri": upstream.url + "/hello"},
+            ],
+        },
+    )
+    assert (status, body) == (
+        400,
+        {
+            "error": 'requests[2].id "x" is already the id of requests[0]; '
+            "ids must be unique within a batch"
+        },
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_timeout_shorter_than_the_batch_fails_that_request_alone(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """
+    A request's own timeout_msec cuts it off (and cancels it at the
+    upstream) while the batch goes on to its other answers; the batch is
+    answered when those are in, long before its own deadline.
+    """
+    started = time.monotonic()
+    slow, fine = await _multiplex(
+        octoplex,
+        caller,
+        {
+            "timeout_msec": 5000,
+            "requests": [
+                {"id": "slow", "uri": upstream.url + "/delay/3000", "timeout_msec": 150},
+                {"uri": upstream.url + "/delay/400", "timeout_msec": 4000},
+            ],
+        },
+    )
+    elapsed = time.monotonic() - started
+    assert slow["Failure"] == {
+        "error": "timeout elapsed (the request's own timeout_msec of 150)",
+        "kind": "timeout",
+        "duration_msec": slow["Failure"]["duration_msec"],
+        "id": "slow",
+    }
+    # Never early; late by no more than honest slack on a shared machine.
+    assert 150 <= slow["Failure"]["duration_msec"] < 1000
+    assert fine["Success"]["content"] == "delayed 400"
+    assert 0.4 <= elapsed < 2.5, elapsed
+    assert upstream.resource.finished_early == ["/delay/3000"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_binary_bodies_round_trip_both_ways(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """
+    Every byte value, sent as body_base64 and mirrored by the upstream,
+    comes back whole as content_base64; a UTF-8 body comes back as content
+    unless the batch asks for base64 always.
+    """
+    payload = bytes(range(256)) + os.urandom(4096)
+    text = "déjà vu ✓"
+    requests = [
+        {
+            "method": "POST",
+            "uri": upstream.url + "/mirror",
+            "body_base64": base64.b64encode(payload).decode(),
+        },
+        {"method": "POST", "uri": upstream.url + "/mirror", "body": text},
+    ]
+    binary, utf8 = await _multiplex(octoplex, caller, {"timeout_msec": 3000, "requests": requests})
+    assert "content" not in binary["Success"]
+    assert base64.b64decode(binary["Success"]["content_base64"]) == payload
+    assert utf8["Success"]["content"] == text and "content_base64" not in utf8["Success"]
+
+    binary, utf8 = await _multiplex(
+        octoplex, caller, {"timeout_msec": 3000, "requests": requests, "content_base64": True}
+    )
+    assert base64.b64decode(binary["Success"]["content_base64"]) == payload
+    assert base64.b64decode(utf8["Success"]["content_base64"]) == text.encode()
+    assert "content" not in utf8["Success"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_base64_fails_that_request_alone(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """A body_base64 that does not decode fails its item, kind invalid, quoting it."""
+    bad, ok = await _multiplex(
+        octoplex,
+        caller,
+        {
+            "timeout_msec": 2000,
+            "requests": [
+                {"method": "POST", "uri": upstream.url + "/mirror", "body_base64": "not*base64"},
+                {"uri": upstream.url + "/hello"},
+            ],
+        },
+    )
+    assert bad["Failure"]["kind"] == "invalid"
+    assert bad["Failure"]["duration_msec"] == 0
+    assert bad["Failure"]["error"].startswith("body_base64 is not valid base64 (")
+    assert bad["Failure"]["error"].endswith(': "not*base64"')
+    assert ok["Success"]["content"] == "Hello world!"
+
+
+@pytest_twisted.ensureDeferred
+async def test_repeated_headers_reach_the_upstream_and_the_caller(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """
+    A header given as a list is sent once per value, in order; asked for,
+    header_list carries both Set-Cookie lines (and every other line) as
+    received, while headers keeps the original's last-value rule.
+    """
+    echo, repeated = await _multiplex(
+        octoplex,
+        caller,
+        {
+            "timeout_msec": 2000,
+            "header_list": True,
+            "requests": [
+                {"uri": upstream.url + "/echo", "headers": {"X-Tag": ["one", "two"], "X-B": "b"}},
+                {"uri": upstream.url + "/repeat-header"},
+            ],
+        },
+    )
+    sent = json.loads(echo["Success"]["content"])["headers"]
+    assert [value for name, value in sent if name.lower() == "x-tag"] == ["one", "two"]
+    lines = repeated["Success"]["header_list"]
+    assert [v for n, v in lines if n.lower() == "set-cookie"] == ["a=1", "b=2"]
+    assert [v for n, v in lines if n.lower() == "x-multi"] == ["first", "last"]
+    # Connection headers too: every line as received.
+    assert ["Content-Length", "8"] in lines
+    assert all(isinstance(n, str) and isinstance(v, str) for n, v in lines)
+    assert repeated["Success"]["headers"]["set-cookie"] == "b=2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_original_batch_gets_the_original_fields(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """
+    A batch in the original format gets every field, and only the fields,
+    the original sent, with their types; the one addition is each Failure's
+    kind, one of the documented set.
+    """
+    outcomes = await _multiplex(
+        octoplex,
+        caller,
+        {
+            "timeout_msec": 300,
+            "requests": [
+                {"uri": upstream.url + "/hello", "headers": {"X-Some-Header": "some value"}},
+                {"method": "POST", "uri": upstream.url + "/echo", "body": '{"name":"Bruce"}'},
+                {"uri": upstream.url + "/gzip/10"},
+                {"uri": upstream.url + "/delay/2000"},
+                {"uri": "http://127.0.0.1:1/"},
+            ],
+        },
+    )
+    for outcome in outcomes[:3]:
+        assert list(outcome) == ["Success"]
+        success = outcome["Success"]
+        assert list(success) == ["headers", "status", "content", "duration_msec"], success
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in success["headers"].items())
+        assert type(success["status"]) is int and type(success["duration_msec"]) is int
+        assert isinstance(success["content"], str)
+    for outcome in outcomes[3:]:
+        assert list(outcome) == ["Failure"]
+        failure = outcome["Failure"]
+        assert list(failure) == ["error", "kind", "duration_msec"], failure
+        assert isinstance(failure["error"], str) and type(failure["duration_msec"]) is int
+        assert failure["kind"] in KINDS
+    assert [o["Failure"]["kind"] for o in outcomes[3:]] == ["timeout", "connect"]
+    assert outcomes[2]["Success"]["content"] == "x" * 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connect_timeout_is_of_kind_connect(caller: Caller) -> None:
+    """
+    A server that never accepts (its backlog full): with a connect timeout
+    shorter than the deadline, the item fails as ``connect``, not as a
+    timeout of the batch.
+    """
+    octoplex = start_octoplex(pool=PoolSettings(connect_timeout=0.3))
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        # Linux queues one connection on a backlog of 0 and drops the SYNs
+        # of the rest.
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        [outcome] = await _multiplex(
+            octoplex,
+            caller,
+            {"timeout_msec": 3000, "requests": [{"uri": f"http://127.0.0.1:{port}/"}]},
+        )
+    finally:
+        await octoplex.stop()
+        for filler in fillers:
+            filler.close()
+        listener.close()
+    assert outcome["Failure"]["error"] == "connecting to upstream timed out"
+    assert outcome["Failure"]["kind"] == "connect"
+    assert 300 <= outcome["Failure"]["duration_msec"] < 2000
