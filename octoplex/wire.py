@@ -318,7 +318,8 @@ def parse_batch(body: bytes, limits: Limits) -> Batch:
                     f"requests[{seen[request.id]}]; ids must be unique within a batch"
                 )
             seen[request.id] = index
-    return Batch(timeout_msec=timeout, requests=requests, options=Options(**flags))
+    options = Options(**flags) if any(flags.values()) else ORIGINAL
+    return Batch(timeout_msec=timeout, requests=requests, options=options)
 
 
 def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | InvalidRequest:
