@@ -38,6 +38,8 @@ setup(
             "hypothesis>=6.100",
             # tests/test_deploy.py reads the compose file and the manifests.
             "pyyaml>=6.0",
+            # Every answer the tests receive is checked against octoplex.schema.
+            "jsonschema>=4.18",
         ],
     },
     classifiers=[

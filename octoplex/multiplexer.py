@@ -39,6 +39,23 @@ __all__ = ["BatchResult", "Fetcher", "Multiplexer"]
 CANCELLED = "cancelled: the caller disconnected"
 
 
+class TurnTimeout(Exception):
+    """
+    A request of a batch with ``max_parallel`` was cancelled (by a deadline)
+    while it waited for its turn.
+    """
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(cap)
+        self.cap = cap
+
+    def __str__(self) -> str:
+        return (
+            f"timeout elapsed before its turn came (max_parallel {self.cap}); "
+            "the request was never sent"
+        )
+
+
 class Fetcher(Protocol):
     """
     What the multiplexer needs of an upstream client.
@@ -199,6 +216,12 @@ class _BatchRun:
         #: by index, and the index whose own deadline is cancelling it.
         self._timers: dict[int, IDelayedCall] = {}
         self._item_expiring: int | None = None
+        #: Under max_parallel: the requests sent and not yet settled, and
+        #: those waiting their turn, in order, each with the Deferred that
+        #: stands for it in the DeferredList, and those sent after waiting.
+        self._active: set[int] = set()
+        self._queued: dict[int, Deferred[None]] = {}
+        self._sent: dict[int, Deferred[None]] = {}
         self._answer: Deferred[BatchResult] = Deferred(self._abandon)
 
     def start(self, started: float) -> Deferred[BatchResult]:
@@ -230,31 +253,83 @@ class _BatchRun:
         if isinstance(request, InvalidRequest):
             self._fail(index, request.error, "invalid", at_once=True)
             return succeed(None)
+        if request.timeout_msec is not None and request.timeout_msec < self._batch.timeout_msec:
+            # Its own deadline, counted from the batch's arrival like the
+            # batch's; a longer one than the batch's changes nothing.
+            left = request.timeout_msec / 1000.0 - (self._clock.seconds() - self._started)
+            self._timers[index] = self._clock.callLater(max(left, 0.0), self._item_expired, index)
+        cap = self._batch.max_parallel
+        if cap is not None and len(self._active) >= cap:
+            # Its turn comes when a request sent before it settles.
+            waiting: Deferred[None] = Deferred(lambda _: self._unqueue(index))
+            self._queued[index] = waiting
+            self._running.add(index)
+            return waiting
+        return self._fetch(index, request)
+
+    def _fetch(self, index: int, request: UpstreamRequest) -> Deferred[None]:
         try:
             d = self._client.fetch(request, self._budget)
         except Exception:
             # treq parses and builds the request synchronously; a value it
             # rejects fails this request alone, like any invalid value.
+            self._running.discard(index)
+            self._stop_timer(index)
             self._fail(index, describe(Failure()), "invalid", at_once=True)
             return succeed(None)
         self._running.add(index)
-        if request.timeout_msec is not None and request.timeout_msec < self._batch.timeout_msec:
-            # Its own deadline, counted from the batch's arrival like the
-            # batch's; a longer one than the batch's changes nothing.
-            left = request.timeout_msec / 1000.0 - (self._clock.seconds() - self._started)
-            self._timers[index] = self._clock.callLater(
-                max(left, 0.0), self._item_expired, index, d
-            )
+        self._active.add(index)
         # One callback for both outcomes, not three: each callback costs a
         # few hundred bytes for as long as the request is in flight.
         d.addBoth(self._settled, index)
         return d  # type: ignore[return-value]
 
-    def _item_expired(self, index: int, d: Deferred[Any]) -> None:
+    def _next_turn(self) -> None:
+        """
+        Send the requests waiting under max_parallel while there is room,
+        in order; none once the batch is being answered.
+        """
+        cap = self._batch.max_parallel
+        assert cap is not None
+        while self._queued and len(self._active) < cap:
+            if self._expiring or self._abandoned or self._answer.called:
+                return
+            index = next(iter(self._queued))
+            waiting = self._queued.pop(index)
+            request = self._batch.requests[index]
+            assert isinstance(request, UpstreamRequest)
+            sent = self._fetch(index, request)
+            # The waiting Deferred now stands for the sent request: its
+            # end ends it, and cancelling it cancels the request.
+            if not sent.called:
+                self._sent[index] = sent
+            sent.addBoth(self._turn_over, waiting)
+
+    @staticmethod
+    def _turn_over(_: Any, waiting: Deferred[None]) -> None:
+        if not waiting.called:
+            waiting.callback(None)
+
+    def _unqueue(self, index: int) -> None:
+        sent = self._sent.pop(index, None)
+        if sent is not None:
+            sent.cancel()
+            return
+        if self._queued.pop(index, None) is not None:
+            # Cancelled (by a deadline or the caller) before its turn.
+            assert self._batch.max_parallel is not None
+            self._settled(Failure(TurnTimeout(self._batch.max_parallel)), index)
+
+    def _stop_timer(self, index: int) -> None:
+        timer = self._timers.pop(index, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _item_expired(self, index: int) -> None:
         del self._timers[index]
         self._item_expiring = index
         try:
-            d.cancel()
+            self._items[index].cancel()
         finally:
             self._item_expiring = None
         if self._result.outcomes[index] is None:
@@ -264,9 +339,12 @@ class _BatchRun:
 
     def _settled(self, result: UpstreamResponse | Failure, index: int) -> None:
         self._running.discard(index)
-        timer = self._timers.pop(index, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._stop_timer(index)
+        if index in self._active:
+            self._active.discard(index)
+            self._sent.pop(index, None)
+            if self._queued:
+                self._next_turn()
         try:
             if isinstance(result, Failure):
                 self._failed(result, index)
@@ -305,7 +383,7 @@ class _BatchRun:
         The outcome of a request cut off by the batch's deadline or its own:
         a timeout, which says so if the request never even got a connection.
         """
-        if failure is not None and failure.check(QueueTimeout):
+        if failure is not None and failure.check(QueueTimeout, TurnTimeout):
             error, kind = str(failure.value), "queue_timeout"
             counter = self._metrics.item_queue_timeout
         else:

@@ -33,6 +33,8 @@ from octoplex.inbound import ConnectionRefuser, OctoplexChannel
 from octoplex.limits import Limits
 from octoplex.metrics import TEXT_CONTENT_TYPE, Metrics, render_json, render_text
 from octoplex.multiplexer import BatchResult, Multiplexer
+from octoplex.schema import PATH as SCHEMA_PATH
+from octoplex.schema import SCHEMA_BYTES
 from octoplex.tls import peer_identity
 from octoplex.wire import JSON_CONTENT_TYPE, BatchError, encode, error_body, parse_batch
 
@@ -161,6 +163,14 @@ class OctoplexApp:
         if self.worker is not None:
             request.setHeader(b"x-octoplex-worker", self.worker.encode("ascii"))
         return _respond(request, JSON_CONTENT_TYPE, _HEALTHY)
+
+    @router.route(SCHEMA_PATH, methods=["GET"])
+    def schema(self, request: IRequest) -> bytes:
+        """
+        The API's JSON Schema (:mod:`octoplex.schema`): public, like the
+        health check.
+        """
+        return _respond(request, b"application/schema+json", SCHEMA_BYTES)
 
     @router.route("/readyz", methods=["GET"])
     def readiness(self, request: IRequest) -> bytes:

@@ -50,8 +50,9 @@ __all__ = [
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
-_BATCH_FIELDS = ("timeout_msec", "requests", "content_base64", "header_list", "content_encoding")
-_OPTION_FIELDS = _BATCH_FIELDS[2:]
+_OPTION_FIELDS = ("content_base64", "header_list", "content_encoding")
+_BATCH_FIELDS = ("timeout_msec", "requests", *_OPTION_FIELDS, "defaults", "max_parallel")
+_DEFAULT_FIELDS = ("method", "headers", "body", "body_base64", "base_uri")
 _REQUEST_FIELDS = ("id", "method", "uri", "headers", "body", "body_base64", "timeout_msec")
 
 #: The longest request ``id``, in characters.
@@ -162,11 +163,14 @@ class Batch:
     :ivar timeout_msec: the deadline, counted from the batch's arrival.
     :ivar requests: one entry per request, in the caller's order.
     :ivar options: what the answer should carry beyond the original format.
+    :ivar max_parallel: how many of its requests may run at once, if capped;
+        1 runs them one after the other, in order.
     """
 
     timeout_msec: int
     requests: list[UpstreamRequest | InvalidRequest]
     options: Options = ORIGINAL
+    max_parallel: int | None = None
 
 
 def _quote(value: Any) -> str:
@@ -308,6 +312,16 @@ def parse_batch(body: bytes, limits: Limits) -> Batch:
             raise BatchError(f"{name} must be true or false, got {_quote(value)}")
         flags[name] = value
 
+    max_parallel = document.get("max_parallel")
+    if max_parallel is not None and (type(max_parallel) is not int or max_parallel < 1):
+        raise BatchError(
+            f"max_parallel must be a whole number from 1 up, got {_quote(max_parallel)}"
+        )
+
+    defaults = document.get("defaults")
+    if defaults is not None:
+        defaults = _check_defaults(defaults)
+        items = [_with_defaults(item, defaults) for item in items]
     requests = [_parse_request(item, index, limits) for index, item in enumerate(items)]
     seen: dict[str, int] = {}
     for index, request in enumerate(requests):
@@ -319,7 +333,114 @@ def parse_batch(body: bytes, limits: Limits) -> Batch:
                 )
             seen[request.id] = index
     options = Options(**flags) if any(flags.values()) else ORIGINAL
-    return Batch(timeout_msec=timeout, requests=requests, options=options)
+    return Batch(
+        timeout_msec=timeout, requests=requests, options=options, max_parallel=max_parallel
+    )
+
+
+def _check_defaults(defaults: Any) -> dict[str, Any]:
+    """
+    The batch's ``defaults``, its types checked as an item's are, its
+    ``base_uri`` checked as a URI; errors name ``defaults``.
+    """
+    if not isinstance(defaults, dict):
+        raise BatchError(f"defaults must be a JSON object, got {_quote(defaults)}")
+    _check_fields(defaults, _DEFAULT_FIELDS, "defaults")
+    method = defaults.get("method")
+    if method is not None and not isinstance(method, str):
+        raise BatchError(f"defaults.method must be a string, got {_quote(method)}")
+    _header_pairs(defaults.get("headers"), "defaults")
+    _body_fields(defaults, "defaults")
+    base = defaults.get("base_uri")
+    if base is not None:
+        if not isinstance(base, str):
+            raise BatchError(f"defaults.base_uri must be a string, got {_quote(base)}")
+        try:
+            _check_uri(base)
+        except _InvalidValue as e:
+            raise BatchError(f"defaults.base_uri: {e}") from None
+    return defaults
+
+
+def _with_defaults(item: Any, defaults: dict[str, Any]) -> Any:
+    """
+    ``item`` with the batch's defaults filled in; the item's own fields win,
+    header by header (names compared without case).
+    """
+    if not isinstance(item, dict):
+        return item
+    merged = dict(item)
+    if merged.get("method") is None and defaults.get("method") is not None:
+        merged["method"] = defaults["method"]
+    default_headers = defaults.get("headers")
+    if default_headers:
+        own = merged.get("headers")
+        if own is None:
+            merged["headers"] = default_headers
+        elif isinstance(own, dict):
+            names = {name.lower() for name in own}
+            merged["headers"] = {
+                **{k: v for k, v in default_headers.items() if k.lower() not in names},
+                **own,
+            }
+    if merged.get("body") is None and merged.get("body_base64") is None:
+        for field in ("body", "body_base64"):
+            if defaults.get(field) is not None:
+                merged[field] = defaults[field]
+    base = defaults.get("base_uri")
+    uri = merged.get("uri")
+    if base is not None and isinstance(uri, str):
+        merged["uri"] = _resolve(base, uri)
+    return merged
+
+
+def _resolve(base: str, reference: str) -> str:
+    # RFC 3986 section 5.2: a relative reference against the base; an
+    # absolute URI stays as it is.  A reference that does not parse is left
+    # for the item's own check to report.
+    try:
+        return str(EncodedURL.from_text(base).click(reference).to_text())
+    except (ValueError, TypeError):
+        return reference
+
+
+def _header_pairs(headers: Any, where: str) -> list[tuple[str, str]]:
+    """
+    An item's (or the defaults') headers as (name, value) pairs, a list
+    value giving one pair per element; a wrong type is a BatchError.
+    """
+    if headers is None:
+        return []
+    if not isinstance(headers, dict):
+        raise BatchError(f"{where}.headers must be an object, got {_quote(headers)}")
+    pairs: list[tuple[str, str]] = []
+    for name, value in headers.items():
+        if isinstance(value, str):
+            pairs.append((name, value))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            # A list sends the header once per value, in order.
+            pairs.extend((name, v) for v in value)
+        else:
+            raise BatchError(
+                f"{where}.headers[{_quote(name)}] must be a string or an array of strings, "
+                f"got {_quote(value)}"
+            )
+    return pairs
+
+
+def _body_fields(item: dict[str, Any], where: str) -> tuple[str | None, str | None]:
+    body = item.get("body")
+    if body is not None and not isinstance(body, str):
+        raise BatchError(f"{where}.body must be a string or null, got {_quote(body)}")
+    body_base64 = item.get("body_base64")
+    if body_base64 is not None:
+        if not isinstance(body_base64, str):
+            raise BatchError(
+                f"{where}.body_base64 must be a string or null, got {_quote(body_base64)}"
+            )
+        if body is not None:
+            raise BatchError(f"{where} has both body and body_base64; give one at most")
+    return body, body_base64
 
 
 def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | InvalidRequest:
@@ -360,34 +481,8 @@ def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | I
     uri = item["uri"]
     if not isinstance(uri, str):
         raise BatchError(f"{where}.uri must be a string, got {_quote(uri)}")
-    headers = item.get("headers", {})
-    if headers is None:
-        headers = {}
-    if not isinstance(headers, dict):
-        raise BatchError(f"{where}.headers must be an object, got {_quote(headers)}")
-    pairs: list[tuple[str, str]] = []
-    for name, value in headers.items():
-        if isinstance(value, str):
-            pairs.append((name, value))
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            # A list sends the header once per value, in order.
-            pairs.extend((name, v) for v in value)
-        else:
-            raise BatchError(
-                f"{where}.headers[{_quote(name)}] must be a string or an array of strings, "
-                f"got {_quote(value)}"
-            )
-    body = item.get("body")
-    if body is not None and not isinstance(body, str):
-        raise BatchError(f"{where}.body must be a string or null, got {_quote(body)}")
-    body_base64 = item.get("body_base64")
-    if body_base64 is not None:
-        if not isinstance(body_base64, str):
-            raise BatchError(
-                f"{where}.body_base64 must be a string or null, got {_quote(body_base64)}"
-            )
-        if body is not None:
-            raise BatchError(f"{where} has both body and body_base64; give one at most")
+    pairs = _header_pairs(item.get("headers"), where)
+    body, body_base64 = _body_fields(item, where)
 
     try:
         if body_base64 is not None:

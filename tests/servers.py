@@ -35,6 +35,8 @@ from octoplex.metrics import Metrics
 from octoplex.multiplexer import Multiplexer
 from octoplex.web import OctoplexApp, OctoplexSite
 
+from .schema import check_answer
+
 
 class _CountingSite(Site):
     """
@@ -86,8 +88,21 @@ class _Upstream(Resource):
     def __init__(self) -> None:
         super().__init__()
         self.finished_early: list[str] = []
+        #: Every request's path in the order they arrived, and the most
+        #: that were ever being answered at once.
+        self.arrivals: list[str] = []
+        self.active = 0
+        self.most_active = 0
 
     def render(self, request: Request) -> Any:
+        self.arrivals.append(request.uri.decode())
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+
+        def done(_: Any) -> None:
+            self.active -= 1
+
+        request.notifyFinish().addBoth(done)
         parts = request.path.decode().strip("/").split("/")
         route = getattr(self, "route_" + parts[0].replace("-", "_"), None)
         if route is None:
@@ -368,7 +383,10 @@ class Caller:
             url, data=body, headers={"content-type": "application/json"}
         )
         content = await treq.content(response)
-        return response.code, response.headers, json.loads(content)
+        answer = json.loads(content)
+        if url.endswith("/multiplex"):
+            check_answer(response.code, answer)
+        return response.code, response.headers, answer
 
     async def get(self, url: str, method: str = "GET") -> tuple[int, Any, bytes]:
         """

@@ -14,15 +14,22 @@ import socket
 import time
 from typing import Any
 
+import jsonschema
+import pytest
 import pytest_twisted
 
 from octoplex.client import PoolSettings
 from octoplex.errors import KINDS
+from octoplex.schema import SCHEMA
 
+from .schema import check_batch
 from .servers import Caller, Octoplex, Upstream, start_octoplex
 
 
 async def _multiplex(octoplex: Octoplex, caller: Caller, batch: dict[str, Any]) -> list[Any]:
+    # Every batch here is one the schema describes (and Caller.post checks
+    # the answer against it).
+    check_batch(batch)
     status, _, body = await caller.post(octoplex.url + "/multiplex", batch)
     assert status == 200, body
     responses: list[Any] = body["responses"]
@@ -275,3 +282,127 @@ async def test_a_connect_timeout_is_of_kind_connect(caller: Caller) -> None:
     assert outcome["Failure"]["error"] == "connecting to upstream timed out"
     assert outcome["Failure"]["kind"] == "connect"
     assert 300 <= outcome["Failure"]["duration_msec"] < 2000
+
+
+@pytest_twisted.ensureDeferred
+async def test_defaults_are_merged_into_each_request_and_its_own_fields_win(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """
+    The batch's method, headers, body and base URI reach every request;
+    a request's own method, body and headers (by name, whatever the case)
+    win, and an absolute URI ignores the base.
+    """
+    shared = "x" * 5000
+    outcomes = await _multiplex(
+        octoplex,
+        caller,
+        {
+            "timeout_msec": 3000,
+            "defaults": {
+                "method": "POST",
+                "base_uri": upstream.url + "/",
+                "headers": {"X-Auction": "a1", "X-Seat": "default"},
+                "body": shared,
+            },
+            "requests": [
+                {"uri": "echo"},
+                {"uri": "/echo", "headers": {"x-seat": "own"}, "body": "mine"},
+                {"uri": upstream.url + "/echo", "method": "PUT"},
+            ],
+        },
+    )
+    first, second, third = (json.loads(o["Success"]["content"]) for o in outcomes)
+
+    def named(echo: dict[str, Any], name: str) -> list[str]:
+        return [v for n, v in echo["headers"] if n.lower() == name]
+
+    assert (first["method"], first["body"]) == ("POST", shared)
+    assert named(first, "x-auction") == ["a1"] and named(first, "x-seat") == ["default"]
+    assert (second["method"], second["body"]) == ("POST", "mine")
+    assert named(second, "x-auction") == ["a1"] and named(second, "x-seat") == ["own"]
+    assert (third["method"], third["body"]) == ("PUT", shared)
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_parallel_1_is_sequential_at_the_upstream(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """
+    With max_parallel 1 the upstream never sees two of the batch's requests
+    at once, and sees them in order; without it, all at once.
+    """
+    uris = [upstream.url + f"/delay/{ms}" for ms in (120, 30, 60)]
+    started = time.monotonic()
+    outcomes = await _multiplex(
+        octoplex,
+        caller,
+        {"timeout_msec": 3000, "max_parallel": 1, "requests": [{"uri": u} for u in uris]},
+    )
+    elapsed = time.monotonic() - started
+    assert [o["Success"]["content"] for o in outcomes] == [
+        "delayed 120",
+        "delayed 30",
+        "delayed 60",
+    ]
+    assert upstream.resource.arrivals == ["/delay/120", "/delay/30", "/delay/60"]
+    assert upstream.resource.most_active == 1
+    assert elapsed >= 0.21, elapsed
+    # Each duration counts from the batch's arrival: they add up.
+    durations = [o["Success"]["duration_msec"] for o in outcomes]
+    assert durations == sorted(durations) and durations[2] >= 210, durations
+
+    upstream.resource.most_active = 0
+    await _multiplex(
+        octoplex, caller, {"timeout_msec": 3000, "requests": [{"uri": u} for u in uris]}
+    )
+    assert upstream.resource.most_active == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_still_waiting_their_turn_at_the_deadline_were_never_sent(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """Under max_parallel, what has not had its turn by the deadline fails as queue_timeout."""
+    slow, waiting = await _multiplex(
+        octoplex,
+        caller,
+        {
+            "timeout_msec": 200,
+            "max_parallel": 1,
+            "requests": [{"uri": upstream.url + "/delay/2000"}, {"uri": upstream.url + "/hello"}],
+        },
+    )
+    assert slow["Failure"]["kind"] == "timeout"
+    assert waiting["Failure"] == {
+        "error": "timeout elapsed before its turn came (max_parallel 1); "
+        "the request was never sent",
+        "kind": "queue_timeout",
+        "duration_msec": waiting["Failure"]["duration_msec"],
+    }
+    assert upstream.resource.arrivals == ["/delay/2000"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_schema_is_served_and_tells_batches_apart(
+    octoplex: Octoplex, caller: Caller
+) -> None:
+    """
+    GET /schema.json serves the schema the tests check every answer with;
+    it accepts a batch with every new field and refuses an unknown one.
+    """
+    status, headers, body = await caller.get(octoplex.url + "/schema.json")
+    assert status == 200
+    assert headers.getRawHeaders(b"content-type") == [b"application/schema+json"]
+    assert json.loads(body) == SCHEMA
+    check_batch(
+        {
+            "timeout_msec": 10,
+            "max_parallel": 2,
+            "header_list": True,
+            "defaults": {"base_uri": "http://127.0.0.1/", "headers": {"A": ["1", "2"]}},
+            "requests": [{"id": "a", "uri": "x", "body_base64": "AA==", "timeout_msec": 5}],
+        }
+    )
+    with pytest.raises(jsonschema.ValidationError):
+        check_batch({"timeout_msec": 10, "requests": [{"uri": "x", "retries": 3}]})

@@ -24,6 +24,7 @@ from octoplex.multiplexer import Multiplexer
 from octoplex.tap import Options
 from octoplex.web import OctoplexApp, OctoplexSite
 
+from .schema import check_answer
 from .servers import LOOPBACK, Upstream, _QuietPool, local_resolver
 
 TOKEN = "s3cret-token-of-bidder-7"
@@ -103,7 +104,9 @@ async def test_multiplex_needs_a_token(
 
     async def post(headers: dict[str, str]) -> tuple[int, Any, Any]:
         response = await http.post(base + "/multiplex", data=batch.encode(), headers=headers)
-        return response.code, response.headers, json.loads(await treq.content(response))
+        answer = json.loads(await treq.content(response))
+        check_answer(response.code, answer)
+        return response.code, response.headers, answer
 
     try:
         status, headers, body = await post({})

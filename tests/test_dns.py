@@ -47,6 +47,7 @@ from octoplex import endpoints
 from octoplex.dns import CachingResolver, DNSSettings, NameNotResolved
 from octoplex.tap import Options, makeService
 
+from .schema import check_answer
 from .servers import (
     Octoplex,
     Upstream,
@@ -508,7 +509,9 @@ async def post_batch(octoplex: Octoplex, uris: list[str]) -> list[dict[str, Any]
         headers={"content-type": "application/json"},
     )
     assert response.code == 200
-    return json.loads(await treq.content(response))["responses"]
+    answer = json.loads(await treq.content(response))
+    check_answer(200, answer)
+    return answer["responses"]
 
 
 class _World:

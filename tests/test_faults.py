@@ -1018,6 +1018,35 @@ WRONG_TYPES: dict[str, tuple[Any, str]] = {
         },
         "requests[1] has both body and body_base64; give one at most",
     ),
+    "defaults-not-an-object": (
+        {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "defaults": []},
+        "defaults must be a JSON object, got []",
+    ),
+    "defaults-unknown-field": (
+        {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "defaults": {"uri": "x"}},
+        'unknown field "uri" in defaults; expected method, headers, body, body_base64, base_uri',
+    ),
+    "defaults-header-number": (
+        {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "defaults": {"headers": {"A": 1}}},
+        'defaults.headers["A"] must be a string or an array of strings, got 1',
+    ),
+    "defaults-base-uri-ftp": (
+        {
+            "timeout_msec": 1000,
+            "requests": [{"uri": "HELLO"}],
+            "defaults": {"base_uri": "ftp://127.0.0.1/"},
+        },
+        'defaults.base_uri: URI "ftp://127.0.0.1/" has scheme "ftp"; only http and https '
+        "are supported",
+    ),
+    "max-parallel-zero": (
+        {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "max_parallel": 0},
+        "max_parallel must be a whole number from 1 up, got 0",
+    ),
+    "max-parallel-boolean": (
+        {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "max_parallel": True},
+        "max_parallel must be a whole number from 1 up, got true",
+    ),
     "option-not-a-boolean": (
         {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "header_list": 1},
         "header_list must be true or false, got 1",

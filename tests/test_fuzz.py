@@ -66,6 +66,7 @@ from octoplex.errors import KINDS
 from octoplex.limits import Limits
 from octoplex.wire import Batch, InvalidRequest, UpstreamRequest, parse_batch
 
+from .schema import check_answer
 from .servers import Octoplex, Upstream, start_misbehaving, start_octoplex, start_upstream
 
 # Small limits, so that each limit is reachable and no example can run long:
@@ -334,6 +335,7 @@ async def post_and_check(servers: Servers, body: bytes, encoding: str = "none") 
     assert status == 200 or 400 <= status < 500, f"status {status}: {raw[:500]!r}"
     assert headers.get(b"content-type") == [b"application/json; charset=utf-8"], headers
     document = strict_json(payload)
+    check_answer(status, document)
     if isinstance(expected, Exception):
         assert status == 400, f"want 400 ({expected!r}), got {status}: {document!r}"
     else:

@@ -21,6 +21,7 @@ from twisted.web.client import Agent
 
 from octoplex.limits import Limits
 
+from .schema import check_answer
 from .servers import Caller, Octoplex, Upstream, _QuietPool, start_octoplex
 
 
@@ -171,13 +172,16 @@ async def test_answer_is_gzipped_when_accepted(octoplex: Octoplex, upstream: Ups
     assert b"Content-Encoding: gzip" in headers
     assert b"Transfer-Encoding: chunked" in headers
     decoded = json.loads(gzip.decompress(_dechunk(payload)))
+    check_answer(200, decoded)
     assert [o["Success"]["content"] for o in decoded["responses"]] == ["Hello world!"] * 5
 
 
 async def _post_raw(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any, Any]:
     http = HTTPClient(Agent(reactor, pool=_QuietPool(reactor, persistent=False)))
     response = await http.post(url + "/multiplex", data=body, headers=headers)
-    return response.code, response.headers, json.loads(await treq.content(response))
+    answer = json.loads(await treq.content(response))
+    check_answer(response.code, answer)
+    return response.code, response.headers, answer
 
 
 def _exchange(port: int, data: bytes) -> bytes:

@@ -349,3 +349,59 @@ def test_a_caller_leaving_stops_the_request_timers() -> None:
     d.cancel()
     assert clock.getDelayedCalls() == []
     assert results[0].check(CancelledError)
+
+
+def test_max_parallel_sends_each_request_when_one_before_it_settles() -> None:
+    """max_parallel 2: two sent at once, the third when one of them is answered."""
+    clock, client, _, results = _run(
+        parse_batch(
+            json.dumps(
+                {
+                    "timeout_msec": 1000,
+                    "max_parallel": 2,
+                    "requests": [{"uri": f"http://a.test/{n}"} for n in range(3)],
+                }
+            ).encode(),
+            Limits(),
+        )
+    )
+    assert [r.uri for r in client.sent] == ["http://a.test/0", "http://a.test/1"]
+    clock.advance(0.01)
+    client.answer(1)
+    assert [r.uri for r in client.sent][-1] == "http://a.test/2"
+    client.answer(0)
+    client.answer(2)
+    [result] = results
+    assert result.succeeded == 3
+    assert clock.getDelayedCalls() == []
+
+
+def test_max_parallel_at_the_deadline_and_on_departure_sends_nothing_more() -> None:
+    """
+    At the deadline the sent request times out and the waiting ones fail
+    as never sent, without being sent; a departed caller frees no turn.
+    """
+    document = {
+        "timeout_msec": 100,
+        "max_parallel": 1,
+        "requests": [{"uri": f"http://a.test/{n}", "id": str(n)} for n in range(3)],
+    }
+    clock, client, _, results = _run(parse_batch(json.dumps(document).encode(), Limits()))
+    clock.advance(0.1)
+    [result] = results
+    assert [r.uri for r in client.sent] == ["http://a.test/0"]
+    assert result.outcomes[0]["Failure"]["kind"] == "timeout"
+    assert [o["Failure"]["kind"] for o in result.outcomes[1:]] == ["queue_timeout"] * 2
+    assert result.outcomes[2]["Failure"] == {
+        "error": "timeout elapsed before its turn came (max_parallel 1); "
+        "the request was never sent",
+        "kind": "queue_timeout",
+        "duration_msec": 100,
+        "id": "2",
+    }
+    assert clock.getDelayedCalls() == []
+
+    clock, client, d, results = _run(parse_batch(json.dumps(document).encode(), Limits()))
+    d.cancel()
+    assert [r.uri for r in client.sent] == ["http://a.test/0"]
+    assert clock.getDelayedCalls() == []

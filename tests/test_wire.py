@@ -285,3 +285,42 @@ def test_failure_outcomes_carry_kind_and_id() -> None:
         "Failure": {"error": "x", "kind": "dns", "duration_msec": 3}
     }
     assert failure_outcome("x", 3, "dns", id="i")["Failure"]["id"] == "i"
+
+
+def test_defaults_fill_what_an_item_leaves_out() -> None:
+    """Method, headers (item wins by name, any case), body and a base URI for relative ones."""
+    batch = parse_batch(
+        json.dumps(
+            {
+                "timeout_msec": 100,
+                "max_parallel": 3,
+                "defaults": {
+                    "method": "POST",
+                    "headers": {"X-A": "d", "X-B": "d"},
+                    "body_base64": base64.b64encode(b"\x01\x02").decode(),
+                    "base_uri": "https://b.test/api/",
+                },
+                "requests": [
+                    {"uri": "bid?x=1"},
+                    {"uri": "http://other.test/", "method": "GET", "headers": {"x-b": "own"}},
+                    {"uri": "/root", "body": "text"},
+                ],
+            }
+        ).encode(),
+        Limits(),
+    )
+    first, second, third = batch.requests
+    assert isinstance(first, UpstreamRequest)
+    assert isinstance(second, UpstreamRequest)
+    assert isinstance(third, UpstreamRequest)
+    assert batch.max_parallel == 3
+    assert (first.method, first.url.to_text(), first.body) == (
+        b"POST",
+        "https://b.test/api/bid?x=1",
+        b"\x01\x02",
+    )
+    assert first.headers.getRawHeaders(b"x-b") == [b"d"]
+    assert (second.method, second.url.to_text()) == (b"GET", "http://other.test/")
+    assert second.headers.getRawHeaders(b"x-b") == [b"own"]
+    assert second.headers.getRawHeaders(b"x-a") == [b"d"]
+    assert (third.url.to_text(), third.body) == ("https://b.test/root", b"text")
