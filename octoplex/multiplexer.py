@@ -12,13 +12,17 @@ and cancel whatever is still running on a ``callLater`` deadline.
 from __future__ import annotations
 
 from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from random import random
 from typing import Any, Protocol
 
 import attr
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 from octoplex.body import ResponseBudget
 from octoplex.client import QueueTimeout, UpstreamResponse
@@ -37,6 +41,30 @@ __all__ = ["BatchResult", "Fetcher", "Multiplexer"]
 
 #: The error of a request cancelled because its caller went away.
 CANCELLED = "cancelled: the caller disconnected"
+
+
+#: Seconds of the first retry's backoff step; each next one doubles it.
+RETRY_BASE = 0.01
+
+
+def retry_after(headers: Headers, now: float) -> float | None:
+    """
+    The seconds an upstream's ``Retry-After`` asks to wait (RFC 9110
+    section 10.2.3: a number of seconds, or an HTTP date), or ``None``.
+    """
+    values = headers.getRawHeaders(b"retry-after")
+    if not values:
+        return None
+    text = values[-1].decode("latin-1").strip()
+    if text.isdigit():
+        return float(int(text))
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now)
 
 
 class TurnTimeout(Exception):
@@ -98,6 +126,8 @@ class Multiplexer:
         batch may hold together.
     :param metrics: counts each item's outcome and latency, and expired
         deadlines; a fresh :class:`~octoplex.metrics.Metrics` by default.
+    :param rng: a uniform random number in [0, 1), for the jitter of
+        retries' backoff.
     """
 
     log = Logger()
@@ -108,7 +138,9 @@ class Multiplexer:
         client: Fetcher,
         max_batch_response_bytes: int = DEFAULT_MAX_BATCH_RESPONSE_BYTES,
         metrics: Metrics | None = None,
+        rng: Callable[[], float] = random,
     ) -> None:
+        self._rng = rng
         self._clock = clock
         self._metrics = Metrics() if metrics is None else metrics
         self._client = client
@@ -142,6 +174,7 @@ class Multiplexer:
             budget,
             self._run_ended,
             self._metrics,
+            self._rng,
         )
         self._runs.add(run)
         return run.start(self._clock.seconds() if started is None else started)
@@ -194,6 +227,7 @@ class _BatchRun:
         budget: ResponseBudget,
         ended: Callable[[_BatchRun], None],
         metrics: Metrics,
+        rng: Callable[[], float],
     ) -> None:
         self._metrics = metrics
         self._budget = budget
@@ -222,6 +256,9 @@ class _BatchRun:
         self._active: set[int] = set()
         self._queued: dict[int, Deferred[None]] = {}
         self._sent: dict[int, Deferred[None]] = {}
+        #: Attempts made so far by the requests that may be retried.
+        self._attempts: dict[int, int] = {}
+        self._random = rng
         self._answer: Deferred[BatchResult] = Deferred(self._abandon)
 
     def start(self, started: float) -> Deferred[BatchResult]:
@@ -267,9 +304,22 @@ class _BatchRun:
             return waiting
         return self._fetch(index, request)
 
+    def _tags(self, index: int) -> dict[str, Any]:
+        """
+        What an item's outcome echoes of its request: its id, and the
+        attempts made if it could be retried.
+        """
+        request = self._batch.requests[index]
+        attempts = None
+        if isinstance(request, UpstreamRequest) and request.retry is not None:
+            attempts = self._attempts.get(index, 1)
+        return {"id": request.id, "attempts": attempts}
+
     def _fetch(self, index: int, request: UpstreamRequest) -> Deferred[None]:
         try:
             d = self._client.fetch(request, self._budget)
+            if request.retry is not None:
+                d = Deferred.fromCoroutine(self._retrying(index, request, d))
         except Exception:
             # treq parses and builds the request synchronously; a value it
             # rejects fails this request alone, like any invalid value.
@@ -283,6 +333,75 @@ class _BatchRun:
         # few hundred bytes for as long as the request is in flight.
         d.addBoth(self._settled, index)
         return d  # type: ignore[return-value]
+
+    async def _retrying(
+        self, index: int, request: UpstreamRequest, first: Deferred[UpstreamResponse]
+    ) -> UpstreamResponse:
+        """
+        The request's attempts: another after a status or a connect failure
+        that its retry policy names, after a jittered backoff (or the
+        upstream's Retry-After, if longer), while its deadline leaves room.
+        """
+        policy = request.retry
+        assert policy is not None
+        attempt, pending = 1, first
+        while True:
+            self._attempts[index] = attempt
+            try:
+                response = await pending
+            except Exception:
+                failure = Failure()
+                if (
+                    attempt > policy.times
+                    or not policy.connect_errors
+                    or cause(failure) != "connect"
+                    or self._cancelling(index)
+                ):
+                    raise
+                wait = self._backoff(attempt, None)
+                if not self._room_for(index, wait):
+                    raise
+            else:
+                if attempt > policy.times or response.status not in policy.statuses:
+                    return response
+                wait = self._backoff(attempt, response)
+                if not self._room_for(index, wait):
+                    return response
+                # Its body will not be in the answer.
+                self._budget.give_back(len(response.body))
+            self._log.debug(
+                "batch {batch_id}: request {index} attempt {attempt} again in {wait_ms:.0f} ms",
+                batch_id=self._batch_id,
+                index=index,
+                attempt=attempt,
+                wait_ms=wait * 1000,
+            )
+            await deferLater(self._clock, wait)
+            attempt += 1
+            pending = self._client.fetch(request, self._budget)
+
+    def _cancelling(self, index: int) -> bool:
+        return self._expiring or self._abandoned or index == self._item_expiring
+
+    def _backoff(self, attempt: int, response: UpstreamResponse | None) -> float:
+        """
+        Seconds before the next attempt: full jitter over an exponential
+        step, or the upstream's Retry-After if that is longer.
+        """
+        wait = self._random() * RETRY_BASE * 2 ** (attempt - 1)
+        if response is not None:
+            after = retry_after(response.headers, self._clock.seconds())
+            if after is not None:
+                wait = max(wait, after)
+        return wait
+
+    def _room_for(self, index: int, wait: float) -> bool:
+        """Whether another attempt after ``wait`` seconds starts before the item's deadline."""
+        request = self._batch.requests[index]
+        timeout = self._batch.timeout_msec
+        if isinstance(request, UpstreamRequest) and request.timeout_msec is not None:
+            timeout = min(timeout, request.timeout_msec)
+        return bool(self._clock.seconds() + wait < self._started + timeout / 1000.0)
 
     def _next_turn(self) -> None:
         """
@@ -362,7 +481,7 @@ class _BatchRun:
             response.body,
             self._settle_item(self._metrics.item_success),
             response.content_encoding,
-            id=self._batch.requests[index].id,
+            **self._tags(index),
             options=self._batch.options,
             raw_headers=response.raw_headers,
         )
@@ -394,7 +513,7 @@ class _BatchRun:
                     f"{TIMEOUT_ELAPSED} (the request's own timeout_msec of {request.timeout_msec})"
                 )
         self._result.outcomes[index] = failure_outcome(
-            error, self._settle_item(counter), kind, id=self._batch.requests[index].id
+            error, self._settle_item(counter), kind, **self._tags(index)
         )
         self._result.timed_out += 1
 
@@ -408,7 +527,7 @@ class _BatchRun:
         else:
             elapsed = self._settle_item(counter)
         self._result.outcomes[index] = failure_outcome(
-            error, elapsed, kind_of(cause_name), id=self._batch.requests[index].id
+            error, elapsed, kind_of(cause_name), **self._tags(index)
         )
         self._result.failed += 1
 
@@ -423,7 +542,7 @@ class _BatchRun:
             "internal error in Octoplex; see its log",
             self._settle_item(self._metrics.item_failed("internal")),
             "internal",
-            id=self._batch.requests[index].id,
+            **self._tags(index),
         )
         self._result.failed += 1
 
@@ -457,7 +576,7 @@ class _BatchRun:
             if self._result.outcomes[index] is None:
                 self._settle_item(self._metrics.item_deadline)
                 self._result.outcomes[index] = failure_outcome(
-                    TIMEOUT_ELAPSED, elapsed, "timeout", id=self._batch.requests[index].id
+                    TIMEOUT_ELAPSED, elapsed, "timeout", **self._tags(index)
                 )
                 self._result.timed_out += 1
         self._finish()
@@ -489,7 +608,7 @@ class _BatchRun:
         for index in pending:
             self._settle_item(cancelled)
             self._result.outcomes[index] = failure_outcome(
-                CANCELLED, elapsed, "cancelled", id=self._batch.requests[index].id
+                CANCELLED, elapsed, "cancelled", **self._tags(index)
             )
         self._cancel(pending)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from octoplex.errors import KINDS
-from octoplex.wire import MAX_ID_LENGTH, encode
+from octoplex.wire import MAX_ID_LENGTH, MAX_RETRIES, encode
 
 __all__ = ["PATH", "SCHEMA", "SCHEMA_BYTES"]
 
@@ -36,6 +36,20 @@ _BODY_BASE64 = {
     "contentEncoding": "base64",
     "description": "a binary body in standard base64; not with body",
 }
+
+_RETRY = {
+    "type": ["object", "null"],
+    "additionalProperties": False,
+    "required": ["times"],
+    "properties": {
+        "times": {"type": "integer", "minimum": 1, "maximum": MAX_RETRIES},
+        "statuses": {"type": "array", "items": {"type": "integer", "minimum": 400, "maximum": 599}},
+        "connect_errors": {"type": "boolean"},
+    },
+    "description": "send the request again on these statuses or connect failures, after a "
+    "jittered backoff or the upstream's Retry-After, while its deadline leaves room",
+}
+_ATTEMPTS = {"type": "integer", "minimum": 1, "description": "only for a request with retry"}
 
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -84,6 +98,7 @@ SCHEMA: dict[str, Any] = {
                     "minimum": 0,
                     "description": "this request's own deadline; the batch's caps it",
                 },
+                "retry": _RETRY,
             },
         },
         "Defaults": {
@@ -95,6 +110,7 @@ SCHEMA: dict[str, Any] = {
                 "body": _BODY,
                 "body_base64": _BODY_BASE64,
                 "base_uri": {"type": ["string", "null"]},
+                "retry": _RETRY,
             },
         },
         "Answer": {
@@ -136,6 +152,7 @@ SCHEMA: dict[str, Any] = {
                     },
                 },
                 "content_encoding": {"enum": ["gzip"]},
+                "attempts": _ATTEMPTS,
                 "id": {"type": "string"},
             },
         },
@@ -147,6 +164,7 @@ SCHEMA: dict[str, Any] = {
                 "error": {"type": "string", "minLength": 1},
                 "kind": {"enum": list(KINDS)},
                 "duration_msec": _MSEC,
+                "attempts": _ATTEMPTS,
                 "id": {"type": "string"},
             },
         },

@@ -52,11 +52,15 @@ JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
 _OPTION_FIELDS = ("content_base64", "header_list", "content_encoding")
 _BATCH_FIELDS = ("timeout_msec", "requests", *_OPTION_FIELDS, "defaults", "max_parallel")
-_DEFAULT_FIELDS = ("method", "headers", "body", "body_base64", "base_uri")
-_REQUEST_FIELDS = ("id", "method", "uri", "headers", "body", "body_base64", "timeout_msec")
+_DEFAULT_FIELDS = ("method", "headers", "body", "body_base64", "base_uri", "retry")
+_RETRY_FIELDS = ("times", "statuses", "connect_errors")
+_REQUEST_FIELDS = ("id", "method", "uri", "headers", "body", "body_base64", "timeout_msec", "retry")
 
 #: The longest request ``id``, in characters.
 MAX_ID_LENGTH = 256
+
+#: The most retries one request may ask for.
+MAX_RETRIES = 5
 
 # RFC 9110 section 5.6.2: token = 1*tchar.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -106,6 +110,7 @@ class UpstreamRequest:
     :ivar id: the caller's id for it, echoed in its outcome, if given.
     :ivar timeout_msec: its own deadline, counted like the batch's, if
         given; the batch's deadline still caps it.
+    :ivar retry: when to send it again, if it asked to be.
     """
 
     method: bytes
@@ -115,6 +120,23 @@ class UpstreamRequest:
     body: bytes | None
     id: str | None = None
     timeout_msec: int | None = None
+    retry: Retry | None = None
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class Retry:
+    """
+    When a request is sent again, while its deadline leaves room.
+
+    :ivar times: at most this many more attempts.
+    :ivar statuses: the response statuses that call for another attempt.
+    :ivar connect_errors: whether a failure to connect (kind ``connect``)
+        does.
+    """
+
+    times: int
+    statuses: frozenset[int] = frozenset()
+    connect_errors: bool = False
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
@@ -351,6 +373,7 @@ def _check_defaults(defaults: Any) -> dict[str, Any]:
         raise BatchError(f"defaults.method must be a string, got {_quote(method)}")
     _header_pairs(defaults.get("headers"), "defaults")
     _body_fields(defaults, "defaults")
+    _retry(defaults.get("retry"), "defaults")
     base = defaults.get("base_uri")
     if base is not None:
         if not isinstance(base, str):
@@ -387,6 +410,8 @@ def _with_defaults(item: Any, defaults: dict[str, Any]) -> Any:
         for field in ("body", "body_base64"):
             if defaults.get(field) is not None:
                 merged[field] = defaults[field]
+    if merged.get("retry") is None and defaults.get("retry") is not None:
+        merged["retry"] = defaults["retry"]
     base = defaults.get("base_uri")
     uri = merged.get("uri")
     if base is not None and isinstance(uri, str):
@@ -402,6 +427,42 @@ def _resolve(base: str, reference: str) -> str:
         return str(EncodedURL.from_text(base).click(reference).to_text())
     except (ValueError, TypeError):
         return reference
+
+
+def _retry(policy: Any, where: str) -> Retry | None:
+    """
+    A request's (or the defaults') ``retry``, checked; errors are the
+    batch's, since they are about its shape.
+    """
+    if policy is None:
+        return None
+    if not isinstance(policy, dict):
+        raise BatchError(f"{where}.retry must be a JSON object, got {_quote(policy)}")
+    _check_fields(policy, _RETRY_FIELDS, f"{where}.retry")
+    times = policy.get("times")
+    if type(times) is not int or not 1 <= times <= MAX_RETRIES:
+        raise BatchError(
+            f"{where}.retry.times must be a whole number from 1 to {MAX_RETRIES}, "
+            f"got {_quote(times)}"
+        )
+    statuses = policy.get("statuses", [])
+    if not isinstance(statuses, list) or not all(
+        type(code) is int and 400 <= code <= 599 for code in statuses
+    ):
+        raise BatchError(
+            f"{where}.retry.statuses must be an array of statuses from 400 to 599, "
+            f"got {_quote(statuses)}"
+        )
+    connect = policy.get("connect_errors", False)
+    if type(connect) is not bool:
+        raise BatchError(
+            f"{where}.retry.connect_errors must be true or false, got {_quote(connect)}"
+        )
+    if not statuses and not connect:
+        raise BatchError(
+            f"{where}.retry retries nothing; give statuses, connect_errors: true, or both"
+        )
+    return Retry(times=times, statuses=frozenset(statuses), connect_errors=connect)
 
 
 def _header_pairs(headers: Any, where: str) -> list[tuple[str, str]]:
@@ -473,6 +534,7 @@ def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | I
             raise BatchError(
                 f"{where}.timeout_msec is {timeout}; at most {limits.max_timeout_msec} is allowed"
             )
+    retry = _retry(item.get("retry"), where)
     method = item.get("method", "GET")
     if not isinstance(method, str):
         raise BatchError(f"{where}.method must be a string, got {_quote(method)}")
@@ -504,6 +566,7 @@ def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | I
             body=encoded,
             id=id_,
             timeout_msec=timeout,
+            retry=retry,
         )
     except _InvalidValue as e:
         return InvalidRequest(uri=uri, error=str(e), id=id_)
@@ -746,6 +809,7 @@ def success_outcome(
     id: str | None = None,
     options: Options = ORIGINAL,
     raw_headers: list[tuple[bytes, bytes]] | None = None,
+    attempts: int | None = None,
 ) -> dict[str, Any]:
     """
     The ``Success`` outcome of the original format, and what the batch
@@ -779,19 +843,29 @@ def success_outcome(
         ]
     if content_encoding is not None and options.content_encoding:
         success["content_encoding"] = content_encoding
+    if attempts is not None:
+        success["attempts"] = attempts
     if id is not None:
         success["id"] = id
     return {"Success": success}
 
 
 def failure_outcome(
-    error: str, duration_msec: int, kind: str, *, id: str | None = None
+    error: str,
+    duration_msec: int,
+    kind: str,
+    *,
+    id: str | None = None,
+    attempts: int | None = None,
 ) -> dict[str, Any]:
     """
     The ``Failure`` outcome of the original format, with its ``kind``
-    (:data:`octoplex.errors.KINDS`), and its ``id`` if the request had one.
+    (:data:`octoplex.errors.KINDS`), the attempts made if the request could
+    be retried, and its ``id`` if it had one.
     """
     failure: dict[str, Any] = {"error": error, "kind": kind, "duration_msec": duration_msec}
+    if attempts is not None:
+        failure["attempts"] = attempts
     if id is not None:
         failure["id"] = id
     return {"Failure": failure}

@@ -75,6 +75,8 @@ class _Upstream(Resource):
     - ``/status/<code>``: that status;
     - ``/echo``: the request's method, headers and body as JSON;
     - ``/mirror``: the request's body, byte for byte;
+    - ``/flaky/<key>/<n>[/<retry-after>]``: 503 (with that ``Retry-After``)
+      the first ``n`` times for ``key``, then 200 ``ok after <n>``;
     - ``/set-cookie`` and ``/show-cookie``;
     - ``/redirect``: a 302;
     - ``/bytes/<n>``: ``n`` bytes of ``x``;
@@ -93,6 +95,8 @@ class _Upstream(Resource):
         self.arrivals: list[str] = []
         self.active = 0
         self.most_active = 0
+        #: Requests seen per /flaky key, with when each arrived.
+        self.flaky: dict[str, list[float]] = {}
 
     def render(self, request: Request) -> Any:
         self.arrivals.append(request.uri.decode())
@@ -147,6 +151,16 @@ class _Upstream(Resource):
         }
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(document).encode()
+
+    def route_flaky(self, request: Request, key: str, count: str, after: str = "") -> bytes:
+        seen = self.flaky.setdefault(key, [])
+        seen.append(global_reactor.seconds())
+        if len(seen) <= int(count):
+            request.setResponseCode(503)
+            if after:
+                request.setHeader(b"retry-after", after.encode())
+            return b"try again"
+        return f"ok after {count}".encode()
 
     def route_mirror(self, request: Request) -> bytes:
         assert request.content is not None

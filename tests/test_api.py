@@ -406,3 +406,84 @@ async def test_the_schema_is_served_and_tells_batches_apart(
     )
     with pytest.raises(jsonschema.ValidationError):
         check_batch({"timeout_msec": 10, "requests": [{"uri": "x", "retries": 3}]})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retry_succeeds_on_the_third_attempt(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """Two 503s, then a 200: the outcome is the 200, after 3 attempts; a neighbour has none."""
+    flaky, plain = await _multiplex(
+        octoplex,
+        caller,
+        {
+            "timeout_msec": 3000,
+            "defaults": {"retry": {"times": 3, "statuses": [502, 503]}},
+            "requests": [
+                {"uri": upstream.url + "/flaky/a/2"},
+                {"uri": upstream.url + "/hello", "retry": None},
+            ],
+        },
+    )
+    assert (flaky["Success"]["status"], flaky["Success"]["content"]) == (200, "ok after 2")
+    assert flaky["Success"]["attempts"] == 3
+    assert len(upstream.resource.flaky["a"]) == 3
+    # The defaults' retry reaches it too (null is "not given"): it says 1.
+    assert plain["Success"]["attempts"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_retries_honour_retry_after_and_stop_where_the_deadline_leaves_no_room(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """
+    A Retry-After of 1 s is waited for when the deadline allows it, and not
+    tried at all when it does not: the 503 is then the answer, at once.
+    """
+    started = time.monotonic()
+    waited, no_room = await _multiplex(
+        octoplex,
+        caller,
+        {
+            "timeout_msec": 2500,
+            "requests": [
+                {
+                    "uri": upstream.url + "/flaky/b/1/1",
+                    "retry": {"times": 2, "statuses": [503]},
+                },
+                {
+                    "uri": upstream.url + "/flaky/c/1/5",
+                    "retry": {"times": 2, "statuses": [503]},
+                },
+            ],
+        },
+    )
+    elapsed = time.monotonic() - started
+    assert (waited["Success"]["status"], waited["Success"]["attempts"]) == (200, 2)
+    first, second = upstream.resource.flaky["b"]
+    assert second - first >= 1.0
+    assert (no_room["Success"]["status"], no_room["Success"]["attempts"]) == (503, 1)
+    assert len(upstream.resource.flaky["c"]) == 1
+    assert no_room["Success"]["duration_msec"] < 1000
+    assert elapsed < 2.5, elapsed
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_errors_are_retried_when_asked(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """A refused connection is tried times + 1 times, and reported with its attempts."""
+    refused, not_asked = await _multiplex(
+        octoplex,
+        caller,
+        {
+            "timeout_msec": 3000,
+            "requests": [
+                {"uri": "http://127.0.0.1:1/", "retry": {"times": 2, "connect_errors": True}},
+                {"uri": "http://127.0.0.1:1/", "retry": {"times": 2, "statuses": [503]}},
+            ],
+        },
+    )
+    assert refused["Failure"]["kind"] == "connect"
+    assert refused["Failure"]["attempts"] == 3
+    assert (not_asked["Failure"]["kind"], not_asked["Failure"]["attempts"]) == ("connect", 1)

@@ -1024,7 +1024,8 @@ WRONG_TYPES: dict[str, tuple[Any, str]] = {
     ),
     "defaults-unknown-field": (
         {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "defaults": {"uri": "x"}},
-        'unknown field "uri" in defaults; expected method, headers, body, body_base64, base_uri',
+        'unknown field "uri" in defaults; expected method, headers, body, body_base64, base_uri, '
+        "retry",
     ),
     "defaults-header-number": (
         {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "defaults": {"headers": {"A": 1}}},
@@ -1046,6 +1047,24 @@ WRONG_TYPES: dict[str, tuple[Any, str]] = {
     "max-parallel-boolean": (
         {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "max_parallel": True},
         "max_parallel must be a whole number from 1 up, got true",
+    ),
+    "retry-times-over-the-limit": (
+        {
+            "timeout_msec": 1000,
+            "requests": [{"uri": "HELLO"}, {"uri": "HELLO", "retry": {"times": 6}}],
+        },
+        "requests[1].retry.times must be a whole number from 1 to 5, got 6",
+    ),
+    "retry-status-200": (
+        {
+            "timeout_msec": 1000,
+            "requests": [{"uri": "HELLO", "retry": {"times": 1, "statuses": [200]}}],
+        },
+        "requests[0].retry.statuses must be an array of statuses from 400 to 599, got [200]",
+    ),
+    "retry-nothing": (
+        {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "defaults": {"retry": {"times": 1}}},
+        "defaults.retry retries nothing; give statuses, connect_errors: true, or both",
     ),
     "option-not-a-boolean": (
         {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "header_list": 1},

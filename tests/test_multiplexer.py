@@ -17,7 +17,7 @@ from twisted.web.http_headers import Headers
 
 from octoplex.client import UpstreamResponse
 from octoplex.limits import Limits
-from octoplex.multiplexer import Multiplexer
+from octoplex.multiplexer import Multiplexer, retry_after
 from octoplex.wire import Batch, UpstreamRequest, parse_batch
 
 
@@ -404,4 +404,97 @@ def test_max_parallel_at_the_deadline_and_on_departure_sends_nothing_more() -> N
     clock, client, d, results = _run(parse_batch(json.dumps(document).encode(), Limits()))
     d.cancel()
     assert [r.uri for r in client.sent] == ["http://a.test/0"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_retry_after_reads_seconds_and_dates() -> None:
+    """RFC 9110's two forms, and nothing for a value that is neither."""
+    now = 1_000_000_000.0  # 2001-09-09T01:46:40Z
+
+    def after(value: bytes) -> float | None:
+        return retry_after(Headers({b"retry-after": [value]}), now)
+
+    assert after(b"3") == 3.0
+    assert after(b"Sun, 09 Sep 2001 01:46:50 GMT") == 10.0
+    assert after(b"Sun, 09 Sep 2001 01:00:00 GMT") == 0.0
+    assert after(b"soon") is None
+    assert retry_after(Headers(), now) is None
+
+
+def test_a_retry_backs_off_with_jitter_and_counts_its_attempts() -> None:
+    """
+    With the random draw fixed at 0.5, the first retry waits 5 ms and the
+    second 10 ms (full jitter over 10 ms, doubling); the answer says 3.
+    """
+    clock = Clock()
+    client = ControlledClient()
+    document = {
+        "timeout_msec": 1000,
+        "requests": [{"uri": "http://a.test/", "retry": {"times": 2, "statuses": [503]}}],
+    }
+    d = Multiplexer(clock, client, rng=lambda: 0.5).run(
+        parse_batch(json.dumps(document).encode(), Limits()), "b"
+    )
+    results: list[Any] = []
+    d.addBoth(results.append)
+    client.answer(0, status=503)
+    clock.advance(0.0049)
+    assert len(client.sent) == 1
+    clock.advance(0.0001)
+    assert len(client.sent) == 2
+    client.answer(1, status=503)
+    clock.advance(0.01)
+    assert len(client.sent) == 3
+    client.answer(2, body=b"done")
+    [result] = results
+    assert result.outcomes[0]["Success"]["content"] == "done"
+    assert result.outcomes[0]["Success"]["attempts"] == 3
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_deadline_cuts_off_a_retried_attempt() -> None:
+    """The deadline cancels the attempt in flight; the Failure counts the attempts."""
+    clock = Clock()
+    client = ControlledClient()
+    document = {
+        "timeout_msec": 1000,
+        "requests": [{"uri": "http://a.test/", "retry": {"times": 2, "statuses": [429]}}],
+    }
+    d = Multiplexer(clock, client, rng=lambda: 0.0).run(
+        parse_batch(json.dumps(document).encode(), Limits()), "b"
+    )
+    results: list[Any] = []
+    d.addBoth(results.append)
+    client.pending[0].callback(
+        UpstreamResponse(429, Headers({b"retry-after": [b"0"]}), b"slow down")
+    )
+    assert results == [] and len(client.sent) == 1
+    clock.advance(0)
+    assert len(client.sent) == 2
+    clock.advance(1.0)
+    [result] = results
+    assert result.outcomes[0]["Failure"]["kind"] == "timeout"
+    assert result.outcomes[0]["Failure"]["attempts"] == 2
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_caller_leaving_during_a_backoff_stops_the_retries() -> None:
+    """Waiting out a Retry-After of 1 s when the caller leaves: nothing is sent again."""
+    clock = Clock()
+    client = ControlledClient()
+    document = {
+        "timeout_msec": 3000,
+        "requests": [{"uri": "http://a.test/", "retry": {"times": 2, "statuses": [503]}}],
+    }
+    d = Multiplexer(clock, client, rng=lambda: 0.0).run(
+        parse_batch(json.dumps(document).encode(), Limits()), "b"
+    )
+    results: list[Any] = []
+    d.addBoth(results.append)
+    client.pending[0].callback(UpstreamResponse(503, Headers({b"retry-after": [b"1"]}), b"busy"))
+    clock.advance(0.5)
+    d.cancel()
+    clock.advance(1.0)
+    assert len(client.sent) == 1
+    assert results[0].check(CancelledError)
     assert clock.getDelayedCalls() == []
