@@ -150,7 +150,11 @@ class Multiplexer:
         self._drained: list[Deferred[None]] = []
 
     def run(
-        self, batch: Batch, batch_id: str, started: float | None = None
+        self,
+        batch: Batch,
+        batch_id: str,
+        started: float | None = None,
+        on_outcome: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> Deferred[BatchResult]:
         """
         Send every request of ``batch`` at once and gather the outcomes.
@@ -159,6 +163,8 @@ class Multiplexer:
         :param batch_id: the batch's id, for log events.
         :param started: when the batch arrived, by the clock; its deadline
             and its items' durations count from then (by default, now).
+        :param on_outcome: called with each item's index and outcome as soon
+            as it has one (for a streamed answer), unless the caller left.
         :return: a Deferred that fires with the result no later than the
             batch's deadline (plus the time to cancel what is left).
             Cancelling it, as Klein does when the caller disconnects,
@@ -175,6 +181,7 @@ class Multiplexer:
             self._run_ended,
             self._metrics,
             self._rng,
+            on_outcome,
         )
         self._runs.add(run)
         return run.start(self._clock.seconds() if started is None else started)
@@ -228,7 +235,9 @@ class _BatchRun:
         ended: Callable[[_BatchRun], None],
         metrics: Metrics,
         rng: Callable[[], float],
+        on_outcome: Callable[[int, dict[str, Any]], None] | None,
     ) -> None:
+        self._on_outcome = on_outcome
         self._metrics = metrics
         self._budget = budget
         self._ended = ended
@@ -439,6 +448,14 @@ class _BatchRun:
             assert self._batch.max_parallel is not None
             self._settled(Failure(TurnTimeout(self._batch.max_parallel)), index)
 
+    def _set(self, index: int, outcome: dict[str, Any]) -> None:
+        """
+        Record an item's outcome, and hand it to whoever streams them.
+        """
+        self._result.outcomes[index] = outcome
+        if self._on_outcome is not None and not self._abandoned:
+            self._on_outcome(index, outcome)
+
     def _stop_timer(self, index: int) -> None:
         timer = self._timers.pop(index, None)
         if timer is not None and timer.active():
@@ -475,15 +492,18 @@ class _BatchRun:
     def _succeeded(self, response: UpstreamResponse, index: int) -> None:
         if self._result.outcomes[index] is not None:
             return
-        self._result.outcomes[index] = success_outcome(
-            response.status,
-            response.headers,
-            response.body,
-            self._settle_item(self._metrics.item_success),
-            response.content_encoding,
-            **self._tags(index),
-            options=self._batch.options,
-            raw_headers=response.raw_headers,
+        self._set(
+            index,
+            success_outcome(
+                response.status,
+                response.headers,
+                response.body,
+                self._settle_item(self._metrics.item_success),
+                response.content_encoding,
+                **self._tags(index),
+                options=self._batch.options,
+                raw_headers=response.raw_headers,
+            ),
         )
         self._result.succeeded += 1
 
@@ -512,8 +532,8 @@ class _BatchRun:
                 error = (
                     f"{TIMEOUT_ELAPSED} (the request's own timeout_msec of {request.timeout_msec})"
                 )
-        self._result.outcomes[index] = failure_outcome(
-            error, self._settle_item(counter), kind, **self._tags(index)
+        self._set(
+            index, failure_outcome(error, self._settle_item(counter), kind, **self._tags(index))
         )
         self._result.timed_out += 1
 
@@ -526,9 +546,7 @@ class _BatchRun:
             elapsed = 0
         else:
             elapsed = self._settle_item(counter)
-        self._result.outcomes[index] = failure_outcome(
-            error, elapsed, kind_of(cause_name), **self._tags(index)
-        )
+        self._set(index, failure_outcome(error, elapsed, kind_of(cause_name), **self._tags(index)))
         self._result.failed += 1
 
     def _bug(self, failure: Failure, index: int) -> None:
@@ -538,11 +556,14 @@ class _BatchRun:
             batch_id=self._batch_id,
             index=index,
         )
-        self._result.outcomes[index] = failure_outcome(
-            "internal error in Octoplex; see its log",
-            self._settle_item(self._metrics.item_failed("internal")),
-            "internal",
-            **self._tags(index),
+        self._set(
+            index,
+            failure_outcome(
+                "internal error in Octoplex; see its log",
+                self._settle_item(self._metrics.item_failed("internal")),
+                "internal",
+                **self._tags(index),
+            ),
         )
         self._result.failed += 1
 
@@ -575,8 +596,8 @@ class _BatchRun:
         for index in pending:
             if self._result.outcomes[index] is None:
                 self._settle_item(self._metrics.item_deadline)
-                self._result.outcomes[index] = failure_outcome(
-                    TIMEOUT_ELAPSED, elapsed, "timeout", **self._tags(index)
+                self._set(
+                    index, failure_outcome(TIMEOUT_ELAPSED, elapsed, "timeout", **self._tags(index))
                 )
                 self._result.timed_out += 1
         self._finish()

@@ -56,8 +56,15 @@ SCHEMA: dict[str, Any] = {
     "$id": "https://octoplex.invalid/schema.json",
     "title": "Octoplex multiplexer API, version 1",
     "description": "POST /multiplex takes a Batch and answers 200 with an Answer, or with "
-    "an Error for the batch as a whole.",
-    "oneOf": [{"$ref": "#/$defs/Batch"}, {"$ref": "#/$defs/Answer"}, {"$ref": "#/$defs/Error"}],
+    "an Error for the batch as a whole.  With Accept: application/x-ndjson the 200 answer "
+    "is one StreamLine per outcome, as each completes, then one Summary line.",
+    "oneOf": [
+        {"$ref": "#/$defs/Batch"},
+        {"$ref": "#/$defs/Answer"},
+        {"$ref": "#/$defs/Error"},
+        {"$ref": "#/$defs/StreamLine"},
+        {"$ref": "#/$defs/Summary"},
+    ],
     "$defs": {
         "Batch": {
             "type": "object",
@@ -166,6 +173,39 @@ SCHEMA: dict[str, Any] = {
                 "duration_msec": _MSEC,
                 "attempts": _ATTEMPTS,
                 "id": {"type": "string"},
+            },
+        },
+        "StreamLine": {
+            "type": "object",
+            "required": ["index"],
+            "minProperties": 2,
+            "maxProperties": 3,
+            "properties": {
+                "index": {"type": "integer", "minimum": 0},
+                "id": {"type": "string"},
+                "Success": {"$ref": "#/$defs/Success"},
+                "Failure": {"$ref": "#/$defs/Failure"},
+            },
+            "oneOf": [{"required": ["Success"]}, {"required": ["Failure"]}],
+            "additionalProperties": False,
+        },
+        "Summary": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["summary"],
+            "properties": {
+                "summary": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["size", "succeeded", "failed", "timed_out", "duration_msec"],
+                    "properties": {
+                        "size": {"type": "integer", "minimum": 1},
+                        "succeeded": {"type": "integer", "minimum": 0},
+                        "failed": {"type": "integer", "minimum": 0},
+                        "timed_out": {"type": "integer", "minimum": 0},
+                        "duration_msec": _MSEC,
+                    },
+                }
             },
         },
         "Error": {

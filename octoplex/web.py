@@ -16,6 +16,7 @@ from typing import Any, ClassVar, cast
 
 import attr
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -36,7 +37,7 @@ from octoplex.multiplexer import BatchResult, Multiplexer
 from octoplex.schema import PATH as SCHEMA_PATH
 from octoplex.schema import SCHEMA_BYTES
 from octoplex.tls import peer_identity
-from octoplex.wire import JSON_CONTENT_TYPE, BatchError, encode, error_body, parse_batch
+from octoplex.wire import JSON_CONTENT_TYPE, Batch, BatchError, encode, error_body, parse_batch
 
 __all__ = ["MetricsApp", "MetricsSite", "OctoplexApp", "OctoplexSite", "format_address"]
 
@@ -47,6 +48,18 @@ _DRAINING = encode({"ready": False})
 #: zlib level for answers: 6 costs a third of 9's CPU for nearly its ratio.
 GZIP_LEVEL = 6
 _NOT_FOUND = b"not found\n"
+
+
+#: The content type of a streamed answer, one JSON document per line.
+NDJSON_CONTENT_TYPE = b"application/x-ndjson"
+
+
+def _wants_stream(request: IRequest) -> bool:
+    """Whether the caller asked for the answer as NDJSON lines."""
+    accept = b",".join(request.requestHeaders.getRawHeaders(b"accept", []))
+    return any(
+        part.split(b";")[0].strip().lower() == NDJSON_CONTENT_TYPE for part in accept.split(b",")
+    )
 
 
 def _respond(request: IRequest, content_type: bytes, body: bytes) -> bytes:
@@ -290,15 +303,75 @@ class OctoplexApp:
             self.requests_in_flight -= size
             return result
 
+        if _wants_stream(request):
+            return self._stream(request, batch, batch_id, who, started).addBoth(done)
         d = self.multiplexer.run(batch, batch_id, started).addBoth(done)
         d.addCallback(self._answer, request, who, started)
         return d
+
+    def _stream(
+        self, request: IRequest, batch: Batch, batch_id: str, who: dict[str, Any], started: float
+    ) -> Deferred[bytes]:
+        """
+        Answer as NDJSON: each outcome on its own line as soon as it is
+        known, tagged with its index (and id), then a summary line, all
+        within the batch's deadline.
+        """
+        request.setHeader(b"content-type", NDJSON_CONTENT_TYPE)
+        # Each line goes out as it is written, even gzipped (a sync flush).
+        request.streaming = True  # type: ignore[attr-defined]
+        written = [0]
+
+        def emit(index: int, outcome: dict[str, Any]) -> None:
+            line: dict[str, Any] = {"index": index}
+            item_id = batch.requests[index].id
+            if item_id is not None:
+                line["id"] = item_id
+            line.update(outcome)
+            data = encode(line) + b"\n"
+            written[0] += len(data)
+            request.write(data)
+
+        def summary(result: BatchResult) -> bytes:
+            elapsed = self.clock.seconds() - started
+            last = (
+                encode(
+                    {
+                        "summary": {
+                            "size": len(result.outcomes),
+                            "succeeded": result.succeeded,
+                            "failed": result.failed,
+                            "timed_out": result.timed_out,
+                            "duration_msec": int(elapsed * 1000),
+                        }
+                    }
+                )
+                + b"\n"
+            )
+            written[0] += len(last)
+            self.log.info(
+                "batch {batch_id} from {client}: {size} requests, {succeeded} succeeded, "
+                "{failed} failed, {timed_out} timed out, in {elapsed_ms} ms (streamed)",
+                **who,
+                **self._answered(
+                    started,
+                    200,
+                    written[0],
+                    size=len(result.outcomes),
+                    succeeded=result.succeeded,
+                    failed=result.failed,
+                    timed_out=result.timed_out,
+                ),
+            )
+            return last
+
+        return self.multiplexer.run(batch, batch_id, started, on_outcome=emit).addCallback(summary)
 
     def _answered(
         self,
         started: float,
         status: int,
-        answer: bytes,
+        answer: bytes | int,
         size: int = 0,
         succeeded: int = 0,
         failed: int = 0,
@@ -306,18 +379,20 @@ class OctoplexApp:
     ) -> dict[str, Any]:
         """
         The fields that end every batch's event: how it was answered.
-        ``bytes_out`` counts the JSON answer, before any gzip.  Counts the
+        ``bytes_out`` counts the JSON answer (``answer``, or its length),
+        before any gzip.  Counts the
         batch in the statistics.
         """
         elapsed = self.clock.seconds() - started
-        self.metrics.batch(status, elapsed, len(answer))
+        sent = answer if isinstance(answer, int) else len(answer)
+        self.metrics.batch(status, elapsed, sent)
         return {
             "status": status,
             "size": size,
             "succeeded": succeeded,
             "failed": failed,
             "timed_out": timed_out,
-            "bytes_out": len(answer),
+            "bytes_out": sent,
             "elapsed_ms": int(elapsed * 1000),
         }
 
@@ -466,7 +541,12 @@ class _LazyGzipEncoder:
         if not self._request.startedWriting:  # type: ignore[attr-defined]
             # The length is the uncompressed body's; the answer is chunked.
             self._request.responseHeaders.removeHeader(b"content-length")
-        return bytes(self._zlib().compress(data))
+        compressed = self._zlib().compress(data)
+        if getattr(self._request, "streaming", False):
+            # A streamed line must reach the caller now, not when zlib's
+            # buffer fills.
+            compressed += self._zlib().flush(zlib.Z_SYNC_FLUSH)
+        return bytes(compressed)
 
     def finish(self) -> bytes:
         remain = bytes(self._zlib().flush())

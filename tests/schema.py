@@ -21,6 +21,8 @@ def _validator(name: str) -> Draft202012Validator:
 _ANSWER = _validator("Answer")
 _ERROR = _validator("Error")
 _BATCH = _validator("Batch")
+_LINE = _validator("StreamLine")
+_SUMMARY = _validator("Summary")
 
 
 def check_answer(status: int, document: Any) -> None:
@@ -34,3 +36,15 @@ def check_answer(status: int, document: Any) -> None:
 def check_batch(document: Any) -> None:
     """Fail unless ``document`` is a batch as the schema describes it."""
     _BATCH.validate(document)
+
+
+def check_stream(lines: list[Any]) -> None:
+    """
+    Fail unless ``lines``, a streamed answer's JSON lines, are outcome lines
+    and then one summary line, as the schema says.
+    """
+    assert lines, "no lines"
+    *outcomes, last = lines
+    for line in outcomes:
+        _LINE.validate(line)
+    _SUMMARY.validate(last)

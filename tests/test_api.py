@@ -8,22 +8,28 @@ the original answered it (plus the documented ``kind``).
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import socket
 import time
+import zlib
 from typing import Any
 
 import jsonschema
 import pytest
 import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.web.client import Agent, FileBodyProducer
+from twisted.web.http_headers import Headers
 
 from octoplex.client import PoolSettings
 from octoplex.errors import KINDS
 from octoplex.schema import SCHEMA
 
-from .schema import check_batch
-from .servers import Caller, Octoplex, Upstream, start_octoplex
+from .schema import check_batch, check_stream
+from .servers import Caller, Octoplex, Upstream, _QuietPool, start_octoplex
 
 
 async def _multiplex(octoplex: Octoplex, caller: Caller, batch: dict[str, Any]) -> list[Any]:
@@ -487,3 +493,96 @@ async def test_connect_errors_are_retried_when_asked(
     assert refused["Failure"]["kind"] == "connect"
     assert refused["Failure"]["attempts"] == 3
     assert (not_asked["Failure"]["kind"], not_asked["Failure"]["attempts"]) == ("connect", 1)
+
+
+async def _stream(
+    octoplex: Octoplex, batch: dict[str, Any], accept_encoding: str | None = None
+) -> tuple[float, list[tuple[float, Any]], Any]:
+    """
+    POST ``batch`` asking for NDJSON; each line with the seconds after the
+    POST at which it arrived, and the response.
+    """
+    check_batch(batch)
+    headers = Headers(
+        {b"content-type": [b"application/json"], b"accept": [b"application/x-ndjson"]}
+    )
+    if accept_encoding:
+        headers.addRawHeader(b"accept-encoding", accept_encoding.encode())
+    # A bare Agent: treq would ask for gzip and decode it out of sight.
+    agent = Agent(reactor, pool=_QuietPool(reactor, persistent=False))
+    started = reactor.seconds()
+    response = await agent.request(
+        b"POST",
+        (octoplex.url + "/multiplex").encode(),
+        headers,
+        FileBodyProducer(io.BytesIO(json.dumps(batch).encode())),
+    )
+    gzipped = response.headers.getRawHeaders(b"content-encoding") == [b"gzip"]
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    lines: list[tuple[float, Any]] = []
+    buffer = b""
+
+    def chunk(data: bytes) -> None:
+        nonlocal buffer
+        buffer += inflate.decompress(data) if gzipped else data
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            lines.append((reactor.seconds() - started, json.loads(line)))
+
+    await treq.collect(response, chunk)
+    assert buffer == b""
+    check_stream([line for _, line in lines])
+    return started, lines, response
+
+
+@pytest.mark.parametrize("accept_encoding", [None, "gzip"])
+@pytest_twisted.ensureDeferred
+async def test_a_streamed_answer_sends_each_outcome_as_it_completes(
+    octoplex: Octoplex, upstream: Upstream, accept_encoding: str | None
+) -> None:
+    """
+    With Accept: application/x-ndjson, the fast outcome arrives long before
+    the slow one finishes, each tagged with its index and id; a summary line
+    ends it, and the deadline still cuts off what runs past it.  Gzipped,
+    each line still arrives on its own.
+    """
+    _, lines, response = await _stream(
+        octoplex,
+        {
+            "timeout_msec": 1500,
+            "requests": [
+                {"id": "slow", "uri": upstream.url + "/delay/800"},
+                {"id": "fast", "uri": upstream.url + "/delay/20"},
+                {"uri": upstream.url + "/delay/5000"},
+                {"uri": "ftp://127.0.0.1/"},
+            ],
+        },
+        accept_encoding,
+    )
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/x-ndjson"]
+    encoding = [b"gzip"] if accept_encoding else None
+    assert response.headers.getRawHeaders(b"content-encoding") == encoding
+    by_index = {line["index"]: (at, line) for at, line in lines[:-1]}
+    assert sorted(by_index) == [0, 1, 2, 3]
+    # The invalid one at once, the fast one next, long before the slow one.
+    assert [line["index"] for _, line in lines[:-1]] == [3, 1, 0, 2]
+    fast_at, fast = by_index[1]
+    slow_at, slow = by_index[0]
+    assert fast["id"] == "fast" and fast["Success"]["content"] == "delayed 20"
+    assert slow["id"] == "slow" and slow["Success"]["content"] == "delayed 800"
+    assert fast_at < 0.5 < 0.8 <= slow_at, (fast_at, slow_at)
+    cut_at, cut = by_index[2]
+    assert cut["Failure"]["kind"] == "timeout" and "id" not in cut
+    assert 1.5 <= cut_at < 2.5
+    summary_at, summary = lines[-1]
+    assert summary == {
+        "summary": {
+            "size": 4,
+            "succeeded": 2,
+            "failed": 1,
+            "timed_out": 1,
+            "duration_msec": summary["summary"]["duration_msec"],
+        }
+    }
+    assert summary_at >= cut_at
