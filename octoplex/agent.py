@@ -34,6 +34,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from octoplex.timings import Timings
+
 __all__ = ["TARGET_CACHE_SIZE", "UpstreamAgent"]
 
 #: Distinct request URIs whose parsed form is kept.
@@ -83,6 +85,9 @@ class UpstreamAgent:
         self._pool = pool
         self._endpoints = endpoints
         self._targets: OrderedDict[bytes, _Target] = OrderedDict()
+        #: The timings of the request about to come, set by the caller of
+        #: treq around its call (treq passes nothing else along).
+        self.next_timings: Timings | None = None
 
     def _target(self, uri: bytes) -> _Target:
         target = self._targets.get(uri)
@@ -99,9 +104,16 @@ class UpstreamAgent:
         headers: Headers | None = None,
         bodyProducer: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
+        timings, self.next_timings = self.next_timings, None
         try:
             target = self._target(uri)
-            endpoint = self._endpoints.endpointForURI(target.uri)
+            if timings is None:
+                endpoint = self._endpoints.endpointForURI(target.uri)
+            else:
+                # octoplex.endpoints' factory marks the DNS lookup and the
+                # connect of a new connection in them.
+                timed: Any = self._endpoints
+                endpoint = timed.endpointForURI(target.uri, timings)
         except Exception:
             return fail()
         if headers is None:
@@ -111,6 +123,8 @@ class UpstreamAgent:
             # Accept-Encoding): ours to change.
             headers.addRawHeader(b"Host", target.host)
         request = Request(method, target.path, headers, bodyProducer, persistent=True)
+        if timings is not None:
+            request.timings = timings  # type: ignore[attr-defined]
         d: Deferred[Any] = self._pool.getConnection(target.key, endpoint)
         d.addCallback(_send, request)
         d.addCallback(_claim_gzip)

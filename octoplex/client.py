@@ -42,6 +42,7 @@ from octoplex.endpoints import UpstreamEndpointFactory
 from octoplex.limits import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_COUNT
 from octoplex.metrics import Metrics
 from octoplex.pool import OctoplexPool
+from octoplex.timings import Timings
 from octoplex.tls import UpstreamTLSPolicy
 from octoplex.wire import UpstreamRequest
 
@@ -264,8 +265,9 @@ class UpstreamClient(Service):
         )
         self._report = LoopingCall(self._report_connections)
         self._report.clock = reactor
+        self._agent = UpstreamAgent(self._pool, endpoints)
         self._http = HTTPClient(
-            UpstreamAgent(self._pool, endpoints),
+            self._agent,
             cookiejar=_NoCookieJar(),  # type: ignore[arg-type]
             data_to_body_producer=_BytesProducer,
         )
@@ -292,13 +294,18 @@ class UpstreamClient(Service):
             self._pool.retire_all()
 
     def fetch(
-        self, request: UpstreamRequest, budget: ResponseBudget | None = None
+        self,
+        request: UpstreamRequest,
+        budget: ResponseBudget | None = None,
+        timings: Timings | None = None,
     ) -> Deferred[UpstreamResponse]:
         """
         Send one request and read its whole response.
 
         :param request: the request to send.
         :param budget: the body bytes its batch may still read, if limited.
+        :param timings: marked as the request goes, if its caller wants to
+            know where its time went.
         :return: a Deferred that fires with the response, or fails with why
             it could not be had.  Cancelling it closes the connection, at
             whatever stage the exchange is; cancelling it while it waits for
@@ -312,19 +319,19 @@ class UpstreamClient(Service):
         overall = self._all
         if not (host.tokens and not host.waiting and overall.tokens and not overall.waiting):
             # A cap is reached: wait in its queue, which a deadline cancels.
-            return Deferred.fromCoroutine(self._fetch(request, budget, host, key))
+            return Deferred.fromCoroutine(self._fetch(request, budget, host, key, timings))
         # Both slots are free: take them at once, as acquire() would, without
         # a coroutine and its Deferreds (the usual case).
         host.tokens -= 1
         overall.tokens -= 1
         self._metrics.connection_wait.observe(0.0)
         try:
-            d = self._send(request)
+            d = self._send(request, timings)
         except Exception:
             d = fail()
         # One callback while the head is awaited (each costs a few hundred
         # bytes per request in flight); the body's reader is chained after.
-        d.addBoth(self._headed, budget, host, key, overall)
+        d.addBoth(self._headed, budget, host, key, overall, timings)
         return d
 
     def _headed(
@@ -334,11 +341,12 @@ class UpstreamClient(Service):
         host: DeferredSemaphore,
         key: Any,
         overall: DeferredSemaphore,
+        timings: Timings | None,
     ) -> Any:
         if isinstance(result, Failure):
             return self._settle(result, host, key, overall)
         try:
-            reading = self._read(result, budget)
+            reading = self._read(result, budget, timings)
         except Exception:
             return self._settle(Failure(), host, key, overall)
         return reading.addBoth(self._settle, host, key, overall)
@@ -356,6 +364,7 @@ class UpstreamClient(Service):
         budget: ResponseBudget | None,
         host: DeferredSemaphore,
         key: Any,
+        timings: Timings | None,
     ) -> UpstreamResponse:
         url = request.url
         # A request queued here holds nothing; the holder's release later
@@ -367,8 +376,8 @@ class UpstreamClient(Service):
             await self._wait(self._all, "any upstream", self._settings.max_total)
             overall = self._all
             self._metrics.connection_wait.observe(self._reactor.seconds() - queued)
-            response = await self._send(request)
-            return await self._read(response, budget)
+            response = await self._send(request, timings)
+            return await self._read(response, budget, timings)
         finally:
             # On the next reactor turn: a deadline cancels all of a batch's
             # requests in one go, and a slot freed by the first must not wake
@@ -397,19 +406,27 @@ class UpstreamClient(Service):
         except CancelledError:
             raise QueueTimeout(what, cap) from None
 
-    def _send(self, request: UpstreamRequest) -> Deferred[Any]:
-        return self._http.request(
-            request.method.decode("ascii"),
-            request.url,
-            headers=request.headers,
-            data=request.body,
-            allow_redirects=False,
-            unbuffered=True,
-            reactor=self._reactor,
-        )
+    def _send(self, request: UpstreamRequest, timings: Timings | None) -> Deferred[Any]:
+        if timings is not None:
+            timings.slot = timings.now()
+        # treq calls the agent at once, with no way to pass anything along:
+        # the agent takes the timings for the request it is about to get.
+        self._agent.next_timings = timings
+        try:
+            return self._http.request(
+                request.method.decode("ascii"),
+                request.url,
+                headers=request.headers,
+                data=request.body,
+                allow_redirects=False,
+                unbuffered=True,
+                reactor=self._reactor,
+            )
+        finally:
+            self._agent.next_timings = None
 
     def _read(
-        self, response: IResponse, budget: ResponseBudget | None
+        self, response: IResponse, budget: ResponseBudget | None, timings: Timings | None = None
     ) -> Deferred[UpstreamResponse]:
         headers = response.headers
         inner = getattr(response, "original", response)
@@ -434,6 +451,8 @@ class UpstreamClient(Service):
         received = self._metrics.upstream_bytes
 
         def complete(body: bytes) -> UpstreamResponse:
+            if timings is not None:
+                timings.done = timings.now()
             received.inc(len(body))
             return UpstreamResponse(response.code, response.headers, body, encoding, raw or [])
 

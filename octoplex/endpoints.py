@@ -37,6 +37,7 @@ from zope.interface import implementer
 from octoplex.dns import CachingResolver
 from octoplex.egress import EgressPolicy, EgressRefused
 from octoplex.metrics import Metrics
+from octoplex.timings import Timings
 
 __all__ = ["UpstreamEndpointFactory", "set_tcp_nodelay"]
 
@@ -63,15 +64,23 @@ class _TunedEndpoint:
     factory" for every connection.
     """
 
-    def __init__(self, wrapped: IStreamClientEndpoint, opened: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        wrapped: IStreamClientEndpoint,
+        opened: Callable[[str], None],
+        timings: Timings | None = None,
+    ) -> None:
         self._wrapped = wrapped
         self._opened = opened
+        self._timings = timings
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         protocolFactory.noisy = False  # type: ignore[attr-defined]
         return self._wrapped.connect(protocolFactory).addCallback(self._connected)
 
     def _connected(self, protocol: IProtocol) -> IProtocol:
+        if self._timings is not None:
+            self._timings.connected = self._timings.now()
         transport = protocol.transport  # type: ignore[attr-defined]
         set_tcp_nodelay(transport)
         peer = transport.getPeer()
@@ -109,7 +118,9 @@ class _NameEndpoint:
         port: int,
         timeout: float,
         metrics: Metrics,
+        timings: Timings | None = None,
     ) -> None:
+        self._timings = timings
         self._metrics = metrics
         self._reactor = reactor
         self._resolver = resolver
@@ -123,8 +134,18 @@ class _NameEndpoint:
             self.egress.check_name(self._host, self._port)
         except EgressRefused as e:
             return self._refused(e)
+        timings = self._timings
+        if timings is not None:
+            timings.dns_start = timings.now()
         d = self._resolver.lookup(self._host)
+        if timings is not None:
+            d.addCallback(self._resolved, timings)
         return d.addCallback(self._race, protocolFactory)
+
+    @staticmethod
+    def _resolved(addresses: list[str], timings: Timings) -> list[str]:
+        timings.dns_done = timings.now()
+        return addresses
 
     def _race(self, addresses: list[str], factory: IProtocolFactory) -> Deferred[IProtocol]:
         allowed = []
@@ -275,19 +296,25 @@ class UpstreamEndpointFactory:
         opened, self._opened = self._opened, Counter()
         return opened
 
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+    def endpointForURI(self, uri: URI, timings: Timings | None = None) -> IStreamClientEndpoint:
+        """
+        The endpoint for a new connection to ``uri``'s host and port; with
+        ``timings``, it marks the DNS lookup and the connect in them.
+        """
         host = uri.host
         if host.startswith(b"[") and host.endswith(b"]"):
             host = host[1:-1]
-        tcp = self._tcp_endpoint(host, uri.port)
+        tcp = self._tcp_endpoint(host, uri.port, timings)
         if uri.scheme == b"http":
-            return _TunedEndpoint(tcp, self._count)
+            return _TunedEndpoint(tcp, self._count, timings)
         if uri.scheme == b"https":
             creator = self._tls_policy.creatorForNetloc(host, uri.port)
-            return _TunedEndpoint(wrapClientTLS(creator, tcp), self._count)
+            return _TunedEndpoint(wrapClientTLS(creator, tcp), self._count, timings)
         raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
 
-    def _tcp_endpoint(self, host: bytes, port: int) -> IStreamClientEndpoint:
+    def _tcp_endpoint(
+        self, host: bytes, port: int, timings: Timings | None = None
+    ) -> IStreamClientEndpoint:
         # IP literals take the same path as names: the resolver hands a
         # literal back at once, and the egress policy must see it.
         return _NameEndpoint(
@@ -298,4 +325,5 @@ class UpstreamEndpointFactory:
             port,
             self._connect_timeout,
             self._metrics,
+            timings,
         )

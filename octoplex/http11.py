@@ -36,7 +36,7 @@ from typing import Any
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionAborted
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IHandshakeListener, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -55,6 +55,7 @@ from twisted.web._newclient import (
 )
 from twisted.web.http import PotentialDataLoss, _DataLoss
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 __all__ = ["HeadTooLarge", "UpstreamProtocol"]
 
@@ -112,11 +113,15 @@ class _Exchange:
         "raw",
         "request",
         "response",
+        "timings",
     )
 
     def __init__(self, protocol: UpstreamProtocol, request: Any) -> None:
         self.protocol = protocol
         self.request = request
+        #: Marked with when the answer's first and last bytes came, if the
+        #: request carries timings (octoplex.timings).
+        self.timings: Any = getattr(request, "timings", None)
         # The parser and the head's containers come with the first byte of
         # the answer (begin()): a request waiting on a slow upstream holds
         # none of them (about 1 KB each).
@@ -140,6 +145,8 @@ class _Exchange:
         """
         The answer's first bytes are in: make the parser.
         """
+        if self.timings is not None:
+            self.timings.first_byte = self.timings.now()
         self.parser = httptools.HttpResponseParser(self)
         self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self.headers = Headers()
@@ -212,6 +219,7 @@ class _Exchange:
         return line.rstrip(b"\r")[:60]
 
 
+@implementer(IHandshakeListener)
 class UpstreamProtocol(Protocol):
     """
     One keep-alive connection to an upstream, one request at a time.
@@ -232,6 +240,10 @@ class UpstreamProtocol(Protocol):
     born = 0.0
     generation = 0
     uses = 0
+    #: When its TLS handshake was done, for a TLS connection, by ``clock``
+    #: (which the pool sets).
+    tls_done: float | None = None
+    clock: Any = None
 
     def __init__(self, quiescentCallback: Any = lambda c: None) -> None:
         self._quiescentCallback = quiescentCallback
@@ -278,7 +290,25 @@ class UpstreamProtocol(Protocol):
             return finished
         if self._state == "TRANSMITTING":
             self._state = "WAITING"
+        timings = self._exchange.timings if self._exchange is not None else None
+        if timings is not None:
+            timings.sent = timings.now()
+            if timings.connected is not None and self.tls_done is not None:
+                timings.tls_done = self.tls_done
         return finished
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake is done (IHandshakeListener): the request written
+        before it now goes out.
+        """
+        if self.clock is None:
+            return
+        self.tls_done = now = self.clock.seconds()
+        exchange = self._exchange
+        if exchange is not None and exchange.timings is not None:
+            if exchange.timings.connected is not None:
+                exchange.timings.tls_done = now
 
     def _write_with_producer(self, request: Any) -> None:
         try:
@@ -396,6 +426,8 @@ class UpstreamProtocol(Protocol):
         is closed), then the body's reader hears that it ended.
         """
         self._end_exchange()
+        if exchange.timings is not None:
+            exchange.timings.body_done = exchange.timings.now()
         response, proxy = exchange.response, exchange.proxy
         keep = exchange.request.persistent and self._keep_alive(exchange, response)
         if self._state == "WAITING":

@@ -29,6 +29,7 @@ from octoplex.client import QueueTimeout, UpstreamResponse
 from octoplex.errors import TIMEOUT_ELAPSED, cause, describe, kind_of
 from octoplex.limits import DEFAULT_MAX_BATCH_RESPONSE_BYTES
 from octoplex.metrics import Metrics
+from octoplex.timings import Timings
 from octoplex.wire import (
     Batch,
     InvalidRequest,
@@ -90,11 +91,14 @@ class Fetcher(Protocol):
     """
 
     def fetch(
-        self, request: UpstreamRequest, budget: ResponseBudget | None = None
+        self,
+        request: UpstreamRequest,
+        budget: ResponseBudget | None = None,
+        timings: Timings | None = None,
     ) -> Deferred[UpstreamResponse]:
         """
-        Send ``request``, reading no more body than ``budget`` has left;
-        cancelling the result must abandon it.
+        Send ``request``, reading no more body than ``budget`` has left,
+        marking ``timings`` if given; cancelling the result must abandon it.
         """
 
 
@@ -265,8 +269,10 @@ class _BatchRun:
         self._active: set[int] = set()
         self._queued: dict[int, Deferred[None]] = {}
         self._sent: dict[int, Deferred[None]] = {}
-        #: Attempts made so far by the requests that may be retried.
+        #: Attempts made so far by the requests that may be retried, and
+        #: the timings of each request's latest attempt, if asked for.
         self._attempts: dict[int, int] = {}
+        self._timings: dict[int, Timings] = {}
         self._random = rng
         self._answer: Deferred[BatchResult] = Deferred(self._abandon)
 
@@ -322,11 +328,27 @@ class _BatchRun:
         attempts = None
         if isinstance(request, UpstreamRequest) and request.retry is not None:
             attempts = self._attempts.get(index, 1)
-        return {"id": request.id, "attempts": attempts}
+        timings = self._timings.get(index)
+        return {
+            "id": request.id,
+            "attempts": attempts,
+            "timings": None if timings is None else timings.report(),
+        }
+
+    def _timed(self, index: int) -> Timings | None:
+        """A fresh Timings for the request's next attempt, if the batch asked."""
+        if not self._batch.options.timings:
+            return None
+        timings = self._timings[index] = Timings(self._clock)
+        return timings
 
     def _fetch(self, index: int, request: UpstreamRequest) -> Deferred[None]:
         try:
-            d = self._client.fetch(request, self._budget)
+            timings = self._timed(index)
+            if timings is None:
+                d = self._client.fetch(request, self._budget)
+            else:
+                d = self._client.fetch(request, self._budget, timings)
             if request.retry is not None:
                 d = Deferred.fromCoroutine(self._retrying(index, request, d))
         except Exception:
@@ -387,7 +409,11 @@ class _BatchRun:
             )
             await deferLater(self._clock, wait)
             attempt += 1
-            pending = self._client.fetch(request, self._budget)
+            timings = self._timed(index)
+            if timings is None:
+                pending = self._client.fetch(request, self._budget)
+            else:
+                pending = self._client.fetch(request, self._budget, timings)
 
     def _cancelling(self, index: int) -> bool:
         return self._expiring or self._abandoned or index == self._item_expiring

@@ -124,6 +124,7 @@ class OctoplexPool(HTTPConnectionPool):
             def buildProtocol(self, addr: Any) -> UpstreamProtocol:  # type: ignore[override]
                 protocol = UpstreamProtocol(self._quiescentCallback)
                 protocol.head_limits = pool.head_limits
+                protocol.clock = pool._reactor
                 return protocol
 
         self._factory = Factory

@@ -50,6 +50,38 @@ _RETRY = {
     "jittered backoff or the upstream's Retry-After, while its deadline leaves room",
 }
 _ATTEMPTS = {"type": "integer", "minimum": 1, "description": "only for a request with retry"}
+_PHASE = {"type": ["number", "null"], "minimum": 0}
+_TIMINGS = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": [
+        "queued_msec",
+        "dns_msec",
+        "connect_msec",
+        "tls_msec",
+        "ttfb_msec",
+        "body_msec",
+        "total_msec",
+        "reused",
+    ],
+    "properties": {
+        **{
+            name: _PHASE
+            for name in (
+                "queued_msec",
+                "dns_msec",
+                "connect_msec",
+                "tls_msec",
+                "ttfb_msec",
+                "body_msec",
+            )
+        },
+        "total_msec": {"type": "number", "minimum": 0},
+        "reused": {"type": "boolean"},
+    },
+    "description": "where the request's (latest attempt's) time went, in milliseconds; "
+    "null for a phase it did not go through",
+}
 
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -80,6 +112,7 @@ SCHEMA: dict[str, Any] = {
                 "content_base64": {"type": "boolean"},
                 "header_list": {"type": "boolean"},
                 "content_encoding": {"type": "boolean"},
+                "timings": {"type": "boolean"},
                 "max_parallel": {"type": "integer", "minimum": 1},
                 "defaults": {"$ref": "#/$defs/Defaults"},
             },
@@ -160,6 +193,7 @@ SCHEMA: dict[str, Any] = {
                 },
                 "content_encoding": {"enum": ["gzip"]},
                 "attempts": _ATTEMPTS,
+                "timings": _TIMINGS,
                 "id": {"type": "string"},
             },
         },
@@ -172,6 +206,7 @@ SCHEMA: dict[str, Any] = {
                 "kind": {"enum": list(KINDS)},
                 "duration_msec": _MSEC,
                 "attempts": _ATTEMPTS,
+                "timings": _TIMINGS,
                 "id": {"type": "string"},
             },
         },

@@ -50,7 +50,7 @@ __all__ = [
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
-_OPTION_FIELDS = ("content_base64", "header_list", "content_encoding")
+_OPTION_FIELDS = ("content_base64", "header_list", "content_encoding", "timings")
 _BATCH_FIELDS = ("timeout_msec", "requests", *_OPTION_FIELDS, "defaults", "max_parallel")
 _DEFAULT_FIELDS = ("method", "headers", "body", "body_base64", "base_uri", "retry")
 _RETRY_FIELDS = ("times", "statuses", "connect_errors")
@@ -166,11 +166,14 @@ class Options:
         as received, in order, as ``[name, value]`` pairs.
     :ivar content_encoding: ``content_encoding`` in each ``Success`` whose
         body Octoplex decompressed.
+    :ivar timings: ``timings`` in each outcome of a request that was sent:
+        where its time went (:mod:`octoplex.timings`).
     """
 
     content_base64: bool = False
     header_list: bool = False
     content_encoding: bool = False
+    timings: bool = False
 
 
 #: What a batch that asks for nothing new gets: the original format.
@@ -810,6 +813,7 @@ def success_outcome(
     options: Options = ORIGINAL,
     raw_headers: list[tuple[bytes, bytes]] | None = None,
     attempts: int | None = None,
+    timings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """
     The ``Success`` outcome of the original format, and what the batch
@@ -845,6 +849,8 @@ def success_outcome(
         success["content_encoding"] = content_encoding
     if attempts is not None:
         success["attempts"] = attempts
+    if timings is not None:
+        success["timings"] = timings
     if id is not None:
         success["id"] = id
     return {"Success": success}
@@ -857,6 +863,7 @@ def failure_outcome(
     *,
     id: str | None = None,
     attempts: int | None = None,
+    timings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """
     The ``Failure`` outcome of the original format, with its ``kind``
@@ -866,6 +873,8 @@ def failure_outcome(
     failure: dict[str, Any] = {"error": error, "kind": kind, "duration_msec": duration_msec}
     if attempts is not None:
         failure["attempts"] = attempts
+    if timings is not None:
+        failure["timings"] = timings
     if id is not None:
         failure["id"] = id
     return {"Failure": failure}

@@ -20,6 +20,7 @@ import jsonschema
 import pytest
 import pytest_twisted
 import treq
+import trustme
 from twisted.internet import reactor
 from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
@@ -27,9 +28,11 @@ from twisted.web.http_headers import Headers
 from octoplex.client import PoolSettings
 from octoplex.errors import KINDS
 from octoplex.schema import SCHEMA
+from octoplex.tls import UpstreamTLSPolicy
 
 from .schema import check_batch, check_stream
 from .servers import Caller, Octoplex, Upstream, _QuietPool, start_octoplex
+from .test_upstream_tls import _leaf_options, _serve, _trusting
 
 
 async def _multiplex(octoplex: Octoplex, caller: Caller, batch: dict[str, Any]) -> list[Any]:
@@ -586,3 +589,81 @@ async def test_a_streamed_answer_sends_each_outcome_as_it_completes(
         }
     }
     assert summary_at >= cut_at
+
+
+PHASES = ("queued_msec", "dns_msec", "connect_msec", "tls_msec", "ttfb_msec", "body_msec")
+
+
+def _timings(outcome: dict[str, Any]) -> dict[str, Any]:
+    ((_, value),) = outcome.items()
+    timings: dict[str, Any] = value["timings"]
+    # The phases follow one another: together they never exceed the total,
+    # and leave little of it unaccounted for (Octoplex's own work between
+    # them; honest slack on a shared machine).
+    parts = sum(timings[name] or 0 for name in PHASES)
+    assert parts <= timings["total_msec"] + 0.01, timings
+    assert timings["total_msec"] - parts < 25, timings
+    assert timings["total_msec"] <= value["duration_msec"] + 1, (timings, value)
+    return timings
+
+
+@pytest_twisted.ensureDeferred
+async def test_timings_add_up_and_show_a_reused_connection(
+    octoplex: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """
+    Asked for, each outcome says where its time went: the first request to
+    an upstream pays DNS and connect, the next one reuses the connection;
+    the upstream's 60 ms shows as time to first byte.  Not asked for,
+    there are none.
+    """
+    batch = {
+        "timeout_msec": 3000,
+        "timings": True,
+        "requests": [{"uri": upstream.url + "/delay/60"}],
+    }
+    [first] = await _multiplex(octoplex, caller, batch)
+    [second] = await _multiplex(octoplex, caller, batch)
+    new, reused = _timings(first), _timings(second)
+    assert new["reused"] is False and reused["reused"] is True
+    assert new["dns_msec"] is not None and new["connect_msec"] is not None
+    assert new["tls_msec"] is None
+    assert reused["dns_msec"] is reused["connect_msec"] is reused["tls_msec"] is None
+    for timings in (new, reused):
+        assert timings["queued_msec"] < 5
+        assert 60 <= timings["ttfb_msec"] < 1000
+        assert timings["body_msec"] is not None
+    [refused] = await _multiplex(
+        octoplex,
+        caller,
+        {"timeout_msec": 3000, "timings": True, "requests": [{"uri": "http://127.0.0.1:1/"}]},
+    )
+    failed = _timings(refused)
+    assert failed["reused"] is False and failed["ttfb_msec"] is None
+    [plain] = await _multiplex(
+        octoplex, caller, {"timeout_msec": 3000, "requests": [{"uri": upstream.url + "/hello"}]}
+    )
+    assert "timings" not in plain["Success"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_timings_over_tls_show_the_handshake(tmp_path: Any, caller: Caller) -> None:
+    """A new HTTPS connection's TLS handshake is its own phase; a reused one has none."""
+    ca = trustme.CA()
+    upstream = _serve(_leaf_options(ca.issue_cert("127.0.0.1", "localhost")))
+    octoplex = start_octoplex(tls_policy=UpstreamTLSPolicy(_trusting(tmp_path, ca)))
+    batch = {
+        "timeout_msec": 3000,
+        "timings": True,
+        "requests": [{"uri": upstream.url + "/hello"}],
+    }
+    try:
+        [first] = await _multiplex(octoplex, caller, batch)
+        [second] = await _multiplex(octoplex, caller, batch)
+    finally:
+        await octoplex.stop()
+        await upstream.stop()
+    new, reused = _timings(first), _timings(second)
+    assert new["tls_msec"] is not None and new["tls_msec"] > 0
+    assert new["reused"] is False
+    assert reused["reused"] is True and reused["tls_msec"] is None
