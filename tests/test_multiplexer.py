@@ -16,7 +16,9 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from octoplex.client import UpstreamResponse
+from octoplex.errors import kind_of
 from octoplex.limits import Limits
+from octoplex.metrics import Metrics, render_text
 from octoplex.multiplexer import Multiplexer, retry_after
 from octoplex.wire import Batch, UpstreamRequest, parse_batch
 
@@ -498,3 +500,22 @@ def test_a_caller_leaving_during_a_backoff_stops_the_retries() -> None:
     assert len(client.sent) == 1
     assert results[0].check(CancelledError)
     assert clock.getDelayedCalls() == []
+
+
+def test_a_departed_callers_requests_are_of_kind_cancelled() -> None:
+    """
+    The caller never reads them, so kind cancelled shows where an operator
+    looks: the items' statistics, under that cause.
+    """
+    metrics = Metrics()
+    clock, client = Clock(), ControlledClient()
+    d = Multiplexer(clock, client, metrics=metrics).run(
+        _batch(1000, "http://a.test/1", "http://a.test/2"), "b"
+    )
+    d.addErrback(lambda f: f.trap(CancelledError))
+    client.answer(0)
+    d.cancel()
+    text = render_text(metrics).decode()
+    assert 'octoplex_items_total{cause="cancelled",outcome="failure"} 1.0' in text
+    assert 'octoplex_items_total{cause="response",outcome="success"} 1.0' in text
+    assert kind_of("cancelled") == "cancelled"
