@@ -66,6 +66,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from .schema import check_answer
 from .servers import Caller, Upstream, _CountingSite, _Upstream
 from .test_twistd import (
     free_port,
@@ -1113,7 +1114,9 @@ class Streamed:
         head, _, body = self.answer.partition(b"\r\n\r\n")
         status, *lines = head.decode("latin-1").split("\r\n")
         headers = dict(line.lower().split(": ", 1) for line in lines)
-        return status.encode(), headers, json.loads(body)
+        document = json.loads(body)
+        check_answer(int(status.split()[1]), document)
+        return status.encode(), headers, document
 
 
 def stream(port: int, head: bytes, pieces: Iterator[bytes], deaf_for: float = 0.0) -> Streamed:

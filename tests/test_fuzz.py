@@ -865,7 +865,9 @@ async def test_still_serving_after_the_fuzzing(servers: Servers) -> None:
     raw = await exchange(servers.port, servers.fill(dumps(document)))
     status, _, payload = parse_response(raw)
     assert status == 200, raw
-    hello, echo, no_content = (r["Success"] for r in strict_json(payload)["responses"])
+    answer = strict_json(payload)
+    check_answer(200, answer)
+    hello, echo, no_content = (r["Success"] for r in answer["responses"])
     assert (hello["status"], hello["content"]) == (200, "Hello world!")
     assert json.loads(echo["content"])["body"] == "still here"
     assert no_content["status"] == 204

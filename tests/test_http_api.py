@@ -17,6 +17,7 @@ from twisted.internet.threads import deferToThread
 
 from octoplex.limits import Limits
 
+from .schema import check_answer
 from .servers import Caller, Octoplex, Upstream, start_octoplex
 
 
@@ -288,7 +289,9 @@ async def test_oversized_request_body_is_413(upstream: Upstream, caller: Caller)
         answer = await deferToThread(_raw_exchange, port, head + b"x" * 100_000)
         assert answer.startswith(b"HTTP/1.1 413 ")
         assert b"100 Continue" not in answer
-        error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        document = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        check_answer(413, document)
+        error = document["error"]
         assert error == "request body is 5000000 bytes; at most 1000 are allowed"
 
         chunked = (
@@ -354,4 +357,5 @@ async def test_a_form_content_type_is_not_parsed_as_a_form(
         answer = await deferToThread(_raw_exchange, port, request)
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
         document = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        check_answer(200, document)
         assert document["responses"][0]["Success"]["content"] == "Hello world!"

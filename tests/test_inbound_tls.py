@@ -36,6 +36,7 @@ from zope.interface import implementer
 from octoplex.tap import Options, makeService
 from octoplex.tls import peer_identity
 
+from .schema import check_answer
 from .servers import Caller, Upstream, _QuietPool
 from .test_twistd import free_port, run_twistd
 
@@ -434,6 +435,7 @@ async def test_client_certificate_and_token_together(
         bearer = {"authorization": f"Bearer {token}"}
         with_token = await caller._http.post(url, data=batch.encode(), headers=bearer)
         answer = json.loads(await treq.content(with_token))
+        check_answer(with_token.code, answer)
     assert without.code == 401
     assert with_token.code == 200
     assert answer["responses"][0]["Success"]["content"] == "Hello world!"

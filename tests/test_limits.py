@@ -29,6 +29,7 @@ from octoplex.inbound import LINGER
 from octoplex.limits import Limits
 from octoplex.tls import server_options
 
+from .schema import check_answer
 from .servers import Caller, Octoplex, Upstream, start_octoplex
 
 
@@ -73,7 +74,9 @@ def parse(raw: bytes) -> tuple[int, dict[str, str], Any]:
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     headers = dict(line.split(": ", 1) for line in lines[1:])
-    return status, {k.lower(): v for k, v in headers.items()}, json.loads(body)
+    document = json.loads(body)
+    check_answer(status, document)
+    return status, {k.lower(): v for k, v in headers.items()}, document
 
 
 @pytest.fixture

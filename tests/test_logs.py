@@ -36,6 +36,7 @@ from octoplex.limits import Limits
 from octoplex.logs import Logs, _Sink, json_line
 from octoplex.tap import Options, makeService
 
+from .schema import check_answer
 from .servers import Upstream, _QuietPool
 from .test_twistd import (
     EXIT_TIMEOUT,
@@ -328,7 +329,9 @@ class Client:
         response = await within(
             10.0, self._http.post(self.url + "/multiplex", data, headers=headers)
         )
-        return response.code, json.loads(await treq.content(response))
+        answer = json.loads(await treq.content(response))
+        check_answer(response.code, answer)
+        return response.code, answer
 
 
 def _batch(upstream: Upstream) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from octoplex.client import PoolSettings
 from octoplex.dns import CachingResolver, DNSSettings
 from octoplex.pool import OctoplexPool
 
+from .schema import check_answer
 from .servers import Octoplex, _QuietPool, start_octoplex, start_upstream
 from .test_dns import _Direct, rr_a
 from .test_pool import _serve, _Tracking
@@ -151,7 +152,9 @@ async def post(
     content = await treq.content(response)
     elapsed = time.monotonic() - started
     assert response.code == 200, content
-    return json.loads(content)["responses"], elapsed
+    answer = json.loads(content)
+    check_answer(200, answer)
+    return answer["responses"], elapsed
 
 
 async def _deadline_during_dns(connect_grace: float) -> dict[str, Any]:
