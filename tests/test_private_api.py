@@ -56,12 +56,20 @@ def test_the_response_octoplex_http11_builds_and_feeds() -> None:
 
 
 def test_the_request_octoplex_agent_builds() -> None:
-    """octoplex.agent.UpstreamAgent builds the Request that Agent._requestWithEndpoint did."""
+    """
+    octoplex.agent.UpstreamAgent builds the Request that
+    Agent._requestWithEndpoint did, and adds an attribute of its own.
+    """
     assert _parameters(_newclient.Request)[:5] == [
         "method", "uri", "headers", "bodyProducer", "persistent",
     ]  # fmt: skip
     request = _newclient.Request(b"GET", b"/x", None, None, persistent=True)
     assert request.persistent and request.uri == b"/x"
+    # It carries a request's timings to octoplex.http11 (no __slots__), and
+    # so does Twisted's Response its raw header lines to octoplex.client.
+    request.timings = object()  # type: ignore[attr-defined]
+    response = _newclient.Response._construct((b"HTTP", 1, 1), 200, b"OK", None, None, None)
+    response.raw_headers = []
 
 
 def test_the_errors_and_channel_octoplex_names() -> None:
