@@ -31,7 +31,11 @@ setup(
         "tomli>=2.0; python_version < '3.11'",
     ],
     extras_require={
+        # HTTP/2 on the HTTPS listener, negotiated by ALPN (the h2 package).
+        "http2": ["twisted[http2]"],
         "test": [
+            # The HTTPS listener's HTTP/2 is tested, with h2 as the client.
+            "twisted[http2]",
             "pytest>=8",
             "pytest-twisted>=1.14",
             "trustme>=1.1",

@@ -162,6 +162,13 @@ class OctoplexChannel(HTTPChannel):
                 tls_failure=True,
             )
         super().connectionLost(reason)
+        self.connection_ended()
+
+    def connection_ended(self) -> None:
+        """
+        Tell the site this connection is gone: from here, or from the
+        protocol switch when HTTP/2 took the connection over.
+        """
         self.site.channels.discard(self)  # type: ignore[attr-defined]
         self.site.connection_closed()  # type: ignore[attr-defined]
 

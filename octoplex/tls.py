@@ -55,6 +55,7 @@ from twisted.internet.ssl import (
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import H2_ENABLED
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -72,6 +73,12 @@ __all__ = [
 #: all modern and OpenSSL's defaults.
 MODERN_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
 
+#: What the HTTPS listener offers by ALPN: HTTP/2 first when Twisted can
+#: serve it (the ``h2`` package, ``pip install octoplex[http2]``), which
+#: twisted.web's channel then switches to; else HTTP/1.1 alone.
+SERVER_ALPN = [b"h2", b"http/1.1"] if H2_ENABLED else [b"http/1.1"]
+
+#: What the client offers upstream: its protocol speaks HTTP/1.1 only.
 _ALPN = [b"http/1.1"]
 
 _log = Logger()
@@ -192,7 +199,7 @@ def server_options(
         extraCertChain=certificates[1:],  # type: ignore[arg-type]
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
-        acceptableProtocols=_ALPN,
+        acceptableProtocols=SERVER_ALPN,
         **verify,
     )
 

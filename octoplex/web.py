@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import zlib
+from io import BytesIO
 from typing import Any, ClassVar, cast
 
 import attr
@@ -607,14 +608,59 @@ class OctoplexRequest(Request):
         self._refused = True
         # Without this, the channel would answer "100 Continue" after us.
         self.requestHeaders.removeHeader(b"expect")
-        cast(OctoplexChannel, self.channel).refuse(413, message)
+        if isinstance(self.channel, OctoplexChannel):
+            self.channel.refuse(413, message)
+            return
+        # An HTTP/2 stream: answer on it (on the next turn: the length can
+        # come before the stream is registered to write), and drop the rest
+        # of its body; the connection's other streams carry on.
+        if self.content is None:
+            # twisted.web reads its length when the stream ends.
+            self.content = BytesIO()
+        site: OctoplexSite = self.channel.site  # type: ignore[attr-defined]
+        site._reactor.callLater(0, self._answer_refusal, message)
+
+    def _answer_refusal(self, message: str) -> None:
+        if self.finished or self._disconnected:
+            return
+        client = format_address(self.getClientAddress())
+        OctoplexApp.log.info(
+            "inbound request from {client} refused with {status}: {error}",
+            client=client,
+            client_address=client,
+            status=413,
+            error=message,
+            access=True,
+        )
+        self.setResponseCode(413)
+        self.setHeader(b"content-type", JSON_CONTENT_TYPE)
+        self.write(error_body(message))
+        self.finish()
+
+
+class _Channel(_GenericHTTPChannelProtocol):
+    """
+    twisted.web's protocol switch (as its ``_genericHTTPChannelProtocolFactory``
+    builds it) around Octoplex's HTTP/1.1 channel: a TLS connection that
+    negotiated h2 is handed to twisted.web's HTTP/2 channel instead.  Then
+    the HTTP/1.1 channel never hears that the connection ended, so the site's
+    count of open connections is kept here.
+    """
+
+    def __init__(self) -> None:
+        self._http11 = OctoplexChannel()
+        super().__init__(self._http11)
+
+    def connectionLost(self, reason: Failure) -> None:
+        current: object = self._channel
+        switched = current is not self._http11
+        super().connectionLost(reason)
+        if switched:
+            self._http11.connection_ended()
 
 
 def _channel(factory: Any) -> Any:
-    # As twisted.web's own factory (_genericHTTPChannelProtocolFactory) does,
-    # so that the wrapper can still hand a TLS connection that negotiated h2
-    # to an HTTP/2 channel, but with Octoplex's HTTP/1.1 channel.
-    return _GenericHTTPChannelProtocol(OctoplexChannel())
+    return _Channel()
 
 
 class OctoplexSite(Site):

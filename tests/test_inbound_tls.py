@@ -28,6 +28,7 @@ from treq.client import HTTPClient
 from twisted.application.service import IService
 from twisted.internet import reactor
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.iweb import IPolicyForHTTPS
@@ -302,7 +303,10 @@ async def test_intermediate_from_tls_chain(tmp_path: Path, upstream: Upstream) -
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 @pytest_twisted.ensureDeferred
 async def test_tls_versions_and_alpn(pki: ServerPKI) -> None:
-    """TLS 1.1 is refused by the server, TLS 1.2 and 1.3 are served, and ALPN selects http/1.1."""
+    """
+    TLS 1.1 is refused by the server, TLS 1.2 and 1.3 are served, and ALPN
+    selects http/1.1 for a client that offers only that (h2: below).
+    """
     port = free_port()
     async with running(*tls_argv(port, pki)):
         old = client_context(pki.ca_pem)
@@ -320,7 +324,7 @@ async def test_tls_versions_and_alpn(pki: ServerPKI) -> None:
             assert result.version == name
             assert result.alpn is None
         offering = client_context(pki.ca_pem)
-        offering.set_alpn_protocols(["h2", "http/1.1"])
+        offering.set_alpn_protocols(["http/1.1"])
         negotiated = await attempt_in_thread(port, offering)
     # The server's protocol_version alert, not a client-side refusal to offer TLS 1.1.
     assert_refused(refused, {"TLSV1_ALERT_PROTOCOL_VERSION"})
@@ -600,3 +604,127 @@ def test_peer_identity_is_the_cn_or_the_first_alternative_name(
 def test_peer_identity_of_a_plain_connection_is_none() -> None:
     """A transport without TLS has no identity."""
     assert peer_identity(object()) is None
+
+
+def h2_batches(
+    port: int, ca_pem: bytes, bodies: list[bytes]
+) -> tuple[str | None, list[tuple[int, bytes]], float]:
+    """
+    Over one TLS connection that offers h2 (run it in a thread): send every
+    body as a POST /multiplex on its own stream before reading any answer,
+    then read them all.  The negotiated protocol, each stream's status and
+    body in order, and the seconds it all took.
+    """
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    context = client_context(ca_pem)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            alpn = tls.selected_alpn_protocol()
+            if alpn != "h2":
+                return alpn, [], 0.0
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            streams = []
+            for body in bodies:
+                stream = conn.get_next_available_stream_id()
+                streams.append(stream)
+                conn.send_headers(
+                    stream,
+                    [
+                        (":method", "POST"),
+                        (":path", "/multiplex"),
+                        (":scheme", "https"),
+                        (":authority", f"127.0.0.1:{port}"),
+                        ("content-type", "application/json"),
+                        ("content-length", str(len(body))),
+                    ],
+                )
+                conn.send_data(stream, body, end_stream=True)
+            tls.sendall(conn.data_to_send())
+            statuses: dict[int, int] = {}
+            received: dict[int, bytes] = {stream: b"" for stream in streams}
+            ended: set[int] = set()
+            while len(ended) < len(streams):
+                data = tls.recv(65536)
+                if not data:
+                    break
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        received[event.stream_id] += event.data
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended.add(event.stream_id)
+                tls.sendall(conn.data_to_send())
+    elapsed = time.monotonic() - started
+    return alpn, [(statuses.get(s, 0), received[s]) for s in streams], elapsed
+
+
+@pytest_twisted.ensureDeferred
+async def test_http2_batches_in_parallel_on_one_connection(
+    pki: ServerPKI, upstream: Upstream
+) -> None:
+    """
+    A client that offers h2 gets HTTP/2 on the HTTPS listener, and four
+    batches sent at once on one connection run at once: each waits 400 ms
+    upstream, and all are answered in well under four times that.
+    """
+    port = free_port()
+    bodies = [
+        json.dumps(
+            {"timeout_msec": 3000, "requests": [{"id": str(n), "uri": upstream.url + "/delay/400"}]}
+        ).encode()
+        for n in range(4)
+    ]
+    # One connection at a time: the second must find the first's slot free
+    # (HTTP/2 takes the connection over from the HTTP/1.1 channel, which
+    # kept the count).
+    async with running(*tls_argv(port, pki, "--max-connections", "1")):
+        alpn, answers, elapsed = await deferToThread(h2_batches, port, pki.ca_pem, bodies)
+        await deferLater(reactor, 0.3, lambda: None)
+        again, more, _ = await deferToThread(h2_batches, port, pki.ca_pem, bodies[:1])
+    assert (again, [status for status, _ in more]) == ("h2", [200])
+    assert alpn == "h2"
+    assert [status for status, _ in answers] == [200] * 4
+    for n, (_, body) in enumerate(answers):
+        document = json.loads(body)
+        check_answer(200, document)
+        [outcome] = document["responses"]
+        assert outcome["Success"]["content"] == "delayed 400"
+        assert outcome["Success"]["id"] == str(n)
+    assert 0.4 <= elapsed < 1.2, elapsed
+
+
+@pytest_twisted.ensureDeferred
+async def test_http2_body_over_the_limit_is_refused_on_its_stream_alone(
+    pki: ServerPKI, upstream: Upstream
+) -> None:
+    """
+    Over HTTP/2, a batch over --max-request-bytes gets 413 naming the limit
+    on its own stream; the batch beside it on the same connection is served.
+    """
+    port = free_port()
+    small = json.dumps(
+        {"timeout_msec": 3000, "requests": [{"uri": upstream.url + "/hello"}]}
+    ).encode()
+    big = json.dumps(
+        {"timeout_msec": 3000, "requests": [{"uri": upstream.url + "/hello", "body": "x" * 5000}]}
+    ).encode()
+    async with running(*tls_argv(port, pki, "--max-request-bytes", "2000")):
+        alpn, answers, _ = await deferToThread(h2_batches, port, pki.ca_pem, [big, small])
+    assert alpn == "h2"
+    (big_status, big_body), (small_status, small_body) = answers
+    assert big_status == 413
+    assert json.loads(big_body) == {
+        "error": f"request body is {len(big)} bytes; at most 2000 are allowed"
+    }
+    assert small_status == 200
+    assert json.loads(small_body)["responses"][0]["Success"]["content"] == "Hello world!"
