@@ -51,6 +51,20 @@ GZIP_LEVEL = 6
 _NOT_FOUND = b"not found\n"
 
 
+def _connection_transport(request: IRequest) -> Any:
+    """
+    The caller's connection under ``request``: its channel's transport over
+    HTTP/1.1; over HTTP/2 the stream has none, and it is the connection's
+    (Twisted's private ``H2Stream._conn``, guarded by
+    tests/test_private_api.py).
+    """
+    channel: Any = request.channel  # type: ignore[attr-defined]
+    transport = getattr(channel, "transport", None)
+    if transport is None:
+        transport = getattr(getattr(channel, "_conn", None), "transport", None)
+    return transport
+
+
 #: The content type of a streamed answer, one JSON document per line.
 NDJSON_CONTENT_TYPE = b"application/x-ndjson"
 
@@ -252,7 +266,7 @@ class OctoplexApp:
         self.metrics.bytes_received.inc(bytes_in)
         address = format_address(request.getClientAddress())
         client = address
-        identity = peer_identity(request.channel.transport)
+        identity = peer_identity(_connection_transport(request))
         if identity is not None:
             client = f"{client} ({identity})"
         token_name = None

@@ -607,7 +607,7 @@ def test_peer_identity_of_a_plain_connection_is_none() -> None:
 
 
 def h2_batches(
-    port: int, ca_pem: bytes, bodies: list[bytes]
+    port: int, ca_pem: bytes, bodies: list[bytes], certificate: trustme.LeafCert | None = None
 ) -> tuple[str | None, list[tuple[int, bytes]], float]:
     """
     Over one TLS connection that offers h2 (run it in a thread): send every
@@ -619,7 +619,7 @@ def h2_batches(
     import h2.connection
     import h2.events
 
-    context = client_context(ca_pem)
+    context = client_context(ca_pem, certificate=certificate)
     context.set_alpn_protocols(["h2", "http/1.1"])
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT) as raw:
@@ -728,3 +728,24 @@ async def test_http2_body_over_the_limit_is_refused_on_its_stream_alone(
     }
     assert small_status == 200
     assert json.loads(small_body)["responses"][0]["Success"]["content"] == "Hello world!"
+
+
+@pytest_twisted.ensureDeferred
+async def test_http2_batches_log_the_client_certificate_identity(
+    pki: ServerPKI,
+    client_ca: tuple[trustme.CA, Path],
+    upstream: Upstream,
+    log_events: list[dict[str, Any]],
+) -> None:
+    """Over HTTP/2 too, a batch's event names the caller's certificate identity."""
+    port = free_port()
+    certificate = client_ca[0].issue_cert("bidder-9")
+    body = json.dumps({"timeout_msec": 3000, "requests": [{"uri": upstream.url + "/hello"}]})
+    async with running(*tls_argv(port, pki, "--tls-client-ca", str(client_ca[1]))):
+        alpn, answers, _ = await deferToThread(
+            h2_batches, port, pki.ca_pem, [body.encode()], certificate
+        )
+    assert alpn == "h2" and [status for status, _ in answers] == [200]
+    (event,) = batch_events(log_events)
+    assert event["tls_identity"] == "bidder-9"
+    assert event["client"].endswith(" (bidder-9)")

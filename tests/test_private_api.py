@@ -103,3 +103,15 @@ def test_the_answer_encoder_interfaces_octoplex_web_implements() -> None:
     assert "encoderForRequest" in iweb._IRequestEncoderFactory.names()
     assert set(iweb._IRequestEncoder.names()) == {"encode", "finish"}
     assert "encoderForRequest" in inspect.getsource(resource.EncodingResourceWrapper)
+
+
+def test_the_http2_stream_octoplex_web_reads_the_connection_of() -> None:
+    """
+    octoplex.web._connection_transport: an HTTP/2 stream has no transport of
+    its own; its connection (``H2Stream._conn``) has the caller's.
+    """
+    from twisted.web._http2 import H2Connection, H2Stream
+
+    assert H2Stream.transport is None
+    assert "self._conn = connection" in inspect.getsource(H2Stream.__init__)
+    assert "transport" in inspect.getsource(H2Connection.connectionMade)
