@@ -502,6 +502,11 @@ class _BatchRun:
     def _settled(self, result: UpstreamResponse | Failure, index: int) -> None:
         self._running.discard(index)
         self._stop_timer(index)
+        timings = self._timings.get(index)
+        if timings is not None and timings.done is None:
+            # It ended here (a failure, or a cancellation), before its
+            # outcome and its duration are worked out.
+            timings.done = timings.now()
         if index in self._active:
             self._active.discard(index)
             self._sent.pop(index, None)
