@@ -335,20 +335,19 @@ class _BatchRun:
             "timings": None if timings is None else timings.report(),
         }
 
-    def _timed(self, index: int) -> Timings | None:
-        """A fresh Timings for the request's next attempt, if the batch asked."""
+    def _attempt(self, index: int, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+        """
+        Send the request once, with fresh timings if the batch asked for
+        them (a client that is not asked for them need not take them).
+        """
         if not self._batch.options.timings:
-            return None
+            return self._client.fetch(request, self._budget)
         timings = self._timings[index] = Timings(self._clock)
-        return timings
+        return self._client.fetch(request, self._budget, timings)
 
     def _fetch(self, index: int, request: UpstreamRequest) -> Deferred[None]:
         try:
-            timings = self._timed(index)
-            if timings is None:
-                d = self._client.fetch(request, self._budget)
-            else:
-                d = self._client.fetch(request, self._budget, timings)
+            d = self._attempt(index, request)
             if request.retry is not None:
                 d = Deferred.fromCoroutine(self._retrying(index, request, d))
         except Exception:
@@ -409,11 +408,7 @@ class _BatchRun:
             )
             await deferLater(self._clock, wait)
             attempt += 1
-            timings = self._timed(index)
-            if timings is None:
-                pending = self._client.fetch(request, self._budget)
-            else:
-                pending = self._client.fetch(request, self._budget, timings)
+            pending = self._attempt(index, request)
 
     def _cancelling(self, index: int) -> bool:
         return self._expiring or self._abandoned or index == self._item_expiring

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from octoplex.errors import KINDS
+from octoplex.timings import PHASES
 from octoplex.wire import MAX_ID_LENGTH, MAX_RETRIES, encode
 
 __all__ = ["PATH", "SCHEMA", "SCHEMA_BYTES"]
@@ -54,28 +55,9 @@ _PHASE = {"type": ["number", "null"], "minimum": 0}
 _TIMINGS = {
     "type": "object",
     "additionalProperties": False,
-    "required": [
-        "queued_msec",
-        "dns_msec",
-        "connect_msec",
-        "tls_msec",
-        "ttfb_msec",
-        "body_msec",
-        "total_msec",
-        "reused",
-    ],
+    "required": [*PHASES, "total_msec", "reused"],
     "properties": {
-        **{
-            name: _PHASE
-            for name in (
-                "queued_msec",
-                "dns_msec",
-                "connect_msec",
-                "tls_msec",
-                "ttfb_msec",
-                "body_msec",
-            )
-        },
+        **{name: _PHASE for name in PHASES},
         "total_msec": {"type": "number", "minimum": 0},
         "reused": {"type": "boolean"},
     },

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Timings"]
+__all__ = ["PHASES", "Timings"]
+
+#: The phases a report times one after the other (``total_msec`` spans them
+#: all), in the order a request goes through them.
+PHASES = ("queued_msec", "dns_msec", "connect_msec", "tls_msec", "ttfb_msec", "body_msec")
 
 
 class Timings:
@@ -66,7 +70,7 @@ class Timings:
         ready = self.tls_done or self.connected
         # The answer is awaited from when the request could go out: after
         # the TLS handshake on a new connection (the bytes wait for it).
-        awaiting = max(t for t in (self.sent, ready) if t is not None) if self.sent else None
+        awaiting = None if self.sent is None else max(self.sent, ready or 0.0)
         return {
             "queued_msec": _span(self.start, self.slot),
             "dns_msec": _span(self.dns_start, self.dns_done),

@@ -364,20 +364,7 @@ class OctoplexApp:
                 + b"\n"
             )
             written[0] += len(last)
-            self.log.info(
-                "batch {batch_id} from {client}: {size} requests, {succeeded} succeeded, "
-                "{failed} failed, {timed_out} timed out, in {elapsed_ms} ms (streamed)",
-                **who,
-                **self._answered(
-                    started,
-                    200,
-                    written[0],
-                    size=len(result.outcomes),
-                    succeeded=result.succeeded,
-                    failed=result.failed,
-                    timed_out=result.timed_out,
-                ),
-            )
+            self._log_batch(result, who, started, written[0], " (streamed)")
             return last
 
         return self.multiplexer.run(batch, batch_id, started, on_outcome=emit).addCallback(summary)
@@ -477,21 +464,32 @@ class OctoplexApp:
         if self.draining:
             # The caller should not send its next batch on this connection.
             request.setHeader(b"connection", b"close")
+        self._log_batch(result, who, started, len(answer))
+        return _respond(request, JSON_CONTENT_TYPE, answer)
+
+    def _log_batch(
+        self,
+        result: BatchResult,
+        who: dict[str, Any],
+        started: float,
+        sent: int,
+        how: str = "",
+    ) -> None:
+        """The event (and statistics) of a batch answered ``200`` with ``sent`` bytes."""
         self.log.info(
             "batch {batch_id} from {client}: {size} requests, {succeeded} succeeded, "
-            "{failed} failed, {timed_out} timed out, in {elapsed_ms} ms",
+            "{failed} failed, {timed_out} timed out, in {elapsed_ms} ms" + how,
             **who,
             **self._answered(
                 started,
                 200,
-                answer,
+                sent,
                 size=len(result.outcomes),
                 succeeded=result.succeeded,
                 failed=result.failed,
                 timed_out=result.timed_out,
             ),
         )
-        return _respond(request, JSON_CONTENT_TYPE, answer)
 
     @router.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:

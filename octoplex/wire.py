@@ -847,12 +847,7 @@ def success_outcome(
         ]
     if content_encoding is not None and options.content_encoding:
         success["content_encoding"] = content_encoding
-    if attempts is not None:
-        success["attempts"] = attempts
-    if timings is not None:
-        success["timings"] = timings
-    if id is not None:
-        success["id"] = id
+    _tag(success, attempts, timings, id)
     return {"Success": success}
 
 
@@ -871,13 +866,23 @@ def failure_outcome(
     be retried, and its ``id`` if it had one.
     """
     failure: dict[str, Any] = {"error": error, "kind": kind, "duration_msec": duration_msec}
-    if attempts is not None:
-        failure["attempts"] = attempts
-    if timings is not None:
-        failure["timings"] = timings
-    if id is not None:
-        failure["id"] = id
+    _tag(failure, attempts, timings, id)
     return {"Failure": failure}
+
+
+def _tag(
+    outcome: dict[str, Any],
+    attempts: int | None,
+    timings: dict[str, Any] | None,
+    id: str | None,
+) -> None:
+    # What either kind of outcome echoes of its request, when there is any.
+    if attempts is not None:
+        outcome["attempts"] = attempts
+    if timings is not None:
+        outcome["timings"] = timings
+    if id is not None:
+        outcome["id"] = id
 
 
 def encode(document: Any) -> bytes:

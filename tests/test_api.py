@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import socket
 import time
 import zlib
 from typing import Any
@@ -28,10 +27,11 @@ from twisted.web.http_headers import Headers
 from octoplex.client import PoolSettings
 from octoplex.errors import KINDS
 from octoplex.schema import SCHEMA
+from octoplex.timings import PHASES
 from octoplex.tls import UpstreamTLSPolicy
 
 from .schema import check_batch, check_stream
-from .servers import Caller, Octoplex, Upstream, _QuietPool, start_octoplex
+from .servers import Caller, Octoplex, Upstream, _QuietPool, full_backlog, start_octoplex
 from .test_upstream_tls import _leaf_options, _serve, _trusting
 
 
@@ -265,29 +265,15 @@ async def test_a_connect_timeout_is_of_kind_connect(caller: Caller) -> None:
     timeout of the batch.
     """
     octoplex = start_octoplex(pool=PoolSettings(connect_timeout=0.3))
-    listener = socket.socket()
-    fillers: list[socket.socket] = []
     try:
-        listener.bind(("127.0.0.1", 0))
-        # Linux queues one connection on a backlog of 0 and drops the SYNs
-        # of the rest.
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        for _ in range(3):
-            filler = socket.socket()
-            fillers.append(filler)
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-        [outcome] = await _multiplex(
-            octoplex,
-            caller,
-            {"timeout_msec": 3000, "requests": [{"uri": f"http://127.0.0.1:{port}/"}]},
-        )
+        with full_backlog() as port:
+            [outcome] = await _multiplex(
+                octoplex,
+                caller,
+                {"timeout_msec": 3000, "requests": [{"uri": f"http://127.0.0.1:{port}/"}]},
+            )
     finally:
         await octoplex.stop()
-        for filler in fillers:
-            filler.close()
-        listener.close()
     assert outcome["Failure"]["error"] == "connecting to upstream timed out"
     assert outcome["Failure"]["kind"] == "connect"
     assert 300 <= outcome["Failure"]["duration_msec"] < 2000
@@ -589,9 +575,6 @@ async def test_a_streamed_answer_sends_each_outcome_as_it_completes(
         }
     }
     assert summary_at >= cut_at
-
-
-PHASES = ("queued_msec", "dns_msec", "connect_msec", "tls_msec", "ttfb_msec", "body_msec")
 
 
 def _timings(outcome: dict[str, Any]) -> dict[str, Any]:
