@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attr
@@ -408,3 +410,29 @@ class Caller:
         """
         response = await self._http.request(method, url)
         return response.code, response.headers, await treq.content(response)
+
+
+@contextmanager
+def full_backlog() -> Iterator[int]:
+    """
+    A port on 127.0.0.1 whose listener never accepts and whose backlog is
+    full: a connect to it gets no answer at all (its SYN is dropped).
+    """
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        # Linux queues one connection on a backlog of 0 and drops the SYNs
+        # of the rest.
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()

@@ -67,7 +67,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from .schema import check_answer
-from .servers import Caller, Upstream, _CountingSite, _Upstream
+from .servers import Caller, Upstream, _CountingSite, _Upstream, full_backlog
 from .test_twistd import (
     free_port,
     sleep,
@@ -745,19 +745,7 @@ async def test_full_backlog_times_out_at_the_deadline(daemon: Watched) -> None:
     unanswered, the item times out at the deadline, and the connect still
     pending is given up within --pool-connect-grace.
     """
-    listener = socket.socket()
-    fillers: list[socket.socket] = []
-    try:
-        listener.bind(("127.0.0.1", 0))
-        # Linux queues one connection on a backlog of 0 and drops the SYNs
-        # of the rest.
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        for _ in range(3):
-            filler = socket.socket()
-            fillers.append(filler)
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
+    with full_backlog() as port:
         await sleep(0.1)
         started = time.monotonic()
         fault, hello = await daemon.multiplex(
@@ -772,10 +760,6 @@ async def test_full_backlog_times_out_at_the_deadline(daemon: Watched) -> None:
         # daemon rather than refused by a closed port.
         await daemon.check_recovered()
         assert _tcp_states(daemon.pid, port) == []
-    finally:
-        for filler in fillers:
-            filler.close()
-        listener.close()
 
 
 @pytest_twisted.ensureDeferred

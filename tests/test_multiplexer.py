@@ -6,6 +6,8 @@ client whose answers the test controls: no sockets, no real time.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from random import random
 from typing import Any
 
 import pytest
@@ -51,10 +53,12 @@ def _batch(timeout_msec: int, *uris: str) -> Batch:
     return parse_batch(json.dumps(document).encode(), Limits())
 
 
-def _run(batch: Batch) -> tuple[Clock, ControlledClient, Deferred[Any], list[Any]]:
+def _run(
+    batch: Batch, rng: Callable[[], float] = random
+) -> tuple[Clock, ControlledClient, Deferred[Any], list[Any]]:
     clock = Clock()
     client = ControlledClient()
-    d = Multiplexer(clock, client).run(batch, "test-batch")
+    d = Multiplexer(clock, client, rng=rng).run(batch, "test-batch")
     results: list[Any] = []
     d.addBoth(results.append)
     return clock, client, d, results
@@ -283,8 +287,8 @@ def test_the_deadline_counts_from_the_batch_arrival_not_the_last_send() -> None:
     assert len(results) == 1
 
 
-def _items(timeout_msec: int, *items: dict[str, Any]) -> Batch:
-    document = {"timeout_msec": timeout_msec, "requests": list(items)}
+def _items(timeout_msec: int, *items: dict[str, Any], **fields: Any) -> Batch:
+    document = {"timeout_msec": timeout_msec, "requests": list(items), **fields}
     return parse_batch(json.dumps(document).encode(), Limits())
 
 
@@ -356,16 +360,7 @@ def test_a_caller_leaving_stops_the_request_timers() -> None:
 def test_max_parallel_sends_each_request_when_one_before_it_settles() -> None:
     """max_parallel 2: two sent at once, the third when one of them is answered."""
     clock, client, _, results = _run(
-        parse_batch(
-            json.dumps(
-                {
-                    "timeout_msec": 1000,
-                    "max_parallel": 2,
-                    "requests": [{"uri": f"http://a.test/{n}"} for n in range(3)],
-                }
-            ).encode(),
-            Limits(),
-        )
+        _items(1000, *({"uri": f"http://a.test/{n}"} for n in range(3)), max_parallel=2)
     )
     assert [r.uri for r in client.sent] == ["http://a.test/0", "http://a.test/1"]
     clock.advance(0.01)
@@ -383,12 +378,8 @@ def test_max_parallel_at_the_deadline_and_on_departure_sends_nothing_more() -> N
     At the deadline the sent request times out and the waiting ones fail
     as never sent, without being sent; a departed caller frees no turn.
     """
-    document = {
-        "timeout_msec": 100,
-        "max_parallel": 1,
-        "requests": [{"uri": f"http://a.test/{n}", "id": str(n)} for n in range(3)],
-    }
-    clock, client, _, results = _run(parse_batch(json.dumps(document).encode(), Limits()))
+    items = [{"uri": f"http://a.test/{n}", "id": str(n)} for n in range(3)]
+    clock, client, _, results = _run(_items(100, *items, max_parallel=1))
     clock.advance(0.1)
     [result] = results
     assert [r.uri for r in client.sent] == ["http://a.test/0"]
@@ -403,7 +394,7 @@ def test_max_parallel_at_the_deadline_and_on_departure_sends_nothing_more() -> N
     }
     assert clock.getDelayedCalls() == []
 
-    clock, client, d, results = _run(parse_batch(json.dumps(document).encode(), Limits()))
+    clock, client, d, results = _run(_items(100, *items, max_parallel=1))
     d.cancel()
     assert [r.uri for r in client.sent] == ["http://a.test/0"]
     assert clock.getDelayedCalls() == []
@@ -428,17 +419,10 @@ def test_a_retry_backs_off_with_jitter_and_counts_its_attempts() -> None:
     With the random draw fixed at 0.5, the first retry waits 5 ms and the
     second 10 ms (full jitter over 10 ms, doubling); the answer says 3.
     """
-    clock = Clock()
-    client = ControlledClient()
-    document = {
-        "timeout_msec": 1000,
-        "requests": [{"uri": "http://a.test/", "retry": {"times": 2, "statuses": [503]}}],
-    }
-    d = Multiplexer(clock, client, rng=lambda: 0.5).run(
-        parse_batch(json.dumps(document).encode(), Limits()), "b"
+    clock, client, _, results = _run(
+        _items(1000, {"uri": "http://a.test/", "retry": {"times": 2, "statuses": [503]}}),
+        rng=lambda: 0.5,
     )
-    results: list[Any] = []
-    d.addBoth(results.append)
     client.answer(0, status=503)
     clock.advance(0.0049)
     assert len(client.sent) == 1
@@ -456,17 +440,10 @@ def test_a_retry_backs_off_with_jitter_and_counts_its_attempts() -> None:
 
 def test_the_deadline_cuts_off_a_retried_attempt() -> None:
     """The deadline cancels the attempt in flight; the Failure counts the attempts."""
-    clock = Clock()
-    client = ControlledClient()
-    document = {
-        "timeout_msec": 1000,
-        "requests": [{"uri": "http://a.test/", "retry": {"times": 2, "statuses": [429]}}],
-    }
-    d = Multiplexer(clock, client, rng=lambda: 0.0).run(
-        parse_batch(json.dumps(document).encode(), Limits()), "b"
+    clock, client, _, results = _run(
+        _items(1000, {"uri": "http://a.test/", "retry": {"times": 2, "statuses": [429]}}),
+        rng=lambda: 0.0,
     )
-    results: list[Any] = []
-    d.addBoth(results.append)
     client.pending[0].callback(
         UpstreamResponse(429, Headers({b"retry-after": [b"0"]}), b"slow down")
     )
@@ -482,17 +459,10 @@ def test_the_deadline_cuts_off_a_retried_attempt() -> None:
 
 def test_a_caller_leaving_during_a_backoff_stops_the_retries() -> None:
     """Waiting out a Retry-After of 1 s when the caller leaves: nothing is sent again."""
-    clock = Clock()
-    client = ControlledClient()
-    document = {
-        "timeout_msec": 3000,
-        "requests": [{"uri": "http://a.test/", "retry": {"times": 2, "statuses": [503]}}],
-    }
-    d = Multiplexer(clock, client, rng=lambda: 0.0).run(
-        parse_batch(json.dumps(document).encode(), Limits()), "b"
+    clock, client, d, results = _run(
+        _items(3000, {"uri": "http://a.test/", "retry": {"times": 2, "statuses": [503]}}),
+        rng=lambda: 0.0,
     )
-    results: list[Any] = []
-    d.addBoth(results.append)
     client.pending[0].callback(UpstreamResponse(503, Headers({b"retry-after": [b"1"]}), b"busy"))
     clock.advance(0.5)
     d.cancel()
