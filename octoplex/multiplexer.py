@@ -31,11 +31,11 @@ from octoplex.limits import DEFAULT_MAX_BATCH_RESPONSE_BYTES
 from octoplex.metrics import Metrics
 from octoplex.timings import Timings
 from octoplex.wire import (
+    JSON_OUTCOMES,
     Batch,
     InvalidRequest,
+    OutcomeFormat,
     UpstreamRequest,
-    failure_outcome,
-    success_outcome,
 )
 
 __all__ = ["BatchResult", "Fetcher", "Multiplexer"]
@@ -107,14 +107,15 @@ class BatchResult:
     """
     The outcomes of one batch, in request order, with counts for the log.
 
-    :ivar outcomes: one ``{"Success": ...}`` or ``{"Failure": ...}`` object
-        per request.
+    :ivar outcomes: one outcome per request, as the batch's
+        :class:`~octoplex.wire.OutcomeFormat` built it: for the HTTP
+        frontend, a ``{"Success": ...}`` or ``{"Failure": ...}`` object.
     :ivar succeeded: requests that got an HTTP response (of any status).
     :ivar failed: requests that failed for a reason other than the deadline.
     :ivar timed_out: requests cut off by the deadline.
     """
 
-    outcomes: list[dict[str, Any]]
+    outcomes: list[Any]
     succeeded: int = 0
     failed: int = 0
     timed_out: int = 0
@@ -158,7 +159,8 @@ class Multiplexer:
         batch: Batch,
         batch_id: str,
         started: float | None = None,
-        on_outcome: Callable[[int, dict[str, Any]], None] | None = None,
+        on_outcome: Callable[[int, Any], None] | None = None,
+        outcomes: OutcomeFormat = JSON_OUTCOMES,
     ) -> Deferred[BatchResult]:
         """
         Send every request of ``batch`` at once and gather the outcomes.
@@ -169,6 +171,8 @@ class Multiplexer:
             and its items' durations count from then (by default, now).
         :param on_outcome: called with each item's index and outcome as soon
             as it has one (for a streamed answer), unless the caller left.
+        :param outcomes: how the frontend wants each outcome built; the
+            JSON of the wire format by default.
         :return: a Deferred that fires with the result no later than the
             batch's deadline (plus the time to cancel what is left).
             Cancelling it, as Klein does when the caller disconnects,
@@ -186,6 +190,7 @@ class Multiplexer:
             self._metrics,
             self._rng,
             on_outcome,
+            outcomes,
         )
         self._runs.add(run)
         return run.start(self._clock.seconds() if started is None else started)
@@ -239,9 +244,12 @@ class _BatchRun:
         ended: Callable[[_BatchRun], None],
         metrics: Metrics,
         rng: Callable[[], float],
-        on_outcome: Callable[[int, dict[str, Any]], None] | None,
+        on_outcome: Callable[[int, Any], None] | None,
+        outcomes: OutcomeFormat,
     ) -> None:
         self._on_outcome = on_outcome
+        self._success = outcomes.success
+        self._failure = outcomes.failure
         self._metrics = metrics
         self._budget = budget
         self._ended = ended
@@ -469,7 +477,7 @@ class _BatchRun:
             assert self._batch.max_parallel is not None
             self._settled(Failure(TurnTimeout(self._batch.max_parallel)), index)
 
-    def _set(self, index: int, outcome: dict[str, Any]) -> None:
+    def _set(self, index: int, outcome: Any) -> None:
         """
         Record an item's outcome, and hand it to whoever streams them.
         """
@@ -520,7 +528,7 @@ class _BatchRun:
             return
         self._set(
             index,
-            success_outcome(
+            self._success(
                 response.status,
                 response.headers,
                 response.body,
@@ -559,7 +567,7 @@ class _BatchRun:
                     f"{TIMEOUT_ELAPSED} (the request's own timeout_msec of {request.timeout_msec})"
                 )
         self._set(
-            index, failure_outcome(error, self._settle_item(counter), kind, **self._tags(index))
+            index, self._failure(error, self._settle_item(counter), kind, **self._tags(index))
         )
         self._result.timed_out += 1
 
@@ -572,7 +580,7 @@ class _BatchRun:
             elapsed = 0
         else:
             elapsed = self._settle_item(counter)
-        self._set(index, failure_outcome(error, elapsed, kind_of(cause_name), **self._tags(index)))
+        self._set(index, self._failure(error, elapsed, kind_of(cause_name), **self._tags(index)))
         self._result.failed += 1
 
     def _bug(self, failure: Failure, index: int) -> None:
@@ -584,7 +592,7 @@ class _BatchRun:
         )
         self._set(
             index,
-            failure_outcome(
+            self._failure(
                 "internal error in Octoplex; see its log",
                 self._settle_item(self._metrics.item_failed("internal")),
                 "internal",
@@ -623,7 +631,7 @@ class _BatchRun:
             if self._result.outcomes[index] is None:
                 self._settle_item(self._metrics.item_deadline)
                 self._set(
-                    index, failure_outcome(TIMEOUT_ELAPSED, elapsed, "timeout", **self._tags(index))
+                    index, self._failure(TIMEOUT_ELAPSED, elapsed, "timeout", **self._tags(index))
                 )
                 self._result.timed_out += 1
         self._finish()
@@ -654,7 +662,7 @@ class _BatchRun:
         cancelled = self._metrics.item_failed("cancelled")
         for index in pending:
             self._settle_item(cancelled)
-            self._result.outcomes[index] = failure_outcome(
+            self._result.outcomes[index] = self._failure(
                 CANCELLED, elapsed, "cancelled", **self._tags(index)
             )
         self._cancel(pending)

@@ -27,6 +27,7 @@ import gzip
 import json
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import attr
@@ -36,11 +37,14 @@ from twisted.web.http_headers import Headers
 from octoplex.limits import Limits
 
 __all__ = [
+    "JSON_OUTCOMES",
     "Batch",
     "BatchError",
     "InvalidRequest",
     "Options",
+    "OutcomeFormat",
     "UpstreamRequest",
+    "build_request",
     "encode",
     "error_body",
     "failure_outcome",
@@ -313,22 +317,14 @@ def parse_batch(body: bytes, limits: Limits) -> Batch:
         raise BatchError(
             f"timeout_msec must be a whole number of milliseconds, got {_quote(timeout)}"
         )
-    if timeout > limits.max_timeout_msec:
-        raise BatchError(
-            f"timeout_msec is {_quote(timeout)}; at most {limits.max_timeout_msec} is allowed"
-        )
+    check_timeout(timeout, limits)
 
     if "requests" not in document:
         raise BatchError("missing field requests")
     items = document["requests"]
     if not isinstance(items, list):
         raise BatchError(f"requests must be an array, got {_quote(items)}")
-    if not items:
-        raise BatchError(f"batch has 0 requests; between 1 and {limits.max_batch_size} are allowed")
-    if len(items) > limits.max_batch_size:
-        raise BatchError(
-            f"batch has {len(items)} requests; at most {limits.max_batch_size} are allowed"
-        )
+    check_size(len(items), limits)
 
     flags = {}
     for name in _OPTION_FIELDS:
@@ -348,6 +344,46 @@ def parse_batch(body: bytes, limits: Limits) -> Batch:
         defaults = _check_defaults(defaults)
         items = [_with_defaults(item, defaults) for item in items]
     requests = [_parse_request(item, index, limits) for index, item in enumerate(items)]
+    check_unique_ids(requests)
+    options = Options(**flags) if any(flags.values()) else ORIGINAL
+    return Batch(
+        timeout_msec=timeout, requests=requests, options=options, max_parallel=max_parallel
+    )
+
+
+# The checks of values that every frontend's batches go through (a
+# frontend checks the types its own encoding can get wrong).
+
+
+def check_timeout(timeout: int, limits: Limits, where: str = "") -> None:
+    """
+    A batch's (or, with ``where``, an item's) ``timeout_msec``, already a
+    whole number, is within ``--max-timeout-msec``.
+    """
+    if timeout > limits.max_timeout_msec:
+        raise BatchError(
+            f"{where}timeout_msec is {timeout}; at most {limits.max_timeout_msec} is allowed"
+        )
+
+
+def check_size(size: int, limits: Limits) -> None:
+    """A batch of ``size`` requests is within ``--max-batch-size``."""
+    if not size:
+        raise BatchError(f"batch has 0 requests; between 1 and {limits.max_batch_size} are allowed")
+    if size > limits.max_batch_size:
+        raise BatchError(f"batch has {size} requests; at most {limits.max_batch_size} are allowed")
+
+
+def check_id(id_: str, where: str) -> None:
+    """An item's ``id`` is between 1 and :data:`MAX_ID_LENGTH` characters long."""
+    if not id_ or len(id_) > MAX_ID_LENGTH:
+        raise BatchError(
+            f"{where}.id is {len(id_)} characters long; between 1 and {MAX_ID_LENGTH} are allowed"
+        )
+
+
+def check_unique_ids(requests: list[UpstreamRequest | InvalidRequest]) -> None:
+    """No two requests of a batch have the same ``id``."""
     seen: dict[str, int] = {}
     for index, request in enumerate(requests):
         if request.id is not None:
@@ -357,10 +393,14 @@ def parse_batch(body: bytes, limits: Limits) -> Batch:
                     f"requests[{seen[request.id]}]; ids must be unique within a batch"
                 )
             seen[request.id] = index
-    options = Options(**flags) if any(flags.values()) else ORIGINAL
-    return Batch(
-        timeout_msec=timeout, requests=requests, options=options, max_parallel=max_parallel
-    )
+
+
+def check_base_uri(base: str) -> None:
+    """The batch's ``defaults.base_uri`` is a URI Octoplex can send to."""
+    try:
+        _check_uri(base)
+    except _InvalidValue as e:
+        raise BatchError(f"defaults.base_uri: {e}") from None
 
 
 def _check_defaults(defaults: Any) -> dict[str, Any]:
@@ -381,10 +421,7 @@ def _check_defaults(defaults: Any) -> dict[str, Any]:
     if base is not None:
         if not isinstance(base, str):
             raise BatchError(f"defaults.base_uri must be a string, got {_quote(base)}")
-        try:
-            _check_uri(base)
-        except _InvalidValue as e:
-            raise BatchError(f"defaults.base_uri: {e}") from None
+        check_base_uri(base)
     return defaults
 
 
@@ -418,11 +455,14 @@ def _with_defaults(item: Any, defaults: dict[str, Any]) -> Any:
     base = defaults.get("base_uri")
     uri = merged.get("uri")
     if base is not None and isinstance(uri, str):
-        merged["uri"] = _resolve(base, uri)
+        merged["uri"] = resolve(base, uri)
     return merged
 
 
-def _resolve(base: str, reference: str) -> str:
+def resolve(base: str, reference: str) -> str:
+    """
+    ``reference`` resolved against the batch's ``defaults.base_uri``.
+    """
     # RFC 3986 section 5.2: a relative reference against the base; an
     # absolute URI stays as it is.  A reference that does not parse is left
     # for the item's own check to report.
@@ -443,15 +483,13 @@ def _retry(policy: Any, where: str) -> Retry | None:
         raise BatchError(f"{where}.retry must be a JSON object, got {_quote(policy)}")
     _check_fields(policy, _RETRY_FIELDS, f"{where}.retry")
     times = policy.get("times")
-    if type(times) is not int or not 1 <= times <= MAX_RETRIES:
+    if type(times) is not int:
         raise BatchError(
             f"{where}.retry.times must be a whole number from 1 to {MAX_RETRIES}, "
             f"got {_quote(times)}"
         )
     statuses = policy.get("statuses", [])
-    if not isinstance(statuses, list) or not all(
-        type(code) is int and 400 <= code <= 599 for code in statuses
-    ):
+    if not isinstance(statuses, list) or not all(type(code) is int for code in statuses):
         raise BatchError(
             f"{where}.retry.statuses must be an array of statuses from 400 to 599, "
             f"got {_quote(statuses)}"
@@ -461,11 +499,29 @@ def _retry(policy: Any, where: str) -> Retry | None:
         raise BatchError(
             f"{where}.retry.connect_errors must be true or false, got {_quote(connect)}"
         )
-    if not statuses and not connect:
+    return retry_policy(times, statuses, connect, where)
+
+
+def retry_policy(times: int, statuses: list[int], connect_errors: bool, where: str) -> Retry:
+    """
+    A ``retry`` policy, its values checked: from 1 to :data:`MAX_RETRIES`
+    more attempts, on statuses from 400 to 599 and/or connect errors.
+    """
+    if not 1 <= times <= MAX_RETRIES:
+        raise BatchError(
+            f"{where}.retry.times must be a whole number from 1 to {MAX_RETRIES}, "
+            f"got {_quote(times)}"
+        )
+    if not all(400 <= code <= 599 for code in statuses):
+        raise BatchError(
+            f"{where}.retry.statuses must be an array of statuses from 400 to 599, "
+            f"got {_quote(statuses)}"
+        )
+    if not statuses and not connect_errors:
         raise BatchError(
             f"{where}.retry retries nothing; give statuses, connect_errors: true, or both"
         )
-    return Retry(times=times, statuses=frozenset(statuses), connect_errors=connect)
+    return Retry(times=times, statuses=frozenset(statuses), connect_errors=connect_errors)
 
 
 def _header_pairs(headers: Any, where: str) -> list[tuple[str, str]]:
@@ -521,11 +577,7 @@ def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | I
     if id_ is not None:
         if not isinstance(id_, str):
             raise BatchError(f"{where}.id must be a string, got {_quote(id_)}")
-        if not id_ or len(id_) > MAX_ID_LENGTH:
-            raise BatchError(
-                f"{where}.id is {len(id_)} characters long; between 1 and {MAX_ID_LENGTH} "
-                "are allowed"
-            )
+        check_id(id_, where)
     timeout = item.get("timeout_msec")
     if timeout is not None:
         if type(timeout) is not int or timeout < 0:
@@ -533,10 +585,7 @@ def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | I
                 f"{where}.timeout_msec must be a whole number of milliseconds, "
                 f"got {_quote(timeout)}"
             )
-        if timeout > limits.max_timeout_msec:
-            raise BatchError(
-                f"{where}.timeout_msec is {timeout}; at most {limits.max_timeout_msec} is allowed"
-            )
+        check_timeout(timeout, limits, f"{where}.")
     retry = _retry(item.get("retry"), where)
     method = item.get("method", "GET")
     if not isinstance(method, str):
@@ -548,17 +597,40 @@ def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | I
         raise BatchError(f"{where}.uri must be a string, got {_quote(uri)}")
     pairs = _header_pairs(item.get("headers"), where)
     body, body_base64 = _body_fields(item, where)
-
+    if body_base64 is None:
+        return build_request(uri, method, pairs, None, body, limits, id_, timeout, retry)
     try:
-        if body_base64 is not None:
-            encoded: bytes | None = _from_base64(body_base64)
-        else:
-            encoded = None if body is None else body.encode("utf-8")
+        decoded = _from_base64(body_base64)
+    except _InvalidValue as e:
+        return InvalidRequest(uri=uri, error=str(e), id=id_)
+    return build_request(uri, method, pairs, decoded, None, limits, id_, timeout, retry)
+
+
+def build_request(
+    uri: str,
+    method: str,
+    pairs: list[tuple[str, str]],
+    body: bytes | None,
+    text: str | None,
+    limits: Limits,
+    id_: str | None = None,
+    timeout: int | None = None,
+    retry: Retry | None = None,
+) -> UpstreamRequest | InvalidRequest:
+    """
+    One request, its values checked: a bad one fails this request alone.
+
+    :param body: a body sent as given (JSON's ``body_base64``), or ``None``.
+    :param text: a text body (JSON's ``body``), sent as UTF-8 and gzipped
+        by Octoplex if the headers say ``Content-Encoding: gzip``; or ``None``.
+    """
+    try:
+        encoded = body if text is None else text.encode("utf-8")
         _check_header_size(pairs, limits)
         checked = _check_headers(pairs, 0 if encoded is None else len(encoded))
-        if body is not None and _asks_for_gzip(checked):
+        if text is not None and _asks_for_gzip(checked):
             # A text body cannot already be gzip: the header asks Octoplex
-            # to compress it.  A body_base64 is sent as given.
+            # to compress it.  A body given as bytes is sent as given.
             assert encoded is not None
             encoded = gzip.compress(encoded, compresslevel=6)
         return UpstreamRequest(
@@ -883,6 +955,23 @@ def _tag(
         outcome["timings"] = timings
     if id is not None:
         outcome["id"] = id
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class OutcomeFormat:
+    """
+    How a frontend wants each item's outcome built: the multiplexer calls
+    ``success`` and ``failure`` with the arguments of
+    :func:`success_outcome` and :func:`failure_outcome`, and hands back
+    whatever they return.
+    """
+
+    success: Callable[..., Any]
+    failure: Callable[..., Any]
+
+
+#: The HTTP frontend's outcomes: the JSON objects of the wire format.
+JSON_OUTCOMES = OutcomeFormat(success_outcome, failure_outcome)
 
 
 def encode(document: Any) -> bytes:
