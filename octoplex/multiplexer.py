@@ -258,7 +258,7 @@ class _BatchRun:
         self._batch = batch
         self._batch_id = batch_id
         self._log = log
-        self._result = BatchResult(outcomes=[None] * len(batch.requests))  # type: ignore[list-item]
+        self._result = BatchResult(outcomes=[None] * len(batch.requests))
         self._items: list[Deferred[None]] = []
         # Indices still running.  Not ``not d.called``: a Deferred waiting on
         # one its callback returned (the body read) counts as called.

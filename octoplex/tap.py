@@ -34,6 +34,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from octoplex import __version__
+from octoplex.admission import Admission
 from octoplex.auth import TokenError, load_tokens
 from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.config import RELOADABLE, ConfigError, read_config
@@ -677,6 +678,7 @@ class _Octoplex(MultiService):
     options: Options
     app: OctoplexApp
     site: OctoplexSite
+    admission: Admission
     client: UpstreamClient
     drain_timeout: float = 30.0
     drain_delay: float = 0.0
@@ -836,7 +838,7 @@ class _Octoplex(MultiService):
 
     def _apply(self, options: Options) -> None:
         limits = limits_of(options)
-        self._limits = self.app.limits = self.site.limits = limits
+        self._limits = self.app.limits = self.site.limits = self.admission.limits = limits
         self.app.tokens = options["tokens"]
         self.app.multiplexer.max_batch_response_bytes = limits.max_batch_response_bytes
         self.client.reconfigure(
@@ -872,10 +874,10 @@ class _Octoplex(MultiService):
             in_flight=in_flight,
             drain_timeout=self.drain_timeout,
         )
-        self.app.ready = False
+        self.admission.ready = False
         if self.drain_delay:
             await deferLater(self._reactor, self.drain_delay, lambda: None)
-        self.app.draining = True
+        self.admission.draining = True
         listeners = [service for service in self if service is not self.client]
         await DeferredList([maybeDeferred(s.stopService) for s in listeners])
         started = self._reactor.seconds()
@@ -1001,12 +1003,20 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
     client.setServiceParent(root)
     multiplexer = Multiplexer(reactor, client, limits.max_batch_response_bytes, metrics)
     metrics_listen = options["metrics-listen"]
+    admission = Admission(limits, metrics)
     app = OctoplexApp(
-        multiplexer, limits, reactor, options["tokens"], metrics, metrics_routes=not metrics_listen
+        multiplexer,
+        limits,
+        reactor,
+        options["tokens"],
+        metrics,
+        metrics_routes=not metrics_listen,
+        admission=admission,
     )
     root.drain_timeout, root.drain_delay = options["drain-timeout"], options["drain-delay"]
     site = OctoplexSite(app, reactor)
     root.app, root.client, root.site, root.options = app, client, site, options
+    root.admission = admission
     worker = options["worker-id"]
     if worker is not None:
         app.worker = f"{worker}:{os.getpid()}"

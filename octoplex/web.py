@@ -29,6 +29,7 @@ from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
+from octoplex.admission import DRAINING, Admission
 from octoplex.auth import Tokens
 from octoplex.endpoints import set_tcp_nodelay
 from octoplex.inbound import ConnectionRefuser, OctoplexChannel
@@ -154,6 +155,8 @@ class OctoplexApp:
         ``/stats``.
     :ivar metrics_routes: whether ``/metrics`` and ``/stats`` are served
         here; not when a separate listener (``--metrics-listen``) serves them.
+    :ivar admission: which batches run now, shared with the other
+        frontends; one of its own by default.
     """
 
     router: ClassVar[Klein] = Klein()
@@ -165,22 +168,29 @@ class OctoplexApp:
     tokens: Tokens = attr.Factory(lambda: Tokens({}))
     metrics: Metrics = attr.Factory(Metrics)
     metrics_routes: bool = True
-    #: Batches and their upstream requests being answered now.
-    batches_in_flight: int = attr.ib(default=0, init=False)
-    requests_in_flight: int = attr.ib(default=0, init=False)
-    #: Batches shed with 503 since start, for statistics.
-    shed: int = attr.ib(default=0, init=False)
-    #: Cleared when the daemon starts shutting down: /readyz turns 503.
-    ready: bool = attr.ib(default=True, init=False)
-    #: Set once the daemon drains: new batches are refused, while those in
-    #: flight finish.
-    draining: bool = attr.ib(default=False, init=False)
+    admission: Admission = attr.ib(default=None)
     #: "ID:PID" of a worker process (--workers), sent on /healthz as
     #: X-Octoplex-Worker; None for a single process.
     worker: str | None = attr.ib(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.metrics.watch(lambda: self.batches_in_flight, lambda: self.requests_in_flight)
+        if self.admission is None:
+            self.admission = Admission(self.limits, self.metrics)
+
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches being answered now, by every frontend."""
+        return self.admission.batches_in_flight
+
+    @property
+    def ready(self) -> bool:
+        """Cleared when the daemon starts shutting down: /readyz turns 503."""
+        return self.admission.ready
+
+    @property
+    def draining(self) -> bool:
+        """Set once the daemon drains: new batches are refused."""
+        return self.admission.draining
 
     @router.route("/", methods=["GET"])
     @router.route("/healthz", methods=["GET"])
@@ -305,17 +315,13 @@ class OctoplexApp:
         size = len(batch.requests)
         if self.draining:
             return self._draining(request, who, size, started)
-        if (
-            self.batches_in_flight >= self.limits.max_batches_in_flight
-            or self.requests_in_flight + size > self.limits.max_requests_in_flight
-        ):
-            return self._shed(request, who, size, started)
-        self.batches_in_flight += 1
-        self.requests_in_flight += size
+        overload = self.admission.overload(size)
+        if overload is not None:
+            return self._shed(request, who, size, started, overload)
+        self.admission.enter(size)
 
         def done(result: Any) -> Any:
-            self.batches_in_flight -= 1
-            self.requests_in_flight -= size
+            self.admission.leave(size)
             return result
 
         if _wants_stream(request):
@@ -403,7 +409,7 @@ class OctoplexApp:
         ``503`` for a batch that arrives, on a kept-alive connection, while
         the daemon shuts down; the caller should go to another instance.
         """
-        error = "shutting down: this instance takes no new batches; retry on another"
+        error = DRAINING
         answer = error_body(error)
         self.log.info(
             "batch from {client} of {size} requests refused: {error}",
@@ -416,23 +422,18 @@ class OctoplexApp:
         request.setHeader(b"connection", b"close")
         return _respond(request, JSON_CONTENT_TYPE, answer)
 
-    def _shed(self, request: IRequest, who: dict[str, Any], size: int, started: float) -> bytes:
+    def _shed(
+        self, request: IRequest, who: dict[str, Any], size: int, started: float, error: str
+    ) -> bytes:
         """
         ``503`` with ``Retry-After`` at once: past the in-flight caps a batch
         is refused rather than queued without bound.
         """
-        self.shed += 1
-        self.metrics.shed.inc()
-        error = (
-            f"overloaded: {self.batches_in_flight} batches with {self.requests_in_flight} "
-            f"requests in flight (at most {self.limits.max_batches_in_flight} batches and "
-            f"{self.limits.max_requests_in_flight} requests); retry shortly"
-        )
         answer = error_body(error)
         self.log.warn(
             "batch from {client} of {size} requests shed: {error}",
             error=error,
-            shed_total=self.shed,
+            shed_total=self.admission.shed,
             **who,
             **self._answered(started, 503, answer, size=size),
         )
