@@ -1,5 +1,12 @@
 from setuptools import setup
 
+GRPC = [
+    "grpcio>=1.85.1",
+    "protobuf>=7.35.1,<8",
+    "grpcio-health-checking>=1.85.1",
+    "grpcio-reflection>=1.85.1",
+]
+
 setup(
     name="octoplex",
     version="0.1.0",
@@ -8,8 +15,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["octoplex", "twisted.plugins"],
+    packages=["octoplex", "octoplex.v1", "twisted.plugins"],
     include_package_data=False,
+    # The gRPC API's definition, next to the modules generated from it.
+    package_data={"octoplex.v1": ["multiplexer.proto", "*.pyi"]},
     install_requires=[
         # 26.10 is the lowest Twisted tested (tox -e lowest): older ones
         # mutate a used TLS context, which pyOpenSSL 26.2 and later refuse,
@@ -33,7 +42,15 @@ setup(
     extras_require={
         # HTTP/2 on the HTTPS listener, negotiated by ALPN (the h2 package).
         "http2": ["twisted[http2]"],
+        # The gRPC listener (--grpc-listen): octoplex/v1's generated modules
+        # need at least the grpcio and protobuf they were generated for.
+        "grpc": GRPC,
         "test": [
+            *GRPC,
+            # Generates octoplex/v1's modules again, to check the committed
+            # ones match the .proto (tests/test_grpc_proto.py): exactly the
+            # version they were generated with.
+            "grpcio-tools==1.85.1",
             # The HTTPS listener's HTTP/2 is tested, with h2 as the client.
             "twisted[http2]",
             "pytest>=8",

@@ -114,6 +114,7 @@ KEYS: tuple[Key, ...] = tuple(
         ),
         *_keys("logging", "int", "max_bytes", "log-max-bytes", "keep", "log-keep"),
         *_keys("metrics", "string", "listen", "metrics-listen"),
+        *_keys("grpc", "strings", "listen", "grpc-listen", "listen_tls", "grpc-listen-tls"),
     ]
 )  # fmt: skip
 

@@ -50,6 +50,7 @@ from octoplex.tls import (
     load_client_certificate,
     load_trust_root,
     server_options,
+    server_pem,
 )
 from octoplex.web import MetricsSite, OctoplexApp, OctoplexSite
 from octoplex.workers import Master, ParentWatch, stop_reactor, tell_master_ready, usable_cpus
@@ -391,6 +392,8 @@ class Options(LogOptions):
         super().__init__()
         self["listen"] = []
         self["listen-tls"] = []
+        self["grpc-listen"] = []
+        self["grpc-listen-tls"] = []
         self["api-token"] = []
         for option in ("allow-egress", "deny-egress", "allow-egress-host", "deny-egress-host"):
             self[option] = []
@@ -493,6 +496,21 @@ class Options(LogOptions):
         """
         self["listen-tls"].append(description)
 
+    def opt_grpc_listen(self, address: str) -> None:
+        """
+        Serve the gRPC API (octoplex.v1.Multiplexer, health, reflection) on
+        HOST:PORT, e.g. 127.0.0.1:50051; repeatable.  Needs twistd
+        --reactor=asyncio.
+        """
+        self["grpc-listen"].append(address)
+
+    def opt_grpc_listen_tls(self, address: str) -> None:
+        """
+        Serve the gRPC API with TLS (--tls-cert, --tls-key, and client
+        certificates if --tls-client-ca) on HOST:PORT; repeatable.
+        """
+        self["grpc-listen-tls"].append(address)
+
     def opt_api_token(self, entry: str) -> None:
         """
         NAME=TOKEN: require this bearer token on /multiplex; repeatable (a file keeps it out of ps).
@@ -564,6 +582,7 @@ class Options(LogOptions):
                     raise usage.UsageError(
                         self._located(f"--{option} {description!r} is not usable: {e}")
                     ) from None
+        self._check_grpc(reactor)
         self._check_workers()
         try:
             self._load_tls()
@@ -579,6 +598,36 @@ class Options(LogOptions):
             raise usage.UsageError(self._located(str(e))) from None
         if not self.reloading:
             self.open_logs()
+
+    def _check_grpc(self, reactor: Any) -> None:
+        """
+        Check the gRPC listeners' addresses, and that the reactor can host
+        them.
+        """
+        addresses = [
+            (option, address)
+            for option in ("grpc-listen", "grpc-listen-tls")
+            for address in self[option]
+        ]
+        if not addresses:
+            return
+        try:
+            # Only here: grpcio is an extra, which a daemon without a gRPC
+            # listener does not need.
+            from octoplex.grpc_server import check_reactor, split_address
+        except ImportError as e:
+            raise usage.UsageError(
+                f"--{addresses[0][0]} needs the grpc extra (pip install 'octoplex[grpc]'): {e}"
+            ) from None
+        for option, address in addresses:
+            try:
+                split_address(address)
+            except ValueError as e:
+                raise usage.UsageError(self._located(f"--{option} {e}")) from None
+        try:
+            check_reactor(reactor)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
     @property
     def is_master(self) -> bool:
@@ -632,16 +681,22 @@ class Options(LogOptions):
         name rather than failing the first handshake.
         """
         serving = self["listen-tls"]
+        grpc_serving = self["grpc-listen-tls"]
         for option in ("tls-cert", "tls-key", "tls-chain", "tls-client-ca"):
-            if self[option] is not None and not serving:
-                raise usage.UsageError(f"--{option} applies to --listen-tls, which is not given")
-        self["tls-options"] = None
+            if self[option] is not None and not (serving or grpc_serving):
+                raise usage.UsageError(
+                    f"--{option} applies to --listen-tls and --grpc-listen-tls, "
+                    "neither of which is given"
+                )
+        self["tls-options"] = self["grpc-tls"] = None
+        for option, given in (("listen-tls", serving), ("grpc-listen-tls", grpc_serving)):
+            if given and (self["tls-cert"] is None or self["tls-key"] is None):
+                raise usage.UsageError(f"--{option} needs --tls-cert and --tls-key")
+        files = (self["tls-cert"], self["tls-key"], self["tls-chain"], self["tls-client-ca"])
         if serving:
-            if self["tls-cert"] is None or self["tls-key"] is None:
-                raise usage.UsageError("--listen-tls needs --tls-cert and --tls-key")
-            self["tls-options"] = server_options(
-                self["tls-cert"], self["tls-key"], self["tls-chain"], self["tls-client-ca"]
-            )
+            self["tls-options"] = server_options(*files)
+        if grpc_serving:
+            self["grpc-tls"] = server_pem(*files)
         if self["max-batch-size"] > self["max-requests-in-flight"]:
             raise usage.UsageError(
                 f"--max-batch-size {self['max-batch-size']} is above --max-requests-in-flight "
@@ -680,6 +735,8 @@ class _Octoplex(MultiService):
     site: OctoplexSite
     admission: Admission
     client: UpstreamClient
+    #: The gRPC listener (octoplex.grpc_server.GRPCListener), if any.
+    grpc: Any = None
     drain_timeout: float = 30.0
     drain_delay: float = 0.0
     logs: Logs | None = None
@@ -840,6 +897,8 @@ class _Octoplex(MultiService):
         limits = limits_of(options)
         self._limits = self.app.limits = self.site.limits = self.admission.limits = limits
         self.app.tokens = options["tokens"]
+        if self.grpc is not None:
+            self.grpc.servicer.tokens = options["tokens"]
         self.app.multiplexer.max_batch_response_bytes = limits.max_batch_response_bytes
         self.client.reconfigure(
             limits.max_response_bytes,
@@ -875,6 +934,8 @@ class _Octoplex(MultiService):
             drain_timeout=self.drain_timeout,
         )
         self.admission.ready = False
+        if self.grpc is not None:
+            await self.grpc.serving(False)
         if self.drain_delay:
             await deferLater(self._reactor, self.drain_delay, lambda: None)
         self.admission.draining = True
@@ -883,6 +944,8 @@ class _Octoplex(MultiService):
         started = self._reactor.seconds()
         await self.app.multiplexer.drain(self.drain_timeout)
         await self.site.close_connections(CLOSE_GRACE)
+        if self.grpc is not None and self.grpc.stopped is not None:
+            await self.grpc.stopped
         await self.client.stopService()
         if self._previous_resolver is not None:
             self._reactor.installNameResolver(self._previous_resolver)
@@ -1029,4 +1092,42 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
     if metrics_listen:
         metrics_site = MetricsSite(metrics, reactor)
         strports.service(metrics_listen, metrics_site, reactor=reactor).setServiceParent(root)
+    if options["grpc-listen"] or options["grpc-listen-tls"]:
+        root.grpc = _grpc_listener(options, multiplexer, admission, reactor, metrics, limits)
+        root.grpc.setServiceParent(root)
     return root
+
+
+def _grpc_listener(
+    options: Options,
+    multiplexer: Multiplexer,
+    admission: Admission,
+    reactor: Any,
+    metrics: Metrics,
+    limits: Limits,
+) -> Any:
+    """
+    The gRPC listener, on the same multiplexer and admission as the HTTP
+    listeners.
+    """
+    from octoplex.grpc_server import (
+        GRPCListener,
+        MultiplexerServicer,
+        check_reactor,
+        credentials,
+    )
+
+    check_reactor(reactor)
+    servicer = MultiplexerServicer(multiplexer, admission, reactor, options["tokens"], metrics)
+    tls = None if options["grpc-tls"] is None else credentials(options["grpc-tls"])
+    addresses: list[tuple[str, Any]] = [(address, None) for address in options["grpc-listen"]]
+    addresses += [(address, tls) for address in options["grpc-listen-tls"]]
+    return GRPCListener(
+        servicer,
+        addresses,
+        limits,
+        reuse_port=options["worker-id"] is not None,
+        # The calls in flight are drained with the HTTP batches; this is
+        # only the bound past which grpc cancels what is left.
+        grace=options["drain-timeout"] + options["drain-delay"] + CLOSE_GRACE,
+    )

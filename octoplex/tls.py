@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attr
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -61,12 +62,15 @@ from zope.interface import implementer
 
 __all__ = [
     "CertificateRejected",
+    "ServerPEM",
     "TLSConfigError",
     "UpstreamTLSPolicy",
+    "certificate_identity",
     "load_client_certificate",
     "load_trust_root",
     "peer_identity",
     "server_options",
+    "server_pem",
 ]
 
 #: TLS 1.2 suites with forward secrecy and AEAD only; TLS 1.3's suites are
@@ -201,6 +205,51 @@ def server_options(
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
         acceptableProtocols=SERVER_ALPN,
         **verify,
+    )
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ServerPEM:
+    """
+    The TLS files of a listener, read and checked as for the HTTPS
+    listener, as PEM: for a TLS stack other than OpenSSL's through
+    pyOpenSSL (the gRPC listener's).
+
+    :ivar key: the private key, PKCS#8.
+    :ivar chain: the certificate, then its intermediates.
+    :ivar client_ca: the CAs that must have signed a client's certificate,
+        or ``None`` to ask for none.
+    """
+
+    key: bytes
+    chain: bytes
+    client_ca: bytes | None
+
+
+def server_pem(
+    cert_path: str,
+    key_path: str,
+    chain_path: str | None = None,
+    client_ca_path: str | None = None,
+) -> ServerPEM:
+    """
+    The same files as :func:`server_options`, checked the same way.
+
+    :raises TLSConfigError: naming the file that is missing, unreadable,
+        malformed or does not match.
+    """
+    certificates, key = _pair(cert_path, key_path, "TLS")
+    if chain_path is not None:
+        certificates += _certificates(chain_path, "TLS chain file")
+    client_ca = None
+    if client_ca_path is not None:
+        client_ca = b"".join(
+            _to_pem(c) for c in _certificates(client_ca_path, "TLS client CA file")
+        )
+    return ServerPEM(
+        key=key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()),
+        chain=b"".join(_to_pem(c) for c in certificates),
+        client_ca=client_ca,
     )
 
 
@@ -366,7 +415,14 @@ def peer_identity(transport: Any) -> str | None:
     peer = get_peer_certificate()
     if peer is None:
         return None
-    certificate = peer.to_cryptography()
+    return certificate_identity(peer.to_cryptography())
+
+
+def certificate_identity(certificate: x509.Certificate) -> str | None:
+    """
+    A client certificate's identity: its subject CN, else its first subject
+    alternative name.
+    """
     common = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if common:
         return str(common[0].value)

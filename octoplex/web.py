@@ -32,6 +32,7 @@ from zope.interface import implementer
 from octoplex.admission import DRAINING, Admission
 from octoplex.auth import Tokens
 from octoplex.endpoints import set_tcp_nodelay
+from octoplex.events import answered
 from octoplex.inbound import ConnectionRefuser, OctoplexChannel
 from octoplex.limits import Limits
 from octoplex.metrics import TEXT_CONTENT_TYPE, Metrics, render_json, render_text
@@ -391,18 +392,9 @@ class OctoplexApp:
         before any gzip.  Counts the
         batch in the statistics.
         """
-        elapsed = self.clock.seconds() - started
         sent = answer if isinstance(answer, int) else len(answer)
-        self.metrics.batch(status, elapsed, sent)
-        return {
-            "status": status,
-            "size": size,
-            "succeeded": succeeded,
-            "failed": failed,
-            "timed_out": timed_out,
-            "bytes_out": sent,
-            "elapsed_ms": int(elapsed * 1000),
-        }
+        elapsed = self.clock.seconds() - started
+        return answered(self.metrics, elapsed, status, sent, size, succeeded, failed, timed_out)
 
     def _draining(self, request: IRequest, who: dict[str, Any], size: int, started: float) -> bytes:
         """

@@ -1,0 +1,40 @@
+"""
+The fields that end a batch's log event, the same for every frontend, so
+that the access log and the statistics read alike whichever listener a
+batch came in by.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from octoplex.metrics import Metrics
+
+__all__ = ["answered"]
+
+
+def answered(
+    metrics: Metrics,
+    elapsed: float,
+    status: int,
+    sent: int,
+    size: int = 0,
+    succeeded: int = 0,
+    failed: int = 0,
+    timed_out: int = 0,
+) -> dict[str, Any]:
+    """
+    Count a batch answered with ``status`` (an HTTP status, or the one a
+    gRPC status counts as) after ``elapsed`` seconds, ``sent`` bytes of
+    answer, in the statistics; the fields of its event.
+    """
+    metrics.batch(status, elapsed, sent)
+    return {
+        "status": status,
+        "size": size,
+        "succeeded": succeeded,
+        "failed": failed,
+        "timed_out": timed_out,
+        "bytes_out": sent,
+        "elapsed_ms": int(elapsed * 1000),
+    }
