@@ -528,7 +528,8 @@ def start_up_errors(tmp_path: Path) -> list[tuple[list[str], str]]:
                 "--tls-client-ca",
                 str(good.cert),
             ],
-            "--tls-client-ca applies to --listen-tls and --grpc-listen-tls, neither of which is given",
+            "--tls-client-ca applies to --listen-tls and --grpc-listen-tls, "
+            "neither of which is given",
         ),
     ]
 
