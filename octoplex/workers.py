@@ -162,11 +162,17 @@ def usable_cpus(root: str = "/") -> int:
     return max(cpus, 1)
 
 
-def worker_argv(argv: list[str], worker_id: int, metrics_socket: str | None = None) -> list[str]:
+def worker_argv(
+    argv: list[str],
+    worker_id: int,
+    metrics_socket: str | None = None,
+    reactor: str | None = None,
+) -> list[str]:
     """
     The command line of worker ``worker_id``: this interpreter running
     twistd in the foreground with the master's options; with
-    ``metrics_socket``, it serves its statistics there.
+    ``metrics_socket``, it serves its statistics there; with ``reactor``,
+    on that twistd reactor (``asyncio`` for a gRPC listener).
     """
     metrics = [] if metrics_socket is None else ["--metrics-listen", f"unix:{metrics_socket}"]
     return [
@@ -175,6 +181,7 @@ def worker_argv(argv: list[str], worker_id: int, metrics_socket: str | None = No
         "from twisted.scripts.twistd import run; run()",
         "-n",
         "--pidfile=",
+        *([] if reactor is None else [f"--reactor={reactor}"]),
         "octoplex",
         *argv,
         "--workers",
@@ -309,6 +316,11 @@ class Master(Service):
         self._previous: dict[int, Any] = {}
         self._metrics: Any = None
         self._metrics_dir: str | None = None
+        #: The twistd reactor the workers run: a gRPC listener needs
+        #: asyncio's (the master's was checked to be it); else twistd's default.
+        self._reactor_name: str | None = None
+        if options["grpc-listen"] or options["grpc-listen-tls"]:
+            self._reactor_name = "asyncio"
         if options["metrics-listen"] is not None:
             _remove_orphaned_sockets()
             self._metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
@@ -335,22 +347,30 @@ class Master(Service):
         Bind each listener's address once, as the workers will, so that an
         address that cannot be bound stops start-up now, in one line.
         """
+        addresses = []
         for option in ("listen", "listen-tls"):
             for description in self.options[option]:
                 endpoint: Any = serverFromString(self._reactor, description)
-                interface, port = endpoint._interface, endpoint._port
-                family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-                probe = socket.socket(family, socket.SOCK_STREAM)
-                try:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                    probe.bind((interface, port))
-                except OSError as e:
-                    raise SystemExit(
-                        f"octoplex: cannot listen on {interface or '*'}:{port}: {e}"
-                    ) from None
-                finally:
-                    probe.close()
+                addresses.append((endpoint._interface, endpoint._port))
+        grpc = self.options["grpc-listen"] + self.options["grpc-listen-tls"]
+        if grpc:
+            # Only with a gRPC listener: grpcio is an extra.
+            from octoplex.grpc_server import split_address
+
+            addresses += [split_address(address) for address in grpc]
+        for interface, port in addresses:
+            family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+            probe = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                probe.bind((interface, port))
+            except OSError as e:
+                raise SystemExit(
+                    f"octoplex: cannot listen on {interface or '*'}:{port}: {e}"
+                ) from None
+            finally:
+                probe.close()
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -454,7 +474,7 @@ class Master(Service):
         transport = self._reactor.spawnProcess(
             protocol,
             sys.executable,
-            worker_argv(self.options.argv, worker_id, socket),
+            worker_argv(self.options.argv, worker_id, socket, self._reactor_name),
             env=dict(os.environ),
             childFDs={0: "w", 1: "r", 2: "r", READY_FD: "r"},
         )

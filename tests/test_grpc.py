@@ -44,7 +44,9 @@ class Daemon:
     A ``twistd --reactor=asyncio octoplex`` with gRPC listeners, and its log.
     """
 
-    def __init__(self, tmp: Path, options: list[str], plain: bool, tls: bool) -> None:
+    def __init__(
+        self, tmp: Path, options: list[str], plain: bool, tls: bool, workers: int = 1
+    ) -> None:
         self.tmp = tmp
         self.http_port = free_port()
         self.grpc_port = free_port() if plain else None
@@ -71,7 +73,7 @@ class Daemon:
                     "--allow-egress",
                     "127.0.0.0/8",
                     "--workers",
-                    "1",
+                    str(workers),
                     *listeners,
                     *options,
                 ],
@@ -622,5 +624,34 @@ async def test_sigterm_drains_a_grpc_call_in_flight(tmp_path: Path, upstream: Up
             result = await answer
         assert result.outcomes[0].success.content == b"delayed 800"
         assert await wait_for_exit(running.process, 15) == 0
+    finally:
+        running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_share_the_grpc_address(tmp_path: Path, upstream: Upstream) -> None:
+    """With --workers 2 each worker binds the gRPC address (SO_REUSEPORT) and serves on it."""
+    running = Daemon(tmp_path, [], plain=True, tls=False, workers=2)
+    try:
+        batch = pb.Batch(timeout_msec=2000, requests=[pb.Request(uri=upstream.url + "/hello")])
+        served: set[str] = set()
+        for _ in range(40):
+            # A new connection each time: the kernel spreads them over the workers.
+            with grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
+                if not served:
+                    await deferToThread(wait_serving, running, channel)
+                stub = pb_grpc.MultiplexerStub(channel)
+                result = await call(stub.Multiplex, batch, metadata=())
+            assert result.outcomes[0].success.content == b"Hello world!"
+            served = {
+                path.name
+                for path in tmp_path.glob("octoplex.log.worker-*")
+                if '"frontend":"grpc"' in path.read_text()
+            }
+            if len(served) == 2:
+                break
+        assert served == {"octoplex.log.worker-0", "octoplex.log.worker-1"}
+        running.process.send_signal(signal.SIGTERM)
+        assert await wait_for_exit(running.process, 20) == 0
     finally:
         running.stop()
