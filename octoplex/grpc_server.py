@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 import attr
 import grpc
 from cryptography import x509
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from twisted.application.service import Service
@@ -51,7 +52,6 @@ from octoplex.metrics import Metrics
 from octoplex.multiplexer import BatchResult, Multiplexer
 from octoplex.tls import ServerPEM, certificate_identity
 from octoplex.v1 import multiplexer_pb2 as pb
-from octoplex.v1 import multiplexer_pb2_grpc as pb_grpc
 from octoplex.wire import Batch, BatchError
 
 __all__ = [
@@ -159,9 +159,12 @@ class _Call:
     who: dict[str, Any]
 
 
-class MultiplexerServicer(pb_grpc.MultiplexerServicer):
+class MultiplexerServicer:
     """
-    The two RPCs, over the daemon's multiplexer.
+    The two RPCs, over the daemon's multiplexer.  Each takes its request as
+    the bytes that came, and parses them itself, so that a malformed
+    message is ``INVALID_ARGUMENT`` with its reason, logged like any other
+    refused batch (grpcio would answer ``UNKNOWN``, unlogged).
 
     :param multiplexer: runs each batch.
     :param admission: the in-flight caps and draining flag every frontend
@@ -187,9 +190,7 @@ class MultiplexerServicer(pb_grpc.MultiplexerServicer):
         self.tokens = tokens
         self._metrics = metrics
 
-    async def Multiplex(
-        self, request: pb.Batch, context: grpc.aio.ServicerContext
-    ) -> pb.BatchResult:
+    async def Multiplex(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.BatchResult:
         """Every outcome, in request order, by the batch's deadline."""
         call = await self._admit(request, context, "Multiplex")
         running = self._multiplexer.run(
@@ -206,7 +207,7 @@ class MultiplexerServicer(pb_grpc.MultiplexerServicer):
         self._log_batch(call, result, answer.ByteSize())
         return answer
 
-    async def MultiplexStream(self, request: pb.Batch, context: grpc.aio.ServicerContext) -> None:
+    async def MultiplexStream(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         """
         Each outcome as soon as it is known, the last by the batch's
         deadline; the counts in the trailing metadata.
@@ -279,13 +280,27 @@ class MultiplexerServicer(pb_grpc.MultiplexerServicer):
             )
             raise
 
-    async def _admit(self, request: pb.Batch, context: grpc.aio.ServicerContext, rpc: str) -> _Call:
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's methods, for a server."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Multiplex": grpc.unary_unary_rpc_method_handler(
+                    self.Multiplex, response_serializer=pb.BatchResult.SerializeToString
+                ),
+                "MultiplexStream": grpc.unary_stream_rpc_method_handler(
+                    self.MultiplexStream, response_serializer=pb.Outcome.SerializeToString
+                ),
+            },
+        )
+
+    async def _admit(self, request: bytes, context: grpc.aio.ServicerContext, rpc: str) -> _Call:
         """
         Check the caller, the batch and the load, in that order; end the
         call with its status if one says no.
         """
         started = self._clock.seconds()
-        bytes_in = request.ByteSize()
+        bytes_in = len(request)
         self._metrics.bytes_received.inc(bytes_in)
         address = _address(context.peer())
         identity = _tls_identity(context)
@@ -320,7 +335,11 @@ class MultiplexerServicer(pb_grpc.MultiplexerServicer):
             who["token_name"] = token_name
             who["client"] = f"{client} [token {token_name}]"
         try:
-            batch = batch_of(request, self._admission.limits)
+            try:
+                message = pb.Batch.FromString(request)
+            except DecodeError as e:
+                raise BatchError(f"the request is not an octoplex.v1.Batch message: {e}") from None
+            batch = batch_of(message, self._admission.limits)
         except BatchError as e:
             await self._refuse(
                 context, who, started, grpc.StatusCode.INVALID_ARGUMENT, str(e), "rejected"
@@ -450,7 +469,7 @@ class GRPCListener(Service):
                 ("grpc.max_connection_idle_ms", int(self._limits.idle_timeout * 1000)),
             ]
         )
-        pb_grpc.add_MultiplexerServicer_to_server(self.servicer, server)
+        server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -88,6 +88,10 @@ class Daemon:
         """The daemon's log events so far."""
         return [json.loads(line) for line in self.log.read_text().splitlines() if line]
 
+    def errors(self) -> list[dict[str, Any]]:
+        """The error events the daemon logged: a test fails on any."""
+        return [e for e in self.events() if e.get("level") in ("error", "critical")]
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -177,6 +181,7 @@ def daemon(
         yield running
     finally:
         running.stop()
+    assert running.errors() == []
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +216,7 @@ def tight(
         yield running
     finally:
         running.stop()
+    assert running.errors() == []
 
 
 def _mtls_channel(daemon: Daemon, certificates: dict[str, Any]) -> grpc.Channel:
@@ -236,14 +242,14 @@ def upstream() -> Iterator[Upstream]:
     pytest_twisted.blockon(server.stop())
 
 
-async def call(method: Callable[..., Any], batch: pb.Batch, **kwargs: Any) -> Any:
+async def call(method: Callable[..., Any], batch: Any, **kwargs: Any) -> Any:
     """``method(batch)`` in a thread, with the token and a timeout unless given."""
     kwargs.setdefault("metadata", BEARER)
     kwargs.setdefault("timeout", CALL_TIMEOUT)
     return await deferToThread(method, batch, **kwargs)
 
 
-async def refused(method: Callable[..., Any], batch: pb.Batch, **kwargs: Any) -> grpc.RpcError:
+async def refused(method: Callable[..., Any], batch: Any, **kwargs: Any) -> grpc.RpcError:
     """The error a call that must fail ends with."""
     with pytest.raises(grpc.RpcError) as caught:
         await call(method, batch, **kwargs)
@@ -438,6 +444,29 @@ async def test_batch_errors_are_invalid_argument_naming_the_value_and_limit(
     assert result.outcomes[0].success.status == 200
     rejected = [e for e in daemon.events() if "rejected" in e.get("message", "")]
     assert any(e["status"] == 400 and e["grpc_code"] == "INVALID_ARGUMENT" for e in rejected)
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_that_are_no_batch_message_are_invalid_argument(
+    daemon: Daemon, upstream: Upstream
+) -> None:
+    """Corrupt protobuf, or a string field with bad UTF-8, is INVALID_ARGUMENT, and logged."""
+    with grpc.insecure_channel(f"127.0.0.1:{daemon.grpc_port}") as channel:
+        raw = channel.unary_unary("/octoplex.v1.Multiplexer/Multiplex")
+        for data, reason in [
+            (b"\xff\xff\xff", "corrupt"),
+            # requests[0].uri = three bytes that are not UTF-8.
+            (b"\x12\x05\x1a\x03\xff\xfe\xfd", "UTF-8"),
+        ]:
+            error = await refused(raw, data)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.details().startswith("the request is not an octoplex.v1.Batch message")
+            assert reason in error.details()
+        good = pb.Batch(timeout_msec=2000, requests=[pb.Request(uri=upstream.url + "/hello")])
+        answer = pb.BatchResult.FromString(await call(raw, good.SerializeToString()))
+    assert answer.outcomes[0].success.content == b"Hello world!"
+    logged = [e for e in daemon.events() if "not an octoplex.v1.Batch" in e.get("error", "")]
+    assert len(logged) == 2 and {e["status"] for e in logged} == {400}
 
 
 @pytest_twisted.ensureDeferred
