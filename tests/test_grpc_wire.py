@@ -9,6 +9,8 @@ import base64
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.web.http_headers import Headers
 
 from octoplex.grpc_wire import batch_of, failure, success
@@ -183,3 +185,54 @@ def test_a_failure_has_its_kind_and_timings() -> None:
     assert outcome.timings.total_msec == 3.5 and outcome.timings.reused
     assert not outcome.timings.HasField("dns_msec")
     assert outcome.id == "" and outcome.attempts == 0
+
+
+_text = st.text(max_size=12)
+_headers = st.lists(st.builds(pb.Header, name=_text, value=_text), max_size=3)
+_retry = st.builds(
+    pb.Retry,
+    times=st.integers(0, 7),
+    statuses=st.lists(st.integers(0, 700), max_size=3),
+    connect_errors=st.booleans(),
+)
+_requests = st.builds(
+    pb.Request,
+    id=_text,
+    method=st.sampled_from(["", "GET", "POST", "BAD METHOD", "\u00e9"]),
+    uri=st.sampled_from(["", "/rel", "http://127.0.0.1:9/x", "nope://x", "http://[::1"]),
+    headers=_headers,
+    text=st.one_of(st.none(), _text),
+    timeout_msec=st.one_of(st.none(), st.integers(0, 2000)),
+    retry=st.one_of(st.none(), _retry),
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    requests=st.lists(_requests, max_size=7),
+    timeout=st.one_of(st.none(), st.integers(0, 2000)),
+    base=st.sampled_from(["", "http://127.0.0.1:9/api/", "not a uri"]),
+    max_parallel=st.one_of(st.none(), st.integers(0, 3)),
+)
+def test_any_message_is_a_batch_or_a_batch_error(
+    requests: list[pb.Request], timeout: int | None, base: str, max_parallel: int | None
+) -> None:
+    """Whatever a Batch message holds, it parses to one request per item or a BatchError."""
+    message = pb.Batch(
+        requests=requests,
+        timeout_msec=timeout,
+        defaults=pb.Defaults(base_uri=base),
+        max_parallel=max_parallel,
+    )
+    # Through the bytes, as a call's message comes.
+    message = pb.Batch.FromString(message.SerializeToString())
+    try:
+        batch = batch_of(message, Limits(max_batch_size=5, max_timeout_msec=1000))
+    except BatchError as e:
+        assert str(e)
+    else:
+        assert len(batch.requests) == len(requests)
+        for request, item in zip(batch.requests, requests, strict=True):
+            assert request.id == (item.id or None)
+            if isinstance(request, InvalidRequest):
+                assert request.error
