@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from octoplex.admission import DRAINING, Admission
 from octoplex.auth import Tokens
 from octoplex.events import answered
-from octoplex.grpc_wire import GRPC_OUTCOMES, batch_of
+from octoplex.grpc_wire import GRPC_OUTCOMES, batch_of, batch_result
 from octoplex.limits import Limits
 from octoplex.metrics import Metrics
 from octoplex.multiplexer import BatchResult, Multiplexer
@@ -190,7 +190,7 @@ class MultiplexerServicer:
         self.tokens = tokens
         self._metrics = metrics
 
-    async def Multiplex(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.BatchResult:
+    async def Multiplex(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Every outcome, in request order, by the batch's deadline."""
         call = await self._admit(request, context, "Multiplex")
         running = self._multiplexer.run(
@@ -201,10 +201,8 @@ class MultiplexerServicer:
             result: BatchResult = await self._ending(future, call, context)
         finally:
             self._admission.leave(len(call.batch.requests))
-        for index, outcome in enumerate(result.outcomes):
-            outcome.index = index
-        answer = pb.BatchResult(outcomes=result.outcomes)
-        self._log_batch(call, result, answer.ByteSize())
+        answer = batch_result(result.outcomes)
+        self._log_batch(call, result, len(answer))
         return answer
 
     async def MultiplexStream(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
@@ -228,8 +226,9 @@ class MultiplexerServicer:
         written = 0
         try:
             while (outcome := await self._ending(queue.get(), call, context, future)) is not _END:
-                written += outcome.ByteSize()
-                await self._ending(context.write(outcome), call, context, future)
+                data = outcome.SerializeToString()
+                written += len(data)
+                await self._ending(context.write(data), call, context, future)
             result: BatchResult = future.result()
         finally:
             self._admission.leave(len(call.batch.requests))
@@ -285,12 +284,9 @@ class MultiplexerServicer:
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
-                "Multiplex": grpc.unary_unary_rpc_method_handler(
-                    self.Multiplex, response_serializer=pb.BatchResult.SerializeToString
-                ),
-                "MultiplexStream": grpc.unary_stream_rpc_method_handler(
-                    self.MultiplexStream, response_serializer=pb.Outcome.SerializeToString
-                ),
+                # Requests and answers as bytes: parsed and serialized here.
+                "Multiplex": grpc.unary_unary_rpc_method_handler(self.Multiplex),
+                "MultiplexStream": grpc.unary_stream_rpc_method_handler(self.MultiplexStream),
             },
         )
 

@@ -37,7 +37,7 @@ from octoplex.wire import (
     retry_policy,
 )
 
-__all__ = ["GRPC_OUTCOMES", "KIND_VALUES", "batch_of"]
+__all__ = ["GRPC_OUTCOMES", "KIND_VALUES", "batch_of", "batch_result"]
 
 #: The ``Kind`` enum's value of each error kind of :data:`~octoplex.errors.KINDS`.
 KIND_VALUES: dict[str, Any] = {kind: pb.Kind.Value(f"KIND_{kind.upper()}") for kind in KINDS}
@@ -129,10 +129,14 @@ def _request(
     return build_request(uri, method or "GET", pairs, body, text, limits, id_, timeout, retry)
 
 
-def _outcome(
-    id: str | None, attempts: int | None, timings: dict[str, Any] | None, **result: Any
+def _tagged(
+    outcome: pb.Outcome, id: str | None, attempts: int | None, timings: dict[str, Any] | None
 ) -> pb.Outcome:
-    outcome = pb.Outcome(id=id or "", attempts=attempts or 0, **result)
+    # What either kind of outcome echoes of its request, when there is any.
+    if id is not None:
+        outcome.id = id
+    if attempts is not None:
+        outcome.attempts = attempts
     if timings is not None:
         outcome.timings.CopyFrom(
             pb.Timings(**{name: value for name, value in timings.items() if value is not None})
@@ -162,21 +166,19 @@ def success(
         raw_headers = [
             (name, value) for name, values in headers.getAllRawHeaders() for value in values
         ]
-    return _outcome(
-        id,
-        attempts,
-        timings,
-        success=pb.Success(
-            status=status,
-            headers=[
-                pb.Header(name=name.decode("latin-1"), value=value.decode("latin-1"))
-                for name, value in raw_headers
-            ],
-            content=content,
-            duration_msec=duration_msec,
-            content_encoding=content_encoding or "",
-        ),
-    )
+    outcome = pb.Outcome()
+    # Filled in place: about half the CPU of building each part and
+    # copying it in.
+    result = outcome.success
+    result.status = status
+    add = result.headers.add
+    for name, value in raw_headers:
+        add(name=name.decode("latin-1"), value=value.decode("latin-1"))
+    result.content = content
+    result.duration_msec = duration_msec
+    if content_encoding is not None:
+        result.content_encoding = content_encoding
+    return _tagged(outcome, id, attempts, timings)
 
 
 def failure(
@@ -191,12 +193,40 @@ def failure(
     """
     A ``Failure`` outcome, its kind the ``Kind`` of the JSON kind.
     """
-    return _outcome(
-        id,
-        attempts,
-        timings,
-        failure=pb.Failure(error=error, kind=KIND_VALUES[kind], duration_msec=duration_msec),
-    )
+    outcome = pb.Outcome()
+    result = outcome.failure
+    result.error = error
+    result.kind = KIND_VALUES[kind]
+    result.duration_msec = duration_msec
+    return _tagged(outcome, id, attempts, timings)
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+#: The key of BatchResult's ``outcomes`` (field 1, length-delimited).
+_OUTCOMES_KEY = b"\x0a"
+
+
+def batch_result(outcomes: list[pb.Outcome]) -> bytes:
+    """
+    The ``BatchResult`` of ``outcomes``, serialized, each outcome given its
+    index: the bytes protobuf would write, without first copying every
+    outcome into a ``BatchResult`` message (a third of the time).
+    """
+    parts: list[bytes] = []
+    for index, outcome in enumerate(outcomes):
+        outcome.index = index
+        data = outcome.SerializeToString()
+        parts += (_OUTCOMES_KEY, _varint(len(data)), data)
+    return b"".join(parts)
 
 
 #: The gRPC frontend's outcomes: ``Outcome`` messages (their ``index`` is

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.web.http_headers import Headers
 
-from octoplex.grpc_wire import batch_of, failure, success
+from octoplex.grpc_wire import batch_of, batch_result, failure, success
 from octoplex.limits import Limits
 from octoplex.v1 import multiplexer_pb2 as pb
 from octoplex.wire import BatchError, InvalidRequest, UpstreamRequest, parse_batch
@@ -236,3 +236,15 @@ def test_any_message_is_a_batch_or_a_batch_error(
             assert request.id == (item.id or None)
             if isinstance(request, InvalidRequest):
                 assert request.error
+
+
+@settings(max_examples=50, derandomize=True, deadline=None)
+@given(sizes=st.lists(st.integers(0, 20000), max_size=6))
+def test_a_batch_result_is_serialized_as_protobuf_would(sizes: list[int]) -> None:
+    """batch_result's bytes are BatchResult's, whatever the outcomes' sizes (varint lengths)."""
+    outcomes = [success(200, Headers(), b"x" * size, 1) for size in sizes]
+    outcomes += [failure("no", 2, "dns", id="f")]
+    data = batch_result(outcomes)
+    parsed = pb.BatchResult.FromString(data)
+    assert [o.index for o in parsed.outcomes] == list(range(len(outcomes)))
+    assert data == pb.BatchResult(outcomes=outcomes).SerializeToString()
