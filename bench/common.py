@@ -535,14 +535,25 @@ def start_python_upstream(
 # The daemon
 
 
-def octoplex_argv(cmd: str | None, port: int) -> tuple[list[str], str]:
+def octoplex_argv(
+    cmd: str | None, port: int, twistd_options: Sequence[str] = ()
+) -> tuple[list[str], str]:
+    """
+    The daemon's argv listening on ``port``, and where its command came
+    from.  ``twistd_options`` (e.g. ``--reactor=asyncio``) go before
+    ``octoplex``, so only the default command takes them.
+    """
     listen = f"tcp:{port}:interface={HOST}"
     if cmd is None:
         twistd, where = find_twistd(" or pass --octoplex-cmd")
         # The upstream is local, and local addresses are refused by default.
-        argv = [twistd, "-n", "--pidfile=", "octoplex", "--listen", listen]
+        argv = [twistd, "-n", "--pidfile=", *twistd_options, "octoplex", "--listen", listen]
         argv += ["--allow-egress", "127.0.0.0/8"]
         return argv, f"{twistd} (found {where})"
+    if twistd_options:
+        raise BenchError(
+            f"twistd options {list(twistd_options)} cannot be added to --octoplex-cmd {cmd!r}"
+        )
     if "{port}" in cmd or "{listen}" in cmd:
         argv = shlex.split(cmd.replace("{port}", str(port)).replace("{listen}", listen))
     else:
@@ -558,14 +569,17 @@ def start_octoplex(
     workers: int = 1,
     extra: Sequence[str] = (),
     name: str = "",
+    twistd_options: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[Any], int, str, list[str], str]:
     """
-    Start the daemon with ``--workers N`` and ``extra`` options, pinned to
-    the daemon CPUs if it is one process; wait for /healthz.  Return the
-    process, its port, its log, its argv and where its command came from.
+    Start the daemon with ``--workers N`` and ``extra`` options (and
+    ``twistd_options`` before ``octoplex``, e.g. ``--reactor=asyncio``),
+    pinned to the daemon CPUs if it is one process; wait for /healthz.
+    Return the process, its port, its log, its argv and where its command
+    came from.
     """
     port = free_port()
-    argv, source = octoplex_argv(cmd, port)
+    argv, source = octoplex_argv(cmd, port, twistd_options)
     # Always given: the default (auto) is one worker per CPU.
     argv += ["--workers", str(workers), *extra]
     env = daemon_env()

@@ -12,6 +12,8 @@ line, headers, and a Content-Length body; chunked request bodies get 501.
   requests wait their turn, as HTTP/1.1 has it.
 - ``GET /stats`` answers at once, as JSON: connections accepted and open,
   requests answered, and requests waiting out a delay (``pending``).
+- ``/echo`` answers at once with the request's body, as
+  ``application/octet-stream``.
 - ``--tls-cert PEM --tls-key PEM`` serves HTTPS instead.
 
 It raises its own RLIMIT_NOFILE to the hard limit, to hold many connections.
@@ -92,11 +94,15 @@ class Hello(asyncio.Protocol):
                     keep_alive = value == b"keep-alive" or (keep_alive and value != b"close")
             if len(self.buffer) < end + 4 + length:
                 return
+            body = self.buffer[end + 4 : end + 4 + length]
             self.buffer = self.buffer[end + 4 + length :]
             parts = lines[0].split(b" ")
             path = parts[1] if len(parts) > 1 else b"/"
             if path == b"/stats":
                 self._answer(keep_alive, stats=True)
+                continue
+            if path == b"/echo":
+                self._echo(keep_alive, body)
                 continue
             delay = self.delay
             if path.startswith(b"/delay/"):
@@ -112,6 +118,18 @@ class Hello(asyncio.Protocol):
         Counters.pending -= 1
         self._answer(keep_alive)
         self._serve()
+
+    def _echo(self, keep_alive: bool, body: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        Counters.answered += 1
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s"
+            % (len(body), b"" if keep_alive else b"Connection: close\r\n", body)
+        )
+        if not keep_alive:
+            self.transport.close()
 
     def _answer(self, keep_alive: bool, stats: bool = False) -> None:
         if self.transport.is_closing():
