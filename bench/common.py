@@ -822,6 +822,31 @@ def write_json(path: str, document: dict[str, Any]) -> None:
 # Command line
 
 
+def add_placement_arguments(parser: argparse.ArgumentParser, load: str) -> None:
+    """
+    The options of where a benchmark's processes run: the upstream, nginx,
+    and the CPUs of the daemon and of ``load`` (with the upstream).
+    """
+    parser.add_argument(
+        "--upstream",
+        choices=("auto", "nginx", "python"),
+        default="auto",
+        help="auto: nginx if installed, else bench/upstream.py (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--nginx", default="/usr/sbin/nginx", help="nginx binary (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--daemon-cpus", default="0", help="taskset CPU list for the daemon (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--load-cpus",
+        default="1",
+        help=f"taskset CPU list for the upstream and {load} (default: %(default)s)",
+    )
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

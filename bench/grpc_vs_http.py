@@ -51,7 +51,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import common
-from common import HOST, BenchError, Pinning, positive_int
+from common import HOST, BenchError, Pinning, add_placement_arguments, positive_int
 from scenarios import fmt, percentile, table
 
 #: The two workloads: batch size, method, and each body's length.
@@ -936,24 +936,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the batches' timeout_msec, generous so that deadlines do not shape "
         "the result (default: %(default)s)",
     )
-    parser.add_argument(
-        "--upstream",
-        choices=("auto", "nginx", "python"),
-        default="auto",
-        help="auto: nginx if installed, else bench/upstream.py (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--nginx", default="/usr/sbin/nginx", help="nginx binary (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--daemon-cpus", default="0", help="taskset CPU list for the daemon (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--load-cpus",
-        default="1",
-        help="taskset CPU list for the upstream and the load processes (default: %(default)s)",
-    )
-    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    add_placement_arguments(parser, "the load processes")
     parser.add_argument(
         "--rounds",
         type=positive_int,

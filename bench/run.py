@@ -41,6 +41,7 @@ import common
 from common import (
     HOST,
     Pinning,
+    add_placement_arguments,
     check_one_batch,
     nginx_accepts,
     positive_int,
@@ -244,25 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "sys.executable (else .venv/bin/twistd, else PATH).  It runs with "
         "cwd and PYTHONPATH set to the repository root.",
     )
-    parser.add_argument(
-        "--upstream",
-        choices=("auto", "nginx", "python"),
-        default="auto",
-        help="auto: nginx if installed, else bench/upstream.py (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--nginx", default="/usr/sbin/nginx", help="nginx binary (default: %(default)s)"
-    )
+    add_placement_arguments(parser, "wrk")
     parser.add_argument("--wrk", default=None, help="wrk binary (default: wrk on PATH)")
-    parser.add_argument(
-        "--daemon-cpus", default="0", help="taskset CPU list for the daemon (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--load-cpus",
-        default="1",
-        help="taskset CPU list for the upstream and wrk (default: %(default)s)",
-    )
-    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
         "--no-check-responses",
         action="store_true",

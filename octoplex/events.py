@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from octoplex.metrics import Metrics
+from octoplex.multiplexer import BatchResult
 
-__all__ = ["answered"]
+__all__ = ["answered", "batch_answered"]
 
 
 def answered(
@@ -38,3 +39,19 @@ def answered(
         "bytes_out": sent,
         "elapsed_ms": int(elapsed * 1000),
     }
+
+
+def batch_answered(
+    metrics: Metrics, elapsed: float, sent: int, result: BatchResult
+) -> dict[str, Any]:
+    """:func:`answered` for a batch that ran: ``200`` and its counts."""
+    return answered(
+        metrics,
+        elapsed,
+        200,
+        sent,
+        size=len(result.outcomes),
+        succeeded=result.succeeded,
+        failed=result.failed,
+        timed_out=result.timed_out,
+    )

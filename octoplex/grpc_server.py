@@ -45,7 +45,7 @@ from twisted.logger import Logger
 
 from octoplex.admission import DRAINING, Admission
 from octoplex.auth import Tokens
-from octoplex.events import answered
+from octoplex.events import answered, batch_answered
 from octoplex.grpc_wire import GRPC_OUTCOMES, batch_of, batch_result
 from octoplex.limits import Limits
 from octoplex.metrics import Metrics
@@ -397,16 +397,7 @@ class MultiplexerServicer:
             "{failed} failed, {timed_out} timed out, in {elapsed_ms} ms" + how,
             grpc_code=grpc.StatusCode.OK.name,
             **call.who,
-            **answered(
-                self._metrics,
-                self._clock.seconds() - call.started,
-                200,
-                sent,
-                size=len(result.outcomes),
-                succeeded=result.succeeded,
-                failed=result.failed,
-                timed_out=result.timed_out,
-            ),
+            **batch_answered(self._metrics, self._clock.seconds() - call.started, sent, result),
         )
 
 
@@ -522,3 +513,7 @@ class GRPCListener(Service):
 
     async def _stop(self) -> None:
         await self._server.stop(self._grace)
+        self.log.info(
+            "gRPC listener on {addresses} stopped",
+            addresses=[address for address, _ in self._addresses],
+        )

@@ -165,6 +165,19 @@ def _private_certificate(certificate: x509.Certificate, key: Any) -> PrivateCert
     return PrivateCertificate.loadPEM(_to_pem(certificate) + key_pem)
 
 
+def _server_files(
+    cert_path: str, key_path: str, chain_path: str | None, client_ca_path: str | None
+) -> tuple[list[x509.Certificate], Any, list[x509.Certificate]]:
+    """A listener's certificate and intermediates, its key, and its client CAs."""
+    certificates, key = _pair(cert_path, key_path, "TLS")
+    if chain_path is not None:
+        certificates += _certificates(chain_path, "TLS chain file")
+    authorities = []
+    if client_ca_path is not None:
+        authorities = _certificates(client_ca_path, "TLS client CA file")
+    return certificates, key, authorities
+
+
 def server_options(
     cert_path: str,
     key_path: str,
@@ -183,12 +196,9 @@ def server_options(
     :raises TLSConfigError: naming the file that is missing, unreadable,
         malformed or does not match.
     """
-    certificates, key = _pair(cert_path, key_path, "TLS")
-    if chain_path is not None:
-        certificates += _certificates(chain_path, "TLS chain file")
+    certificates, key, authorities = _server_files(cert_path, key_path, chain_path, client_ca_path)
     verify: dict[str, Any] = {}
-    if client_ca_path is not None:
-        authorities = _certificates(client_ca_path, "TLS client CA file")
+    if authorities:
         verify = {
             "verify": True,
             "requireCertificate": True,
@@ -238,18 +248,11 @@ def server_pem(
     :raises TLSConfigError: naming the file that is missing, unreadable,
         malformed or does not match.
     """
-    certificates, key = _pair(cert_path, key_path, "TLS")
-    if chain_path is not None:
-        certificates += _certificates(chain_path, "TLS chain file")
-    client_ca = None
-    if client_ca_path is not None:
-        client_ca = b"".join(
-            _to_pem(c) for c in _certificates(client_ca_path, "TLS client CA file")
-        )
+    certificates, key, authorities = _server_files(cert_path, key_path, chain_path, client_ca_path)
     return ServerPEM(
         key=key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()),
         chain=b"".join(_to_pem(c) for c in certificates),
-        client_ca=client_ca,
+        client_ca=b"".join(_to_pem(c) for c in authorities) if authorities else None,
     )
 
 

@@ -32,7 +32,7 @@ from zope.interface import implementer
 from octoplex.admission import DRAINING, Admission
 from octoplex.auth import Tokens
 from octoplex.endpoints import set_tcp_nodelay
-from octoplex.events import answered
+from octoplex.events import answered, batch_answered
 from octoplex.inbound import ConnectionRefuser, OctoplexChannel
 from octoplex.limits import Limits
 from octoplex.metrics import TEXT_CONTENT_TYPE, Metrics, render_json, render_text
@@ -473,15 +473,7 @@ class OctoplexApp:
             "batch {batch_id} from {client}: {size} requests, {succeeded} succeeded, "
             "{failed} failed, {timed_out} timed out, in {elapsed_ms} ms" + how,
             **who,
-            **self._answered(
-                started,
-                200,
-                sent,
-                size=len(result.outcomes),
-                succeeded=result.succeeded,
-                failed=result.failed,
-                timed_out=result.timed_out,
-            ),
+            **batch_answered(self.metrics, self.clock.seconds() - started, sent, result),
         )
 
     @router.handle_errors(NotFound)

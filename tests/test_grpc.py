@@ -149,6 +149,22 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
+def _serving(daemon: Daemon, channel: grpc.Channel) -> Iterator[Daemon]:
+    """Yield ``daemon`` once it serves; stop it after, failing on any error it logged."""
+    try:
+        with channel:
+            wait_serving(daemon, channel)
+        yield daemon
+    finally:
+        daemon.stop()
+    assert daemon.errors() == []
+
+
+def _tls_files(certificates: dict[str, Any]) -> list[str]:
+    files = certificates["files"]
+    return ["--tls-cert", str(files["cert"]), "--tls-key", str(files["key"])]
+
+
 @pytest.fixture(scope="module")
 def daemon(
     tmp_path_factory: pytest.TempPathFactory, certificates: dict[str, Any]
@@ -157,31 +173,10 @@ def daemon(
     The daemon with a plain gRPC listener and a TLS one (no client
     certificates), which needs a bearer token, and batches of at most 20.
     """
-    files = certificates["files"]
-    running = Daemon(
-        tmp_path_factory.mktemp("grpc-daemon"),
-        [
-            "--api-token",
-            f"bidder-9={TOKEN}",
-            "--max-batch-size",
-            "20",
-            "--max-timeout-msec",
-            "5000",
-            "--tls-cert",
-            str(files["cert"]),
-            "--tls-key",
-            str(files["key"]),
-        ],
-        plain=True,
-        tls=True,
-    )
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
-            wait_serving(running, channel)
-        yield running
-    finally:
-        running.stop()
-    assert running.errors() == []
+    options = ["--api-token", f"bidder-9={TOKEN}", "--max-batch-size", "20"]
+    options += ["--max-timeout-msec", "5000", *_tls_files(certificates)]
+    running = Daemon(tmp_path_factory.mktemp("grpc-daemon"), options, plain=True, tls=True)
+    yield from _serving(running, grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}"))
 
 
 @pytest.fixture(scope="module")
@@ -192,31 +187,10 @@ def tight(
     A daemon whose only gRPC listener requires client certificates (mTLS),
     taking one batch at a time and messages of at most 4,000 bytes.
     """
-    files = certificates["files"]
-    running = Daemon(
-        tmp_path_factory.mktemp("grpc-tight"),
-        [
-            "--max-batches-in-flight",
-            "1",
-            "--max-request-bytes",
-            "4000",
-            "--tls-cert",
-            str(files["cert"]),
-            "--tls-key",
-            str(files["key"]),
-            "--tls-client-ca",
-            str(files["ca"]),
-        ],
-        plain=False,
-        tls=True,
-    )
-    try:
-        with _mtls_channel(running, certificates) as channel:
-            wait_serving(running, channel)
-        yield running
-    finally:
-        running.stop()
-    assert running.errors() == []
+    options = ["--max-batches-in-flight", "1", "--max-request-bytes", "4000"]
+    options += [*_tls_files(certificates), "--tls-client-ca", str(certificates["files"]["ca"])]
+    running = Daemon(tmp_path_factory.mktemp("grpc-tight"), options, plain=False, tls=True)
+    yield from _serving(running, _mtls_channel(running, certificates))
 
 
 def _mtls_channel(daemon: Daemon, certificates: dict[str, Any]) -> grpc.Channel:
