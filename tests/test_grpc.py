@@ -608,8 +608,11 @@ def test_bad_grpc_address_is_a_usage_error() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_sigterm_drains_a_grpc_call_in_flight(tmp_path: Path, upstream: Upstream) -> None:
-    """SIGTERM lets a call in flight finish with its outcomes, then the daemon exits 0."""
-    running = Daemon(tmp_path, [], plain=True, tls=False)
+    """
+    SIGTERM turns the health service NOT_SERVING at once, lets a call in
+    flight finish with its outcomes, then the daemon exits 0.
+    """
+    running = Daemon(tmp_path, ["--drain-delay", "0.5"], plain=True, tls=False)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
             await deferToThread(wait_serving, running, channel)
@@ -624,6 +627,14 @@ async def test_sigterm_drains_a_grpc_call_in_flight(tmp_path: Path, upstream: Up
                     break
                 await deferToThread(time.sleep, 0.02)
             running.process.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="octoplex.v1.Multiplexer")
+            for _ in range(50):
+                status = (await deferToThread(health.Check, check, timeout=2)).status
+                if status != health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await deferToThread(time.sleep, 0.01)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             result = await answer
         assert result.outcomes[0].success.content == b"delayed 800"
         assert await wait_for_exit(running.process, 15) == 0
