@@ -29,6 +29,7 @@ Status codes:
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from typing import Any, NoReturn
 
@@ -137,9 +138,13 @@ def _address(peer: str) -> str:
 def _tls_identity(context: grpc.aio.ServicerContext) -> str | None:
     """The verified client certificate's identity, as on the HTTPS listener."""
     pem = list(context.auth_context().get("x509_pem_cert", ()))
-    if not pem:
-        return None
-    return certificate_identity(x509.load_pem_x509_certificate(pem[0]))
+    return _identity(pem[0]) if pem else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity(pem: bytes) -> str | None:
+    # A client's calls all carry its certificate: parsed once.
+    return certificate_identity(x509.load_pem_x509_certificate(pem))
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
@@ -200,7 +205,7 @@ class MultiplexerServicer:
         try:
             result: BatchResult = await self._ending(future, call, context)
         finally:
-            self._admission.leave(len(call.batch.requests))
+            self._ended(call, future)
         answer = batch_result(result.outcomes)
         self._log_batch(call, result, len(answer))
         return answer
@@ -225,13 +230,13 @@ class MultiplexerServicer:
         future.add_done_callback(lambda _: queue.put_nowait(_END))
         written = 0
         try:
-            while (outcome := await self._ending(queue.get(), call, context, future)) is not _END:
+            while (outcome := await self._ending(queue.get(), call, context)) is not _END:
                 data = outcome.SerializeToString()
                 written += len(data)
-                await self._ending(context.write(data), call, context, future)
+                await self._ending(context.write(data), call, context)
             result: BatchResult = future.result()
         finally:
-            self._admission.leave(len(call.batch.requests))
+            self._ended(call, future)
         context.set_trailing_metadata(
             (
                 ("octoplex-batch-id", call.batch_id),
@@ -247,18 +252,14 @@ class MultiplexerServicer:
         awaitable: Any,
         call: _Call,
         context: grpc.aio.ServicerContext,
-        future: asyncio.Future[Any] | None = None,
     ) -> Any:
         """
         Await ``awaitable``; if the call ends first (the caller cancelled
-        it, or its own deadline passed), cancel the batch (``future``, by
-        default ``awaitable``: the multiplexer's), with every request still
-        running, and log how the call ended.
+        it, or its own deadline passed), log how it ended.
         """
         try:
             return await awaitable
         except asyncio.CancelledError:
-            (future or awaitable).cancel()
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 code, error = grpc.StatusCode.DEADLINE_EXCEEDED, "the call's own deadline passed"
@@ -278,6 +279,16 @@ class MultiplexerServicer:
                 ),
             )
             raise
+
+    def _ended(self, call: _Call, future: asyncio.Future[Any]) -> None:
+        """
+        However a call ends: its batch, if still running (the call was
+        cancelled, or writing to it failed), is cancelled with every request
+        it has in flight; it leaves the in-flight counts.
+        """
+        if not future.done():
+            future.cancel()
+        self._admission.leave(len(call.batch.requests))
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's methods, for a server."""

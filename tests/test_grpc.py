@@ -494,6 +494,36 @@ async def test_deadline_exceeded_is_for_the_whole_call_only(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_the_caller_cancels_cancels_its_batch(
+    daemon: Daemon, stub: pb_grpc.MultiplexerStub, upstream: Upstream
+) -> None:
+    """A caller that cancels a stream after its first outcome: the slow requests are cancelled."""
+    batch = pb.Batch(
+        timeout_msec=4000,
+        requests=[
+            pb.Request(uri=upstream.url + "/hello"),
+            pb.Request(uri=upstream.url + "/delay/3000"),
+        ],
+    )
+
+    def first_then_cancel() -> pb.Outcome:
+        stream = stub.MultiplexStream(batch, metadata=BEARER, timeout=CALL_TIMEOUT)
+        first = next(stream)
+        stream.cancel()
+        return first
+
+    first = await deferToThread(first_then_cancel)
+    assert first.success.content == b"Hello world!"
+    for _ in range(40):
+        if "/delay/3000" in upstream.resource.finished_early:
+            break
+        await deferToThread(time.sleep, 0.05)
+    assert "/delay/3000" in upstream.resource.finished_early
+    ended = [e for e in daemon.events() if "ended early" in e.get("message", "")]
+    assert ended[-1]["grpc_code"] == "CANCELLED" and ended[-1]["status"] == 499
+
+
+@pytest_twisted.ensureDeferred
 async def test_tls_listener_serves_with_the_https_certificate(
     daemon: Daemon, certificates: dict[str, Any], upstream: Upstream
 ) -> None:
