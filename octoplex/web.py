@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import zlib
 from io import BytesIO
 from typing import Any, ClassVar, cast
@@ -635,6 +636,19 @@ class OctoplexRequest(Request):
         self.finish()
 
 
+def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:
+    """
+    An HTTP/2 GOAWAY frame (RFC 9113 section 6.8): its 9-byte frame header
+    (length 8, type 0x7, no flags, stream 0), then the last stream id and
+    the error code (0: NO_ERROR).
+    """
+    return (
+        struct.pack(">I", 8)[1:]
+        + b"\x07\x00"
+        + struct.pack(">III", 0, last_stream_id & 0x7FFFFFFF, error_code)
+    )
+
+
 class _Channel(_GenericHTTPChannelProtocol):
     """
     twisted.web's protocol switch (as its ``_genericHTTPChannelProtocolFactory``
@@ -646,7 +660,28 @@ class _Channel(_GenericHTTPChannelProtocol):
 
     def __init__(self) -> None:
         self._http11 = OctoplexChannel()
+        # The site knows the HTTP/1.1 channel; through it, this switch.
+        self._http11.switch = self  # type: ignore[attr-defined]
         super().__init__(self._http11)
+
+    def go_away(self) -> None:
+        """
+        On an HTTP/2 connection, send GOAWAY (NO_ERROR, naming the last
+        stream the client opened), so that the client knows the close that
+        follows is a clean one and that every stream it opened was answered.
+
+        For shutdown, once no batch is in flight: a client built on the h2
+        library (httpx, for one) fails the streams it still has open when a
+        GOAWAY arrives, where the RFC lets them finish.  The frame is written
+        straight to the connection, between the whole frames Twisted
+        writes, leaving the h2 state machine open for a straggler's answer.
+        (Twisted's ``H2Connection.conn`` is guarded by
+        tests/test_private_api.py.)
+        """
+        h2: Any = self._channel
+        if h2 is self._http11 or getattr(h2, "transport", None) is None:
+            return
+        h2.transport.write(goaway_frame(h2.conn.highest_inbound_stream_id))
 
     def connectionLost(self, reason: Failure) -> None:
         current: object = self._channel
@@ -726,11 +761,15 @@ class OctoplexSite(Site):
     async def close_connections(self, grace: float) -> None:
         """
         Close every inbound connection once what was written to it has been
-        sent; abort those still open after ``grace`` seconds.  For shutdown,
-        once no batch is in flight: the reactor's own shutdown drops
-        connections with their last answers unsent.
+        sent (an HTTP/2 one after a GOAWAY); abort those still open after
+        ``grace`` seconds.  For shutdown, once no batch is in flight: the
+        reactor's own shutdown drops connections with their last answers
+        unsent.
         """
         for channel in list(self.channels):
+            switch = getattr(channel, "switch", None)
+            if switch is not None:
+                switch.go_away()
             channel.loseConnection()
         waited = 0.0
         while self.channels and waited < grace:

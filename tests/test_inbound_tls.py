@@ -12,6 +12,7 @@ import json
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -750,3 +751,76 @@ async def test_http2_batches_log_the_client_certificate_identity(
     (event,) = batch_events(log_events)
     assert event["tls_identity"] == "bidder-9"
     assert event["client"].endswith(" (bidder-9)")
+
+
+def h2_answered_then_closed(
+    port: int, ca_pem: bytes, body: bytes, answered: threading.Event
+) -> tuple[int, list[Any], bool]:
+    """
+    Over one h2 connection (run it in a thread): POST ``body`` to
+    /multiplex, read the answer, set ``answered``, then read until the
+    server closes.  The answer's status, the events after it, and whether
+    the connection was closed rather than timed out.
+    """
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    context = client_context(ca_pem)
+    context.set_alpn_protocols(["h2"])
+    status, after = 0, []
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            conn.send_headers(
+                1,
+                [
+                    (":method", "POST"),
+                    (":path", "/multiplex"),
+                    (":scheme", "https"),
+                    (":authority", f"127.0.0.1:{port}"),
+                    ("content-length", str(len(body))),
+                ],
+            )
+            conn.send_data(1, body, end_stream=True)
+            tls.sendall(conn.data_to_send())
+            while True:
+                try:
+                    data = tls.recv(65536)
+                except TimeoutError:
+                    return status, after, False
+                if not data:
+                    return status, after, True
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.StreamEnded):
+                        answered.set()
+                    elif answered.is_set():
+                        after.append(event)
+                tls.sendall(conn.data_to_send())
+
+
+@pytest_twisted.ensureDeferred
+async def test_http2_connections_get_a_goaway_before_the_shutdown_closes_them(
+    pki: ServerPKI, upstream: Upstream
+) -> None:
+    """
+    On shutdown an idle HTTP/2 connection gets GOAWAY (NO_ERROR, its last
+    stream answered) before the close, so the client knows the close is clean.
+    """
+    port = free_port()
+    body = json.dumps({"timeout_msec": 3000, "requests": [{"uri": upstream.url + "/hello"}]})
+    root = makeService(parse(*tls_argv(port, pki)))
+    root.startService()
+    answered = threading.Event()
+    try:
+        client = deferToThread(h2_answered_then_closed, port, pki.ca_pem, body.encode(), answered)
+        assert await deferToThread(answered.wait, 10)
+    finally:
+        await root.stopService()
+    status, after, closed = await client
+    assert status == 200 and closed
+    (goaway,) = [e for e in after if type(e).__name__ == "ConnectionTerminated"]
+    assert (goaway.error_code, goaway.last_stream_id) == (0, 1)

@@ -115,3 +115,15 @@ def test_the_http2_stream_octoplex_web_reads_the_connection_of() -> None:
     assert H2Stream.transport is None
     assert "self._conn = connection" in inspect.getsource(H2Stream.__init__)
     assert "transport" in inspect.getsource(H2Connection.connectionMade)
+
+
+def test_the_http2_connection_octoplex_web_sends_goaway_on() -> None:
+    """
+    octoplex.web._Channel.go_away: the protocol switch holds the HTTP/2
+    channel as ``_channel``, whose ``conn`` is the h2 state machine.
+    """
+    from twisted.web._http2 import H2Connection
+    from twisted.web.http import _GenericHTTPChannelProtocol
+
+    assert "self.conn = h2.connection.H2Connection" in inspect.getsource(H2Connection.__init__)
+    assert "self._channel = " in inspect.getsource(_GenericHTTPChannelProtocol.dataReceived)
