@@ -65,13 +65,16 @@ def batch_of(message: pb.Batch, limits: Limits) -> Batch:
             raise BatchError("max_parallel must be a whole number from 1 up, got 0")
     defaults = message.defaults if message.HasField("defaults") else None
     default_retry = None
+    # The defaults' header lines, read out of the message once for all items.
+    default_headers: list[tuple[str, str]] = []
     if defaults is not None:
         if defaults.base_uri:
             check_base_uri(defaults.base_uri)
         if defaults.HasField("retry"):
             default_retry = _retry(defaults.retry, "defaults")
+        default_headers = [(header.name, header.value) for header in defaults.headers]
     requests = [
-        _request(item, index, defaults, default_retry, limits)
+        _request(item, index, defaults, default_headers, default_retry, limits)
         for index, item in enumerate(message.requests)
     ]
     check_unique_ids(requests)
@@ -91,6 +94,7 @@ def _request(
     item: pb.Request,
     index: int,
     defaults: pb.Defaults | None,
+    default_headers: list[tuple[str, str]],
     default_retry: Retry | None,
     limits: Limits,
 ) -> UpstreamRequest | InvalidRequest:
@@ -113,14 +117,10 @@ def _request(
         if defaults.base_uri:
             uri = resolve(defaults.base_uri, uri)
         method = method or defaults.method
-        if defaults.headers:
+        if default_headers:
             # Header by header: the item's own win, names without case.
             own = {name.lower() for name, _ in pairs}
-            pairs = [
-                (header.name, header.value)
-                for header in defaults.headers
-                if header.name.lower() not in own
-            ] + pairs
+            pairs = [pair for pair in default_headers if pair[0].lower() not in own] + pairs
         if content is None:
             content = defaults.WhichOneof("content")
             source = defaults

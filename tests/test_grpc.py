@@ -9,7 +9,6 @@ this process's reactor serves the upstreams.
 
 from __future__ import annotations
 
-import gzip
 import json
 import signal
 import subprocess
@@ -350,7 +349,6 @@ async def test_gzip_answers_are_decoded_and_say_so(
     assert zipped.success.content == b"x" * 3000
     assert zipped.success.content_encoding == "gzip"
     assert plain.success.content_encoding == ""
-    assert gzip.compress(b"") != zipped.success.content
 
 
 @pytest_twisted.ensureDeferred
