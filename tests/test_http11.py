@@ -9,6 +9,7 @@ test_limits and test_pool.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -126,6 +127,36 @@ def test_a_request_awaiting_its_answer_holds_no_parser() -> None:
         body = _Body()
         results[0].deliverBody(body)
         assert b"".join(body.data) == b"hello"
+
+
+def test_a_finished_exchange_leaves_no_cyclic_garbage() -> None:
+    """
+    A response read to its end is freed by reference counting alone: none of
+    the exchange's objects (parser, head, response) wait for the cyclic
+    collector, whose passes cost CPU in proportion to what it must trace.
+    """
+    protocol, _, pooled = _connected()
+
+    def one() -> None:
+        results = _results(protocol.request(_request()))
+        protocol.dataReceived(OK)
+        body = _Body()
+        results[0].deliverBody(body)
+        assert b"".join(body.data) == b"hello" and body.ended is not None
+
+    one()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            one()
+        gc.collect()
+        garbage = [type(o).__qualname__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert garbage == []
+    assert pooled == [protocol] * 21
 
 
 def test_interim_answers_head_and_no_content() -> None:
