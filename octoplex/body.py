@@ -19,6 +19,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
+from octoplex.http11 import RESPONSE_DONE
+
 __all__ = ["BadGzip", "BatchResponsesTooLarge", "BodyTooLarge", "ResponseBudget", "read_body"]
 
 
@@ -148,7 +150,9 @@ class _BodyReader(Protocol):
             return
         # PotentialDataLoss: an HTTP/1.0-style body that ends when the
         # connection closes, which is how such a body is meant to end.
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # RESPONSE_DONE first: how octoplex.http11 ends nearly every body,
+        # spared check()'s walk of the class hierarchy.
+        if reason is RESPONSE_DONE or reason.check(ResponseDone, PotentialDataLoss):
             if self._inflate is not None and not self._inflate.eof:
                 self._give_back()
                 self._finished.errback(BadGzip("it ends early"))

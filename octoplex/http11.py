@@ -9,17 +9,15 @@ httptools' parse, bench/floor.py), behind the interface that
 ``HTTPConnectionPool`` and its retry wrapper use: ``state``,
 ``request(Request) -> Deferred[IResponse]``, ``abort()``, and the quiescent
 callback through which a connection goes back to the pool.  The response is
-Twisted's own ``Response``, so treq and :mod:`octoplex.body` read it as
-before, and failures are Twisted's: ``RequestNotSent``,
+an ``IResponse`` of its own, :class:`UpstreamResponse`, which treq and
+:mod:`octoplex.body` read as they read Twisted's, and failures are Twisted's: ``RequestNotSent``,
 ``RequestGenerationFailed``, ``ResponseNeverReceived`` (nothing received),
 ``ResponseFailed`` (the head cut short or invalid; a body cut short ends
 with ``ResponseFailed([reason, _DataLoss])``); a body that runs until the
 connection closes ends with ``PotentialDataLoss``, as in Twisted.
 
-It uses Twisted's private ``Response._construct``, ``_bodyDataReceived``,
-``_bodyDataFinished`` and ``_state``, ``TransportProxyProducer`` and
-``_DataLoss``, guarded by tests/test_private_api.py (setup.py pins Twisted
-below 27).
+It uses Twisted's private ``TransportProxyProducer`` and ``_DataLoss``,
+guarded by tests/test_private_api.py (setup.py pins Twisted below 27).
 
 Differences from Twisted's parser, on purpose: llhttp is strict where
 Twisted was lax, and refuses obsolete line folding, a repeated or invalid
@@ -46,7 +44,7 @@ from twisted.web._newclient import (
     RequestGenerationFailed,
     RequestNotSent,
     RequestTransmissionFailed,
-    Response,
+    ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
     TransportProxyProducer,
@@ -55,9 +53,15 @@ from twisted.web._newclient import (
 )
 from twisted.web.http import PotentialDataLoss, _DataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-__all__ = ["HeadTooLarge", "UpstreamProtocol"]
+__all__ = ["RESPONSE_DONE", "HeadTooLarge", "UpstreamProtocol", "UpstreamResponse"]
+
+#: How every body that was read whole ends.  One shared instance: Twisted's
+#: ``Response`` builds a Failure per response, and its readers only check
+#: its type (octoplex.body tests for this very object first).
+RESPONSE_DONE = Failure(ResponseDone("Response body fully received"))
 
 #: Headers about the connection rather than the content: kept out of the
 #: response's headers, as Twisted's parser keeps them.
@@ -87,6 +91,108 @@ class HeadTooLarge(Exception):
 
     def __str__(self) -> str:
         return f"upstream response head {self.args[0]}"
+
+
+@implementer(IResponse)
+class UpstreamResponse:
+    """
+    An upstream's response, as ``IResponse``: what Twisted's ``Response``
+    does for the one reader a response ever has, without its state
+    machine's dispatch on every call, and with ``raw_headers``.
+
+    The body's bytes are held until a protocol is given to
+    :meth:`deliverBody` (the connection is paused meanwhile), then passed
+    on as they come; once the body has ended, that protocol hears
+    ``connectionLost`` with :data:`RESPONSE_DONE` or the failure that cut it
+    short.
+
+    :ivar raw_headers: every header line as received, names unchanged, in
+        order (octoplex.client reads them).
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_ended",
+        "_protocol",
+        "_transport",
+        "code",
+        "headers",
+        "length",
+        "phrase",
+        "previousResponse",
+        "raw_headers",
+        "request",
+        "version",
+    )
+
+    def __init__(
+        self,
+        version: tuple[bytes, int, int],
+        code: int,
+        phrase: bytes,
+        headers: Headers,
+        transport: TransportProxyProducer,
+        request: Any,
+        raw_headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.version = version
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        self.length: int | object = UNKNOWN_LENGTH
+        self.request = request
+        self.previousResponse: IResponse | None = None
+        self.raw_headers = raw_headers
+        self._transport = transport
+        #: The body's bytes before a reader came, then None.
+        self._buffer: list[bytes] | None = []
+        self._protocol: Any = None
+        #: How the body ended, until a reader has heard it; or None.
+        self._ended: Failure | None = None
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response
+
+    def deliverBody(self, protocol: Any) -> None:
+        """
+        Give the body to ``protocol``: what came so far at once, the rest as
+        it comes, then ``connectionLost``.  A body has one reader only.
+        """
+        buffered = self._buffer
+        if buffered is None:
+            raise RuntimeError("the response body was already given to a reader")
+        self._buffer = None
+        protocol.makeConnection(self._transport)
+        for data in buffered:
+            protocol.dataReceived(data)
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            protocol.connectionLost(ended)
+            return
+        self._protocol = protocol
+        self._transport.resumeProducing()
+
+    def _bodyDataReceived(self, data: bytes) -> None:
+        protocol = self._protocol
+        if protocol is not None:
+            protocol.dataReceived(data)
+        elif self._buffer is not None:
+            self._buffer.append(data)
+        else:
+            raise RuntimeError("body bytes after the body ended")
+
+    def _bodyDataFinished(self, reason: Failure | None = None) -> None:
+        if reason is None:
+            reason = RESPONSE_DONE
+        protocol = self._protocol
+        if protocol is not None:
+            self._protocol = None
+            protocol.connectionLost(reason)
+        elif self._buffer is not None and self._ended is None:
+            # No reader yet: it hears the end when it comes.
+            self._ended = reason
+        else:
+            raise RuntimeError("the response body ended twice")
 
 
 class _Exchange:
@@ -392,11 +498,9 @@ class UpstreamProtocol(Protocol):
         request = exchange.request
         version = _VERSIONS.get(exchange.parser.get_http_version(), (b"HTTP", 1, 1))
         proxy = exchange.proxy = TransportProxyProducer(self.transport)
-        response = Response._construct(
-            version, code, exchange.phrase, exchange.headers, proxy, request
+        response = UpstreamResponse(
+            version, code, exchange.phrase, exchange.headers, proxy, request, exchange.raw
         )
-        #: Every header line as received (octoplex.client reads it).
-        response.raw_headers = exchange.raw
         exchange.head = []
         no_body = request.method == b"HEAD" or code in _NO_BODY_CODES
         lengths = exchange.conn.get(b"content-length")
@@ -415,7 +519,7 @@ class UpstreamProtocol(Protocol):
             return
         if no_body or response.length == 0:
             self._response_done(exchange)
-        elif response._state == "INITIAL":
+        elif response._protocol is None:
             # Nobody reads the body yet: hold the bytes in the kernel, as
             # Twisted does, until deliverBody resumes the transport.
             proxy.pauseProducing()

@@ -28,6 +28,7 @@ from twisted.web._newclient import (
 )
 from twisted.web.http import PotentialDataLoss, _DataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
 
 from octoplex.client import _BytesProducer
 from octoplex.http11 import HeadTooLarge, UpstreamProtocol
@@ -157,6 +158,27 @@ def test_a_finished_exchange_leaves_no_cyclic_garbage() -> None:
         gc.garbage.clear()
     assert garbage == []
     assert pooled == [protocol] * 21
+
+
+def test_a_body_ended_before_its_reader_comes_is_delivered_whole_once() -> None:
+    """
+    A reader given the body after it ended gets every byte, then the end;
+    the response, an IResponse of Octoplex's own, takes no second reader.
+    """
+    protocol, transport, pooled = _connected()
+    results = _results(protocol.request(_request()))
+    protocol.dataReceived(OK[:-3])
+    # Nobody reads yet: the connection is paused, as Twisted pauses it.
+    assert transport.producerState == "paused"
+    protocol.dataReceived(OK[-3:])
+    (response,) = results
+    assert IResponse.providedBy(response) and pooled == [protocol]
+    body = _Body()
+    response.deliverBody(body)
+    assert b"".join(body.data) == b"hello"
+    assert body.ended is not None and body.ended.check(ResponseDone)
+    with pytest.raises(RuntimeError, match="already given to a reader"):
+        response.deliverBody(_Body())
 
 
 def test_interim_answers_head_and_no_content() -> None:
