@@ -4,12 +4,18 @@ connection is retired.
 
 Twisted's ``HTTPConnectionPool`` reuses idle connections first in, first
 out, so under steady traffic every connection is touched before its idle
-timeout and the pool never shrinks; and it keeps a connection for ever.
-:class:`OctoplexPool` changes three things, by overriding the pool's private
-``_newConnection`` and ``_putConnection`` (pinned by tests/test_pool.py):
+timeout and the pool never shrinks; it keeps a connection for ever; and it
+arms a timer for every connection each time it goes back to the pool.
+:class:`OctoplexPool` keeps Twisted's ``_newConnection`` and its factory, and
+replaces the rest (``getConnection``, ``_putConnection``,
+``closeCachedConnections``; the private parts are pinned by
+tests/test_private_api.py):
 
 - the most recently used idle connection is reused first, so the ones at
   the back idle out and the pool shrinks when load drops;
+- idle connections are closed after ``cachedConnectionTimeout`` seconds by
+  one timer for the whole pool, armed for the oldest idle connection,
+  rather than one timer per connection per request;
 - a connection is retired after ``max_requests`` requests;
 - a connection is retired once it is ``max_age`` seconds old, so traffic
   follows DNS changes and upstream deploys;
@@ -35,18 +41,14 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.web._newclient import (
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseNeverReceived,
 )
-from twisted.web.client import (
-    HTTPConnectionPool,
-    _HTTP11ClientFactory,
-    _RetryingHTTP11ClientProtocol,
-)
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from octoplex.http11 import HeadTooLarge, UpstreamProtocol
 from octoplex.metrics import Metrics
@@ -56,32 +58,59 @@ __all__ = ["HeadTooLarge", "OctoplexPool"]
 #: RFC 9110 section 9.2.2: repeating these has the effect of sending once.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
+#: The shortest wait, in seconds, between two passes of the idle sweep: a
+#: connection idles out up to this much after its idle timeout.
+SWEEP_INTERVAL = 1.0
 
-class _Retrying(_RetryingHTTP11ClientProtocol):
+
+def _send_on(connection: Any, request: Any) -> Any:
+    return connection.request(request)
+
+
+class _Retrying:
     """
-    Twisted's retry-once wrapper, allowing every idempotent method, any
-    request that carries an ``Idempotency-Key`` header (its sender opted in:
-    the upstream de-duplicates it), and any body whose producer can produce
-    it again.
+    A pooled connection, for one request: if the upstream had closed it
+    and the request failed before any answer came, the request is sent
+    again once on a new connection, when its method is idempotent, when it
+    carries an ``Idempotency-Key`` header (its sender opted in: the
+    upstream de-duplicates it), and when its body, if any, can be produced
+    again.  (Twisted's ``_RetryingHTTP11ClientProtocol`` allows bodiless
+    GET, HEAD, OPTIONS, DELETE and TRACE only.)
     """
 
-    _opted_in = False
+    __slots__ = ("_connection", "_endpoint", "_key", "_pool")
 
-    def request(self, request: Any) -> Any:
-        self._opted_in = request.headers.hasHeader(b"idempotency-key")
-        return super().request(request)
+    def __init__(
+        self, connection: Any, pool: OctoplexPool, key: Hashable, endpoint: IStreamClientEndpoint
+    ) -> None:
+        self._connection = connection
+        self._pool = pool
+        self._key = key
+        self._endpoint = endpoint
 
-    def _shouldRetry(self, method: bytes, exception: Exception, bodyProducer: Any) -> bool:
-        if method not in IDEMPOTENT and not self._opted_in:
-            return False
-        if not isinstance(
-            exception, (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
-        ):
-            return False
-        reasons = getattr(exception, "reasons", [])
-        if any(reason.check(CancelledError) for reason in reasons):
-            return False
-        return bodyProducer is None or getattr(bodyProducer, "replayable", False)
+    def request(self, request: Any) -> Deferred[Any]:
+        d: Deferred[Any] = self._connection.request(request)
+        d.addErrback(self._failed, request)
+        return d
+
+    def _failed(self, reason: Any, request: Any) -> Any:
+        if not _should_retry(request, reason.value):
+            return reason
+        return self._pool._newConnection(self._key, self._endpoint).addCallback(_send_on, request)
+
+
+def _should_retry(request: Any, exception: BaseException) -> bool:
+    if request.method not in IDEMPOTENT and not request.headers.hasHeader(b"idempotency-key"):
+        return False
+    if not isinstance(
+        exception, (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
+    ):
+        return False
+    reasons = getattr(exception, "reasons", [])
+    if any(reason.check(CancelledError) for reason in reasons):
+        return False
+    producer = request.bodyProducer
+    return producer is None or getattr(producer, "replayable", False)
 
 
 class OctoplexPool(HTTPConnectionPool):
@@ -140,6 +169,10 @@ class OctoplexPool(HTTPConnectionPool):
         self.warmed = 0
         self._warming: set[Deferred[Any]] = set()
         self._closed = False
+        #: Idle connections, by key, least recently used first.
+        self._connections: dict[Hashable, list[Any]] = {}
+        #: The one timer that closes connections idle too long.
+        self._sweeper: IDelayedCall | None = None
 
     def _newConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
         connecting = super()._newConnection(key, endpoint)
@@ -194,31 +227,34 @@ class OctoplexPool(HTTPConnectionPool):
         self._closed = True
         for connecting in list(self._warming):
             connecting.cancel()
-        return super().closeCachedConnections()
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
+        connections, self._connections = self._connections, {}
+        closed = [connection.abort() for idle in connections.values() for connection in idle]
+        return gatherResults(closed).addCallback(lambda _: None)
 
     def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
         """
-        Let Twisted hand out the newest idle connection for ``key`` (the
-        front), retiring those found too old there first; or a new one.
-        An old connection further back is retired when it comes to the front
-        or on its idle timeout: it is never used, and the lookup stays O(1).
+        The newest idle connection for ``key`` (the back of its list),
+        retiring those found too old there first; or a new one.  An old
+        connection further in is retired when it comes to the back or when
+        it idles out: it is never used, and the lookup stays O(1).
         """
         connections = self._connections.get(key)
         if connections:
             now = self._reactor.seconds()
-            while connections and self._too_old(connections[0], now):
-                connection = connections.pop(0)
-                self._timeouts.pop(connection).cancel()
-                self._retire(key, connection)
-        if connections:
-            self._metrics.upstream(key).reused.inc()
-        return super().getConnection(key, endpoint).addCallback(self._retrying, key, endpoint)
-
-    def _retrying(self, connection: Any, key: Hashable, endpoint: IStreamClientEndpoint) -> Any:
-        # Twisted wraps a pooled connection in its own retry wrapper; widen it.
-        if isinstance(connection, _RetryingHTTP11ClientProtocol):
-            return _Retrying(connection._clientProtocol, lambda: self._newConnection(key, endpoint))
-        return connection
+            while connections:
+                connection = connections.pop()
+                if connection.state != "QUIESCENT":
+                    # The upstream closed it while it was idle.
+                    continue
+                if self._too_old(connection, now):
+                    self._retire(key, connection)
+                    continue
+                self._metrics.upstream(key).reused.inc()
+                return succeed(_Retrying(connection, self, key, endpoint))
+        return self._newConnection(key, endpoint)
 
     def _too_old(self, connection: Any, now: float) -> bool:
         if connection.generation != self._generation:
@@ -232,10 +268,9 @@ class OctoplexPool(HTTPConnectionPool):
         changed, and it is checked when a connection is opened).
         """
         self._generation += 1
-        for key, connections in list(self._connections.items()):
-            for connection in list(connections):
-                connections.remove(connection)
-                self._timeouts.pop(connection).cancel()
+        connections, self._connections = self._connections, {}
+        for key, idle in connections.items():
+            for connection in idle:
                 self._retire(key, connection)
 
     def _retire(self, key: Hashable, connection: Any) -> None:
@@ -256,19 +291,44 @@ class OctoplexPool(HTTPConnectionPool):
 
     def _idle(self, key: Hashable, connection: Any) -> None:
         """
-        Pool an idle connection at the front, dropping the least recently
-        used one if the pool for ``key`` is full.
+        Pool an idle connection at the back (the newest), dropping the least
+        recently used one, at the front, if the pool for ``key`` is full.
         """
-        connections = self._connections.setdefault(key, [])
-        if len(connections) >= self.maxPersistentPerHost:
-            # Twisted would drop the front; here the front is the newest, so
-            # drop the least recently used, at the back.
-            dropped = connections.pop()
-            self._timeouts.pop(dropped).cancel()
+        if connection.state != "QUIESCENT":
+            self._log.error(
+                "BUG: a connection in state {state} was offered to the pool", state=connection.state
+            )
+            connection.transport.loseConnection()
+            return
+        connections = self._connections.get(key)
+        if connections is None:
+            connections = self._connections[key] = []
+        elif len(connections) >= self.maxPersistentPerHost:
+            dropped = connections.pop(0)
             self._metrics.upstream(key).retired.inc()
             dropped.transport.loseConnection()
-        super()._putConnection(key, connection)
-        if connection in connections:
-            # getConnection takes from the front: put the newest there.
-            connections.remove(connection)
-            connections.insert(0, connection)
+        connection.idle_since = self._reactor.seconds()
+        connections.append(connection)
+        if self._sweeper is None:
+            self._sweeper = self._reactor.callLater(self.cachedConnectionTimeout, self._sweep)
+
+    def _sweep(self) -> None:
+        """
+        Close the connections idle for ``cachedConnectionTimeout`` seconds
+        (each list holds its least recently used at the front), and arm the
+        next pass for the oldest that remains.
+        """
+        self._sweeper = None
+        now = self._reactor.seconds()
+        timeout = self.cachedConnectionTimeout
+        oldest: float | None = None
+        for key, connections in list(self._connections.items()):
+            while connections and now - connections[0].idle_since >= timeout:
+                connections.pop(0).transport.loseConnection()
+            if not connections:
+                del self._connections[key]
+            elif oldest is None or connections[0].idle_since < oldest:
+                oldest = connections[0].idle_since
+        if oldest is not None:
+            wait = max(oldest + timeout - now, min(SWEEP_INTERVAL, timeout))
+            self._sweeper = self._reactor.callLater(wait, self._sweep)

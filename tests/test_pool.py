@@ -18,11 +18,13 @@ import attr
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from octoplex.client import PoolSettings
+from octoplex.pool import OctoplexPool
 
 from .servers import Caller, Upstream, _CountingSite, start_octoplex
 
@@ -359,3 +361,44 @@ async def test_get_is_retried_on_a_connection_found_dead(caller: Caller) -> None
         "upstream closed the connection before sending a response"
     )
     assert factory.connections == 2  # type: ignore[attr-defined]
+
+
+class _Pooled:
+    """A keep-alive connection as the pool sees it, on a StringTransport."""
+
+    state = "QUIESCENT"
+    generation = 0
+    uses = 0
+
+    def __init__(self) -> None:
+        self.born = 0.0
+        self.transport = StringTransport()
+
+
+def test_one_timer_idles_out_the_pool_and_the_newest_is_reused() -> None:
+    """
+    Idle connections are closed after the idle timeout by one timer for the
+    whole pool (not one armed per connection each time it comes back),
+    oldest first; the newest is the one handed out.
+    """
+    clock = Clock()
+    pool = OctoplexPool(clock, max_requests=1000, max_age=1000.0, connect_grace=1.0)
+    pool.cachedConnectionTimeout = 30  # type: ignore[assignment]
+    pool.maxPersistentPerHost = 10
+    pooled = [_Pooled() for _ in range(5)]
+    for connection in pooled:
+        pool._putConnection(b"key", connection)
+        clock.advance(2)
+    assert len(clock.getDelayedCalls()) == 1
+    taken: list[Any] = []
+    pool.getConnection(b"key", None).addCallback(taken.append)  # type: ignore[arg-type]
+    assert taken[0]._connection is pooled[-1]
+    clock.advance(30 - 10 + 0.5)
+    # Idle since 0 and 2 s: closed; since 4 and 6 s: not yet.
+    assert [c.transport.disconnecting for c in pooled[:4]] == [True, False, False, False]
+    for _ in range(10):
+        assert len(clock.getDelayedCalls()) <= 1
+        clock.advance(1)
+    assert all(c.transport.disconnecting for c in pooled[:4])
+    assert not pooled[4].transport.disconnecting
+    assert pool._connections == {} and clock.getDelayedCalls() == []

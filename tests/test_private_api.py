@@ -18,17 +18,19 @@ def _parameters(f: object) -> list[str]:
 
 
 def test_the_pool_internals_octoplex_pool_overrides() -> None:
-    """octoplex.pool.OctoplexPool: idle-connection order, retirement, warm connects, retries."""
+    """
+    octoplex.pool.OctoplexPool keeps Twisted's _newConnection (its factory,
+    whose quiescent callback calls _putConnection) and replaces the rest.
+    """
     pool = client.HTTPConnectionPool(None)
-    assert pool._connections == {} and pool._timeouts == {}
+    assert pool._reactor is None and pool._connections == {}
     assert pool._factory is client._HTTP11ClientFactory
     assert _parameters(pool._newConnection) == ["key", "endpoint"]
     assert _parameters(pool._putConnection) == ["key", "connection"]
+    assert "self._putConnection(key, protocol)" in inspect.getsource(pool._newConnection)
     assert _parameters(client._HTTP11ClientFactory) == ["quiescentCallback", "metadata"]
-    retrying = client._RetryingHTTP11ClientProtocol
-    assert _parameters(retrying) == ["clientProtocol", "newConnection"]
-    assert _parameters(retrying._shouldRetry) == ["self", "method", "exception", "bodyProducer"]
-    assert "_clientProtocol" in inspect.getsource(retrying.__init__)
+    assert "self._quiescentCallback" in inspect.getsource(client._HTTP11ClientFactory.__init__)
+    assert callable(pool._log.error)
 
 
 def test_the_parts_octoplex_http11_builds_on() -> None:
@@ -42,8 +44,6 @@ def test_the_parts_octoplex_http11_builds_on() -> None:
     assert issubclass(http._DataLoss, Exception)
     assert _newclient._ensureValidMethod(b"GET") == b"GET"
     assert _newclient._ensureValidURI(b"/x?y") == b"/x?y"
-    # The retry wrapper and the pool read only these of a protocol.
-    assert "connection.state" in inspect.getsource(client.HTTPConnectionPool.getConnection)
     assert "_quiescentCallback" in inspect.getsource(client._HTTP11ClientFactory.buildProtocol)
 
 
