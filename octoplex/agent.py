@@ -8,17 +8,24 @@ with less work per request:
 - a request URI is parsed once per distinct URI (``Agent`` parses it with
   ``URI.fromBytes`` on every request), with its pool key, origin-form path
   and ``Host`` value;
-- it takes gzip responses away from the ``ContentDecoderAgent`` that treq
-  always adds, whose decoder inflates each chunk with no bound (a small bomb
-  would exhaust memory), and leaves them to :func:`octoplex.body.read_body`,
-  which decodes within the response size limit.  (This was a separate
-  wrapping agent, one more Deferred per request.)
+- the endpoint of a new connection (DNS, egress policy, TLS) is made only
+  when a new connection is opened, not for every request: most go out on
+  a pooled connection;
+- a request on an idle pooled connection is written at once
+  (:meth:`octoplex.pool.OctoplexPool.request`), with no Deferred between
+  the pool and the connection.
 
-It uses public API (``HTTPConnectionPool.getConnection``,
-``IAgentEndpointFactory.endpointForURI``, ``URI.fromBytes``) and one
-private name, ``twisted.web._newclient.Request``, the request object that
-``Agent._requestWithEndpoint`` built and the pool's protocol sends; it is
-guarded by tests/test_private_api.py, and setup.py pins Twisted below 27.
+gzip responses are taken away from the ``ContentDecoderAgent`` that treq
+always adds, whose decoder inflates each chunk with no bound (a small bomb
+would exhaust memory), by the pool's protocol (:mod:`octoplex.http11`), and
+left to :func:`octoplex.body.read_body`, which decodes within the response
+size limit.
+
+It uses public API (``IAgentEndpointFactory.endpointForURI``,
+``URI.fromBytes``) and one private name, ``twisted.web._newclient.Request``,
+the request object that ``Agent._requestWithEndpoint`` built and the pool's
+protocol sends; it is guarded by tests/test_private_api.py, and setup.py
+pins Twisted below 27.
 """
 
 from __future__ import annotations
@@ -27,13 +34,13 @@ from collections import OrderedDict
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.python.components import proxyForInterface
 from twisted.web._newclient import Request
-from twisted.web.client import URI, HTTPConnectionPool
+from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from octoplex.pool import OctoplexPool
 from octoplex.timings import Timings
 
 __all__ = ["TARGET_CACHE_SIZE", "UpstreamAgent"]
@@ -42,12 +49,31 @@ __all__ = ["TARGET_CACHE_SIZE", "UpstreamAgent"]
 TARGET_CACHE_SIZE = 4096
 
 
-class _GzipResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
+class _Endpoint:
     """
-    A response whose body is gzip-encoded and still to be decoded.
+    The endpoint of a new connection for one request, made only if the pool
+    opens one (its ``connect`` is called).
     """
 
-    gzip = True
+    __slots__ = ("_factory", "_timings", "_uri")
+
+    def __init__(self, factory: IAgentEndpointFactory, uri: URI, timings: Timings | None) -> None:
+        self._factory = factory
+        self._uri = uri
+        self._timings = timings
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:
+        try:
+            if self._timings is None:
+                endpoint = self._factory.endpointForURI(self._uri)
+            else:
+                # octoplex.endpoints' factory marks the DNS lookup and the
+                # connect of a new connection in them.
+                timed: Any = self._factory
+                endpoint = timed.endpointForURI(self._uri, self._timings)
+            return endpoint.connect(protocolFactory)  # type: ignore[no-any-return]
+        except Exception:
+            return fail()
 
 
 class _Target:
@@ -81,7 +107,7 @@ class UpstreamAgent:
     :param endpoints: makes the endpoint for a URI (egress policy, DNS, TLS).
     """
 
-    def __init__(self, pool: HTTPConnectionPool, endpoints: IAgentEndpointFactory) -> None:
+    def __init__(self, pool: OctoplexPool, endpoints: IAgentEndpointFactory) -> None:
         self._pool = pool
         self._endpoints = endpoints
         self._targets: OrderedDict[bytes, _Target] = OrderedDict()
@@ -107,13 +133,6 @@ class UpstreamAgent:
         timings, self.next_timings = self.next_timings, None
         try:
             target = self._target(uri)
-            if timings is None:
-                endpoint = self._endpoints.endpointForURI(target.uri)
-            else:
-                # octoplex.endpoints' factory marks the DNS lookup and the
-                # connect of a new connection in them.
-                timed: Any = self._endpoints
-                endpoint = timed.endpointForURI(target.uri, timings)
         except Exception:
             return fail()
         if headers is None:
@@ -125,22 +144,5 @@ class UpstreamAgent:
         request = Request(method, target.path, headers, bodyProducer, persistent=True)
         if timings is not None:
             request.timings = timings  # type: ignore[attr-defined]
-        d: Deferred[Any] = self._pool.getConnection(target.key, endpoint)
-        d.addCallback(_send, request)
-        d.addCallback(_claim_gzip)
-        return d
-
-
-def _send(connection: Any, request: Request) -> Deferred[IResponse]:
-    return connection.request(request)
-
-
-def _claim_gzip(response: Any) -> IResponse:
-    encodings = response.headers.getRawHeaders(b"content-encoding") or []
-    if not encodings:
-        return response
-    tokens = [t.strip().lower() for t in b",".join(encodings).split(b",") if t.strip()]
-    if tokens in ([b"gzip"], [b"x-gzip"]):
-        response.headers.removeHeader(b"content-encoding")
-        return _GzipResponse(response)
-    return response
+        endpoint = _Endpoint(self._endpoints, target.uri, timings)
+        return self._pool.request(target.key, endpoint, request)  # type: ignore[arg-type]

@@ -354,9 +354,23 @@ class UpstreamClient(Service):
     def _settle(
         self, result: Any, host: DeferredSemaphore, key: Any, overall: DeferredSemaphore
     ) -> Any:
-        # On the next reactor turn, as in _fetch.
-        self._reactor.callLater(0, self._released, host, key, overall)
+        self._release(host, key, overall)
         return result
+
+    def _release(
+        self, host: DeferredSemaphore, key: Any, overall: DeferredSemaphore | None
+    ) -> None:
+        """
+        Free a request's slots: on the next reactor turn if a request waits
+        for one (a deadline cancels all of a batch's requests in one go, and
+        a slot freed by the first must not wake the next one of the same
+        batch, only for it to be cancelled after it took a connection); at
+        once, with no timer, if none does.
+        """
+        if host.waiting or self._all.waiting:
+            self._reactor.callLater(0, self._released, host, key, overall)
+        else:
+            self._released(host, key, overall)
 
     async def _fetch(
         self,
@@ -379,11 +393,7 @@ class UpstreamClient(Service):
             response = await self._send(request, timings)
             return await self._read(response, budget, timings)
         finally:
-            # On the next reactor turn: a deadline cancels all of a batch's
-            # requests in one go, and a slot freed by the first must not wake
-            # the next one of the same batch, only for it to be cancelled
-            # after it took a connection.  One call releases both slots.
-            self._reactor.callLater(0, self._released, host, key, overall)
+            self._release(host, key, overall)
 
     def _released(
         self, host: DeferredSemaphore, key: Any, overall: DeferredSemaphore | None

@@ -108,6 +108,10 @@ class UpstreamResponse:
 
     :ivar raw_headers: every header line as received, names unchanged, in
         order (octoplex.client reads them).
+    :ivar gzip: whether the body is gzip-encoded, for octoplex.body to
+        decode: then ``Content-Encoding`` is taken out of ``headers``, so
+        that treq's ``ContentDecoderAgent``, whose decoder inflates with no
+        bound, leaves it alone.
     """
 
     __slots__ = (
@@ -116,6 +120,7 @@ class UpstreamResponse:
         "_protocol",
         "_transport",
         "code",
+        "gzip",
         "headers",
         "length",
         "phrase",
@@ -143,6 +148,7 @@ class UpstreamResponse:
         self.request = request
         self.previousResponse: IResponse | None = None
         self.raw_headers = raw_headers
+        self.gzip = False
         self._transport = transport
         #: The body's bytes before a reader came, then None.
         self._buffer: list[bytes] | None = []
@@ -207,6 +213,7 @@ class _Exchange:
         "conn",
         "count",
         "dead",
+        "encoded",
         "fed",
         "head",
         "head_bytes",
@@ -246,6 +253,8 @@ class _Exchange:
         self.body_until_close = False
         self.informational = False
         self.dead = False
+        #: Whether the head has a Content-Encoding.
+        self.encoded = False
 
     def begin(self) -> None:
         """
@@ -287,6 +296,8 @@ class _Exchange:
         ):
             self.conn.setdefault(name, []).append(value)
         else:
+            if name == b"content-encoding":
+                self.encoded = True
             self.headers.addRawHeader(name, value)
 
     def on_headers_complete(self) -> None:
@@ -298,6 +309,7 @@ class _Exchange:
             self.informational = True
             self.headers, self.conn, self.phrase, self.count = Headers(), {}, b"", 0
             self.raw = []
+            self.encoded = False
             return
         self.protocol._head_received(self, code)
 
@@ -502,6 +514,8 @@ class UpstreamProtocol(Protocol):
             version, code, exchange.phrase, exchange.headers, proxy, request, exchange.raw
         )
         exchange.head = []
+        if exchange.encoded:
+            response.gzip = _claim_gzip(exchange.headers)
         no_body = request.method == b"HEAD" or code in _NO_BODY_CODES
         lengths = exchange.conn.get(b"content-length")
         if no_body:
@@ -629,6 +643,19 @@ class UpstreamProtocol(Protocol):
         d: Deferred[None] = Deferred()
         self._abortDeferreds.append(d)
         return d
+
+
+def _claim_gzip(headers: Headers) -> bool:
+    """
+    Whether the body is gzip-encoded (``gzip`` or ``x-gzip``, alone), in
+    which case ``Content-Encoding`` is taken out of ``headers``.
+    """
+    encodings = headers.getRawHeaders(b"content-encoding") or []
+    tokens = [t.strip().lower() for t in b",".join(encodings).split(b",") if t.strip()]
+    if tokens in ([b"gzip"], [b"x-gzip"]):
+        headers.removeHeader(b"content-encoding")
+        return True
+    return False
 
 
 def _head(request: Any, body: bytes | None) -> bytes:

@@ -69,13 +69,8 @@ def _send_on(connection: Any, request: Any) -> Any:
 
 class _Retrying:
     """
-    A pooled connection, for one request: if the upstream had closed it
-    and the request failed before any answer came, the request is sent
-    again once on a new connection, when its method is idempotent, when it
-    carries an ``Idempotency-Key`` header (its sender opted in: the
-    upstream de-duplicates it), and when its body, if any, can be produced
-    again.  (Twisted's ``_RetryingHTTP11ClientProtocol`` allows bodiless
-    GET, HEAD, OPTIONS, DELETE and TRACE only.)
+    A pooled connection, as :meth:`OctoplexPool.getConnection` hands it out
+    for one request, which :meth:`OctoplexPool.retry` may send again.
     """
 
     __slots__ = ("_connection", "_endpoint", "_key", "_pool")
@@ -90,13 +85,8 @@ class _Retrying:
 
     def request(self, request: Any) -> Deferred[Any]:
         d: Deferred[Any] = self._connection.request(request)
-        d.addErrback(self._failed, request)
+        d.addErrback(self._pool.retry, self._key, self._endpoint, request)
         return d
-
-    def _failed(self, reason: Any, request: Any) -> Any:
-        if not _should_retry(request, reason.value):
-            return reason
-        return self._pool._newConnection(self._key, self._endpoint).addCallback(_send_on, request)
 
 
 def _should_retry(request: Any, exception: BaseException) -> bool:
@@ -234,10 +224,58 @@ class OctoplexPool(HTTPConnectionPool):
         closed = [connection.abort() for idle in connections.values() for connection in idle]
         return gatherResults(closed).addCallback(lambda _: None)
 
+    def request(
+        self, key: Hashable, endpoint: IStreamClientEndpoint, request: Any
+    ) -> Deferred[Any]:
+        """
+        Send ``request`` on the newest idle connection for ``key``, or on a
+        new one opened through ``endpoint``: what ``getConnection`` and the
+        connection's ``request`` do, without a Deferred and a callback in
+        between when an idle connection is at hand (the usual case).
+
+        :return: a Deferred that fires with the response once its head is
+            in.  A request that fails on a pooled connection the upstream
+            had closed is retried as :meth:`retry` says.
+        """
+        connection = self._take_idle(key)
+        if connection is None:
+            return self._newConnection(key, endpoint).addCallback(_send_on, request)
+        d: Deferred[Any] = connection.request(request)
+        d.addErrback(self.retry, key, endpoint, request)
+        return d
+
+    def retry(
+        self, reason: Any, key: Hashable, endpoint: IStreamClientEndpoint, request: Any
+    ) -> Any:
+        """
+        The errback of a request sent on a pooled connection: if the
+        upstream had closed it and the request failed before any answer
+        came, send it again once on a new connection, when its method is
+        idempotent, when it carries an ``Idempotency-Key`` header (its
+        sender opted in: the upstream de-duplicates it), and when its body,
+        if any, can be produced again.  (Twisted's
+        ``_RetryingHTTP11ClientProtocol`` allows bodiless GET, HEAD,
+        OPTIONS, DELETE and TRACE only.)
+        """
+        if not _should_retry(request, reason.value):
+            return reason
+        return self._newConnection(key, endpoint).addCallback(_send_on, request)
+
     def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
         """
+        ``HTTPConnectionPool``'s interface to :meth:`request`'s choice: the
+        newest idle connection, wrapped to retry as :meth:`retry` says, or a
+        new one.
+        """
+        connection = self._take_idle(key)
+        if connection is None:
+            return self._newConnection(key, endpoint)
+        return succeed(_Retrying(connection, self, key, endpoint))
+
+    def _take_idle(self, key: Hashable) -> Any:
+        """
         The newest idle connection for ``key`` (the back of its list),
-        retiring those found too old there first; or a new one.  An old
+        retiring those found too old there first; or ``None``.  An old
         connection further in is retired when it comes to the back or when
         it idles out: it is never used, and the lookup stays O(1).
         """
@@ -253,8 +291,8 @@ class OctoplexPool(HTTPConnectionPool):
                     self._retire(key, connection)
                     continue
                 self._metrics.upstream(key).reused.inc()
-                return succeed(_Retrying(connection, self, key, endpoint))
-        return self._newConnection(key, endpoint)
+                return connection
+        return None
 
     def _too_old(self, connection: Any, now: float) -> bool:
         if connection.generation != self._generation:

@@ -10,9 +10,12 @@ import json
 from typing import Any
 
 import pytest_twisted
-from twisted.web.client import HTTPConnectionPool
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from octoplex.agent import TARGET_CACHE_SIZE, UpstreamAgent
+from octoplex.pool import OctoplexPool
 
 from .servers import Caller, Octoplex, Upstream
 
@@ -31,7 +34,8 @@ class _Endpoints:
 
 def test_targets_are_parsed_once_per_uri_and_bounded() -> None:
     """The same URI bytes give the same target; different ones their own; the cache is capped."""
-    agent = UpstreamAgent(HTTPConnectionPool(None), _Endpoints())  # type: ignore[arg-type]
+    pool = OctoplexPool(Clock(), max_requests=100, max_age=100.0, connect_grace=1.0)
+    agent = UpstreamAgent(pool, _Endpoints())  # type: ignore[arg-type]
     one = agent._target(b"http://a.test/x?q=1")
     assert agent._target(b"http://a.test/x?q=1") is one
     assert (one.key, one.path, one.host) == ((b"http", b"a.test", 80), b"/x?q=1", b"a.test")
@@ -78,3 +82,42 @@ async def test_each_request_carries_its_own_path_and_host(
         status, _, body = await caller.post(octoplex.url + "/multiplex", mine)
         headers = json.loads(body["responses"][0]["Success"]["content"])["headers"]
         assert [v for k, v in headers if k.lower() == "host"] == ["bidder.example"]
+
+
+class _CountingEndpoints:
+    """Makes in-memory connections, and counts the endpoints asked for."""
+
+    def __init__(self) -> None:
+        self.made = 0
+        self.transports: list[StringTransport] = []
+        self.protocols: list[Any] = []
+
+    def endpointForURI(self, uri: Any) -> Any:
+        self.made += 1
+        return self
+
+    def connect(self, factory: Any) -> Any:
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.transports.append(transport)
+        self.protocols.append(protocol)
+        return succeed(protocol)
+
+
+def test_an_endpoint_is_made_only_for_a_new_connection() -> None:
+    """
+    Requests that go out on a pooled connection make no endpoint (DNS,
+    egress, TLS set-up): only the one that opens the connection does.
+    """
+    endpoints = _CountingEndpoints()
+    pool = OctoplexPool(Clock(), max_requests=100, max_age=100.0, connect_grace=1.0)
+    agent = UpstreamAgent(pool, endpoints)  # type: ignore[arg-type]
+    for n in range(3):
+        answers: list[Any] = []
+        agent.request(b"GET", b"http://a.test/%d" % n).addBoth(answers.append)
+        assert b"GET /%d HTTP/1.1\r\n" % n in endpoints.transports[0].value()
+        endpoints.protocols[0].dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        assert answers[0].code == 204
+        endpoints.transports[0].clear()
+    assert endpoints.made == 1 and len(endpoints.protocols) == 1

@@ -23,7 +23,9 @@ from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from octoplex.client import PoolSettings
+from octoplex.client import PoolSettings, UpstreamClient
+from octoplex.limits import Limits
+from octoplex.wire import UpstreamRequest, build_request
 from octoplex.pool import OctoplexPool
 
 from .servers import Caller, Upstream, _CountingSite, start_octoplex
@@ -402,3 +404,42 @@ def test_one_timer_idles_out_the_pool_and_the_newest_is_reused() -> None:
     assert all(c.transport.disconnecting for c in pooled[:4])
     assert not pooled[4].transport.disconnecting
     assert pool._connections == {} and clock.getDelayedCalls() == []
+
+
+def test_slots_are_released_at_once_when_nobody_waits_for_them() -> None:
+    """
+    A request that settles while no other waits for a connection slot frees
+    its slots there and then, arming no timer; the next reactor turn is kept
+    for the case where a waiter would be woken (a deadline cancelling a
+    whole batch must not hand the slot to one of its own requests).
+    """
+    from octoplex.egress import EgressPolicy
+
+    from .test_agent import _CountingEndpoints
+
+    clock = Clock()
+    client = UpstreamClient(
+        clock,
+        PoolSettings(max_per_host=1, max_total=8),
+        1 << 20,
+        egress=EgressPolicy.from_strings(allow=["127.0.0.0/8"]),
+    )
+    endpoints = _CountingEndpoints()
+    client._endpoints.endpointForURI = endpoints.endpointForURI  # type: ignore[method-assign]
+    request = build_request("http://127.0.0.1:9/x", "GET", [], None, None, Limits())
+    assert isinstance(request, UpstreamRequest)
+    answers: list[Any] = []
+    client.fetch(request).addBoth(answers.append)
+    queued = client.fetch(request)
+    queued.addBoth(answers.append)
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    # The second waits for the host's one slot: its release is deferred.
+    endpoints.protocols[0].dataReceived(ok)
+    assert [a.body for a in answers] == [b"ok"]
+    assert [c.getTime() for c in clock.getDelayedCalls()].count(0) == 1
+    clock.advance(0)
+    # Now nobody waits: the second's release is immediate.
+    endpoints.protocols[0].dataReceived(ok)
+    assert [a.body for a in answers] == [b"ok", b"ok"]
+    assert [c.getTime() for c in clock.getDelayedCalls()].count(0) == 0
+    assert client._hosts == {} and client._all.tokens == 8
