@@ -8,6 +8,13 @@ the multiplexer, the upstream client and its pool, the endpoints and the
 resolver.  The hot path only touches counters and histograms whose
 labelled children were bound beforehand: no dict is built per request.
 
+The metrics counted per batch, per item and per connection are
+:class:`LocklessCounter` and :class:`LocklessHistogram`: an increment is an
+addition to a Python number, with no lock (prometheus_client's take one on
+every ``inc``, and its ``observe`` walks the buckets in Python), read by a
+collector at scrape time.  They are only ever changed on the reactor
+thread.  Their exposition is prometheus_client's, sample for sample.
+
 :func:`render_text` serves the registry in Prometheus' text format
 (``/metrics``), :func:`render_json` as a JSON document (``/stats``).
 """
@@ -16,6 +23,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
@@ -29,10 +38,13 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 __all__ = [
     "CAUSES",
     "LATENCY_BUCKETS",
+    "LocklessCounter",
+    "LocklessHistogram",
     "MAX_HOSTS",
     "TEXT_CONTENT_TYPE",
     "Metrics",
@@ -70,6 +82,149 @@ CAUSES: dict[str, tuple[str, ...]] = {
 }
 
 TEXT_CONTENT_TYPE = CONTENT_TYPE_LATEST.encode("ascii")
+
+
+class _Count:
+    """One series of a :class:`LocklessCounter`."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        """Add ``amount`` (never negative: callers count things that happened)."""
+        self.value += amount
+
+
+class _Distribution:
+    """One series of a :class:`LocklessHistogram`: a count per bucket."""
+
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        #: Observations per bucket, not cumulative; the last is +Inf's.
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        """Count one observation (a bucket's bound is inclusive, as Prometheus' ``le``)."""
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+class _Lockless(Collector):
+    """
+    A metric family whose series live in plain Python numbers, collected
+    at scrape time; only the reactor thread changes them.
+    """
+
+    kind = ""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Any] = {}
+        if not self._labelnames:
+            self._children[()] = self._child()
+        if registry is not None:
+            registry.register(self)
+
+    def _child(self) -> Any:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> Any:
+        """The series of these label values, made on first use."""
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self._labelnames):
+            raise ValueError(f"{self._name} takes labels {self._labelnames}, not {key}")
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._child()
+        return child
+
+    def describe(self) -> Iterable[Metric]:
+        return [Metric(self._name, self._documentation, self.kind)]
+
+    def _labelled(self, key: tuple[str, ...], **more: str) -> dict[str, str]:
+        labels = dict(zip(self._labelnames, key))
+        labels.update(more)
+        return labels
+
+
+class LocklessCounter(_Lockless):
+    """
+    A counter (``NAME_total``, ``NAME_created``) with the interface the
+    daemon uses of prometheus_client's: ``labels(...)`` and ``inc()``.
+    """
+
+    kind = "counter"
+
+    def _child(self) -> _Count:
+        return _Count()
+
+    def inc(self, amount: float = 1) -> None:
+        """Count ``amount`` in the unlabelled series."""
+        self._children[()].value += amount
+
+    def collect(self) -> Iterable[Metric]:
+        family = Metric(self._name, self._documentation, self.kind)
+        for key, child in list(self._children.items()):
+            family.add_sample(self._name + "_total", self._labelled(key), child.value)
+            family.add_sample(self._name + "_created", self._labelled(key), child.created)
+        yield family
+
+
+class LocklessHistogram(_Lockless):
+    """
+    A histogram (cumulative ``NAME_bucket`` per ``le``, ``NAME_count``,
+    ``NAME_sum``, ``NAME_created``) with the interface the daemon uses of
+    prometheus_client's: ``labels(...)`` and ``observe()``.
+    """
+
+    kind = "histogram"
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        registry: CollectorRegistry | None = None,
+        buckets: tuple[float, ...] = LATENCY_BUCKETS,
+    ) -> None:
+        self._bounds = tuple(float(b) for b in buckets if b != math.inf)
+        super().__init__(name, documentation, labelnames, registry)
+
+    def _child(self) -> _Distribution:
+        return _Distribution(self._bounds)
+
+    def observe(self, amount: float) -> None:
+        """Count one observation in the unlabelled series."""
+        self._children[()].observe(amount)
+
+    def collect(self) -> Iterable[Metric]:
+        family = Metric(self._name, self._documentation, self.kind)
+        bounds = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
+        for key, child in list(self._children.items()):
+            running = 0
+            for bound, count in zip(bounds, child.counts):
+                running += count
+                labels = self._labelled(key, le=bound)
+                family.add_sample(self._name + "_bucket", labels, running)
+            family.add_sample(self._name + "_count", self._labelled(key), running)
+            family.add_sample(self._name + "_sum", self._labelled(key), child.sum)
+            family.add_sample(self._name + "_created", self._labelled(key), child.created)
+        yield family
 
 
 class UpstreamMetrics:
@@ -133,22 +288,22 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry = CollectorRegistry() if registry is None else registry
-        self.batches = Counter(
+        self.batches = LocklessCounter(
             "octoplex_batches", "Batches answered, by HTTP status.", ["status"], registry=registry
         )
-        self.batch_seconds = Histogram(
+        self.batch_seconds = LocklessHistogram(
             "octoplex_batch_seconds",
             "Seconds from a batch's arrival to its answer.",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.items = Counter(
+        self.items = LocklessCounter(
             "octoplex_items",
             "Items (upstream requests) settled, by outcome and cause.",
             ["outcome", "cause"],
             registry=registry,
         )
-        self.item_seconds = Histogram(
+        self.item_seconds = LocklessHistogram(
             "octoplex_item_seconds",
             "Seconds from a batch's start to each item's outcome.",
             buckets=LATENCY_BUCKETS,
@@ -185,41 +340,41 @@ class Metrics:
             "Upstream connections refused by the egress policy.",
             registry=registry,
         )
-        self.bytes_received = Counter(
+        self.bytes_received = LocklessCounter(
             "octoplex_received_bytes",
             "Bytes of batch request bodies received (as sent, before any gzip decoding).",
             registry=registry,
         )
-        self.bytes_sent = Counter(
+        self.bytes_sent = LocklessCounter(
             "octoplex_sent_bytes",
             "Bytes of batch answers (JSON, before any gzip encoding).",
             registry=registry,
         )
-        self.upstream_bytes = Counter(
+        self.upstream_bytes = LocklessCounter(
             "octoplex_upstream_received_bytes",
             "Body bytes read from upstream responses (after gzip decoding).",
             registry=registry,
         )
-        self.connections_opened = Counter(
+        self.connections_opened = LocklessCounter(
             "octoplex_upstream_connections_opened",
             f"Upstream connections opened, by host (the first {MAX_HOSTS}, then other).",
             ["host"],
             registry=registry,
         )
-        self.connections_reused = Counter(
+        self.connections_reused = LocklessCounter(
             "octoplex_upstream_connections_reused",
             "Requests sent on an idle pooled connection rather than a new one, by host.",
             ["host"],
             registry=registry,
         )
-        self.connections_retired = Counter(
+        self.connections_retired = LocklessCounter(
             "octoplex_upstream_connections_retired",
             "Pooled connections closed by the pool's policy (age, uses, overflow, "
             "egress change), by host.",
             ["host"],
             registry=registry,
         )
-        self.connection_wait = Histogram(
+        self.connection_wait = LocklessHistogram(
             "octoplex_upstream_connection_wait_seconds",
             "Seconds a request waited in the queue for a connection slot.",
             buckets=LATENCY_BUCKETS,

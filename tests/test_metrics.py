@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest_twisted
 import treq
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from twisted.internet import reactor
@@ -21,7 +22,13 @@ from twisted.web.client import Agent
 
 from octoplex.auth import Tokens
 from octoplex.limits import Limits
-from octoplex.metrics import MAX_HOSTS, Metrics
+from octoplex.metrics import (
+    LATENCY_BUCKETS,
+    MAX_HOSTS,
+    LocklessCounter,
+    LocklessHistogram,
+    Metrics,
+)
 from octoplex.tap import Options, makeService
 
 from .servers import Caller, Upstream, _QuietPool, start_octoplex
@@ -292,3 +299,53 @@ async def test_metrics_listen_serves_them_there_only(upstream: Upstream, caller:
         assert status == 404
     finally:
         await root.stopService()
+
+
+def test_lockless_metrics_expose_what_prometheus_client_exposes() -> None:
+    """
+    The lock-free counters and histograms of the hot path scrape, sample
+    for sample (``_created`` times aside), as prometheus_client's own
+    Counter and Histogram do after the same counts, labelled or not,
+    observations on a bucket's bound included.
+    """
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    pairs = [
+        (
+            LocklessCounter("t_plain", "A counter.", registry=ours),
+            Counter("t_plain", "A counter.", registry=theirs),
+        ),
+        (
+            LocklessCounter("t_by", "By label.", ["a", "b"], registry=ours),
+            Counter("t_by", "By label.", ["a", "b"], registry=theirs),
+        ),
+        (
+            LocklessHistogram("t_seconds", "A histogram.", registry=ours),
+            Histogram("t_seconds", "A histogram.", buckets=LATENCY_BUCKETS, registry=theirs),
+        ),
+        (
+            LocklessHistogram("t_host_seconds", "By host.", ["host"], registry=ours),
+            Histogram(
+                "t_host_seconds", "By host.", ["host"], buckets=LATENCY_BUCKETS, registry=theirs
+            ),
+        ),
+    ]
+    observations = [0, 0.0005, 0.0007, 0.001, 0.02, 0.25, 7, 30.0, 31, 1e9]
+    for mine, reference in pairs:
+        for n, value in enumerate(observations):
+            labels = ("x", str(n % 2))[: len(reference._labelnames)]
+            for metric in (mine, reference):
+                target = metric.labels(*labels) if labels else metric
+                if isinstance(metric, (LocklessCounter, Counter)):
+                    target.inc(value)
+                else:
+                    target.observe(value)
+
+    def scraped(registry: CollectorRegistry) -> list[str]:
+        return [
+            line
+            for line in generate_latest(registry).decode().splitlines()
+            if "_created" not in line
+        ]
+
+    assert scraped(ours) == scraped(theirs)
+    assert len(scraped(ours)) > 40
