@@ -431,7 +431,35 @@ class _SecondStamp:
 _stamp = _SecondStamp()
 
 
+def _system(event: dict[str, Any]) -> str:
+    """The ``[system]`` of a classic line, as Twisted's ``eventAsText`` writes it."""
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        return f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+    try:
+        return str(system)
+    except Exception:
+        return "UNFORMATTABLE"
+
+
 def _text_line(event: dict[str, Any]) -> bytes | None:
+    """
+    twistd's classic line for ``event``: for a plain template and no
+    failure, put together here with ``str.format_map`` (Twisted's
+    ``formatEvent`` runs a ``string.Formatter`` in Python, about 20 us a
+    line); for anything else, by ``formatEventAsClassicLogText``.  Byte for
+    byte the same either way (tests/test_logs.py).
+    """
+    template = event.get("log_format")
+    if type(template) is str and "log_failure" not in event:
+        try:
+            message = template.format_map(event)
+        except Exception:
+            message = ""
+        if message:
+            line = f"{_stamp(event.get('log_time'))} [{_system(event)}] {message}"
+            return (line.replace("\n", "\n\t") + "\n").encode("utf-8", "backslashreplace")
     text = formatEventAsClassicLogText(event, formatTime=_stamp)
     return None if text is None else text.encode("utf-8", "backslashreplace")
 

@@ -596,7 +596,7 @@ async def test_every_operator_event_is_in_the_log(tmp_path: Path, upstream: Upst
 
 def test_text_lines_are_twisteds_classic_lines_with_the_stamp_formatted_once_a_second() -> None:
     """The per-second timestamp cache writes exactly twistd's lines, across seconds."""
-    from twisted.logger import formatEventAsClassicLogText
+    from twisted.logger import formatEventAsClassicLogText, formatTime
 
     from octoplex.logs import _text_line
 
@@ -610,3 +610,33 @@ def test_text_lines_are_twisteds_classic_lines_with_the_stamp_formatted_once_a_s
             "batch_id": "9e67",
         }
         assert _text_line(event) == formatEventAsClassicLogText(event).encode(), when
+    # Other shapes, built here or left to Twisted: a system, no level, two
+    # lines, non-ASCII, a conversion and a spec, a missing or called field,
+    # an empty template, no template, a failure.
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    for more in (
+        {"log_system": "worker 1"},
+        {"log_level": None},
+        {"log_format": "two\nlines {batch_id!r} {n:>5}", "n": 3},
+        {"log_format": "caf\u00e9 \U0001f600 {batch_id}"},
+        {"log_format": "{missing} field"},
+        {"log_format": "{batch_id.upper()}"},
+        {"log_format": ""},
+        {"log_format": None, "message": ("legacy",)},
+        {"log_failure": failure},
+    ):
+        event = {
+            "log_format": "batch {batch_id} answered",
+            "log_level": LogLevel.warn,
+            "log_namespace": "octoplex.web.OctoplexApp",
+            "log_time": base,
+            "batch_id": "9e67",
+            **more,
+        }
+        expected = formatEventAsClassicLogText(event, formatTime=formatTime)
+        assert _text_line(event) == (
+            None if expected is None else expected.encode("utf-8", "backslashreplace")
+        ), more
