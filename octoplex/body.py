@@ -11,6 +11,7 @@ pool.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
@@ -21,7 +22,14 @@ from twisted.web.iweb import IResponse
 
 from octoplex.http11 import RESPONSE_DONE
 
-__all__ = ["BadGzip", "BatchResponsesTooLarge", "BodyTooLarge", "ResponseBudget", "read_body"]
+__all__ = [
+    "BadGzip",
+    "BatchResponsesTooLarge",
+    "BodyReader",
+    "BodyTooLarge",
+    "ResponseBudget",
+    "read_body",
+]
 
 
 class BodyTooLarge(Exception):
@@ -90,18 +98,28 @@ class BadGzip(Exception):
         return f"upstream sent a gzip-encoded body that does not decode: {self.args[0]}"
 
 
-class _BodyReader(Protocol):
+class BodyReader(Protocol):
     """
     Collect a body until it ends, or until it passes ``limit`` bytes, in
     which case the connection is closed.  A gzip body is decoded as it
     arrives, and the limit counts decoded bytes: no chunk is ever inflated
     past it, so a small bomb cannot exhaust memory.
+
+    :param done: called once, with the body (``bytes``) or with a
+        ``Failure`` saying why it could not be read; never after
+        :meth:`abort`.
     """
 
     def __init__(
-        self, finished: Deferred[bytes], limit: int, gzip: bool, budget: ResponseBudget | None
+        self,
+        done: Callable[[bytes | Failure], None],
+        limit: int,
+        gzip: bool,
+        budget: ResponseBudget | None,
     ) -> None:
-        self._finished = finished
+        self._done = done
+        #: Set once ``done`` was called, or the read given up.
+        self.over = False
         self._budget = budget
         self._taken = 0
         self._limit = limit
@@ -110,7 +128,7 @@ class _BodyReader(Protocol):
         self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None
 
     def dataReceived(self, data: bytes) -> None:
-        if self._finished.called:
+        if self.over:
             return
         if self._inflate is not None:
             if self._inflate.eof:
@@ -137,8 +155,9 @@ class _BodyReader(Protocol):
     def _fail(self, error: Exception) -> None:
         self._chunks.clear()
         self._give_back()
-        self._finished.errback(error)
-        self.abort()
+        self.over = True
+        self._done(Failure(error))
+        self._close()
 
     def _give_back(self) -> None:
         if self._budget is not None:
@@ -146,8 +165,9 @@ class _BodyReader(Protocol):
             self._taken = 0
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
-        if self._finished.called:
+        if self.over:
             return
+        self.over = True
         # PotentialDataLoss: an HTTP/1.0-style body that ends when the
         # connection closes, which is how such a body is meant to end.
         # RESPONSE_DONE first: how octoplex.http11 ends nearly every body,
@@ -155,19 +175,25 @@ class _BodyReader(Protocol):
         if reason is RESPONSE_DONE or reason.check(ResponseDone, PotentialDataLoss):
             if self._inflate is not None and not self._inflate.eof:
                 self._give_back()
-                self._finished.errback(BadGzip("it ends early"))
+                self._done(Failure(BadGzip("it ends early")))
             else:
-                self._finished.callback(b"".join(self._chunks))
+                self._done(b"".join(self._chunks))
         else:
             self._give_back()
-            self._finished.errback(reason)
+            self._done(reason)
         self._chunks = []
 
     def abort(self) -> None:
         """
-        Close the upstream connection; the body will not be read.
+        Give the read up: close the upstream connection and return what the
+        batch's budget lent; ``done`` is not called.
         """
+        self.over = True
+        self._chunks = []
         self._give_back()
+        self._close()
+
+    def _close(self) -> None:
         transport = self.transport
         if transport is not None:
             transport.loseConnection()
@@ -190,13 +216,20 @@ def read_body(
     :return: a Deferred that fires with the body.  Cancelling it closes the
         connection.
     """
-    reader: _BodyReader | None = None
+    reader: BodyReader | None = None
 
     def cancel(d: Deferred[bytes]) -> None:
         assert reader is not None
         reader.abort()
 
     finished: Deferred[bytes] = Deferred(cancel)
-    reader = _BodyReader(finished, limit, gzip, budget)
+
+    def done(result: bytes | Failure) -> None:
+        if isinstance(result, Failure):
+            finished.errback(result)
+        else:
+            finished.callback(result)
+
+    reader = BodyReader(done, limit, gzip, budget)
     response.deliverBody(reader)
     return finished

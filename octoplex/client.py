@@ -17,6 +17,7 @@ What a multiplexer needs that treq does not give by default:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from http.cookiejar import Cookie, CookieJar, DefaultCookiePolicy
 from typing import Any
 
@@ -35,7 +36,7 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from octoplex.agent import UpstreamAgent
-from octoplex.body import ResponseBudget, read_body
+from octoplex.body import BodyReader, ResponseBudget
 from octoplex.dns import CachingResolver, DNSSettings, nameservers
 from octoplex.egress import EgressPolicy
 from octoplex.endpoints import UpstreamEndpointFactory
@@ -190,6 +191,81 @@ class PoolSettings:
     connect_grace: float = 5.0
 
 
+class _Fetch(Deferred[UpstreamResponse]):
+    """
+    One request sent with both its slots taken at once, as the multiplexer
+    holds it: it fires once the whole response is read (or with why it
+    could not be), its slots freed just before.
+
+    It stands for treq's Deferred of the response's head and then for the
+    body's reader, so a response goes to the multiplexer with no Deferred
+    chained in between.  Cancelling it cancels the request, or aborts the
+    body's reader, whichever is under way.
+    """
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        host: DeferredSemaphore,
+        key: Any,
+        overall: DeferredSemaphore,
+        budget: ResponseBudget | None,
+        timings: Timings | None,
+    ) -> None:
+        super().__init__(_Fetch._cancelled)
+        self._client = client
+        self._slots: tuple[DeferredSemaphore, Any, DeferredSemaphore] | None = (
+            host,
+            key,
+            overall,
+        )
+        self._budget = budget
+        self._timings = timings
+        self._sent: Deferred[Any] | None = None
+        self._body: BodyReader | None = None
+
+    def start(self, sent: Deferred[Any]) -> None:
+        """Wait for ``sent``, treq's Deferred of the response's head."""
+        self._sent = sent
+        sent.addBoth(self._headed)
+
+    def _headed(self, result: Any) -> None:
+        self._sent = None
+        if isinstance(result, Failure):
+            self._end(result)
+            return
+        try:
+            self._body = self._client._reader(result, self._budget, self._timings, self._end)
+        except Exception:
+            self._end(Failure())
+
+    def _release(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            self._client._release(*slots)
+
+    def _end(self, result: UpstreamResponse | Failure) -> None:
+        self._body = None
+        self._release()
+        if self.called:
+            # Cancelled, and answered as such, before this came.
+            return
+        if isinstance(result, Failure):
+            self.errback(result)
+        else:
+            self.callback(result)
+
+    def _cancelled(self) -> None:
+        if self._sent is not None:
+            # The head is awaited: cancelling treq's Deferred ends it (the
+            # connection is closed), and _headed hears how.
+            self._sent.cancel()
+        elif self._body is not None:
+            self._body.abort()
+            self._body = None
+            self._release()
+
+
 class UpstreamClient(Service):
     """
     The service that owns the shared pool and client.
@@ -325,37 +401,13 @@ class UpstreamClient(Service):
         host.tokens -= 1
         overall.tokens -= 1
         self._metrics.connection_wait.observe(0.0)
+        fetch = _Fetch(self, host, key, overall, budget, timings)
         try:
-            d = self._send(request, timings)
+            sent = self._send(request, timings)
         except Exception:
-            d = fail()
-        # One callback while the head is awaited (each costs a few hundred
-        # bytes per request in flight); the body's reader is chained after.
-        d.addBoth(self._headed, budget, host, key, overall, timings)
-        return d
-
-    def _headed(
-        self,
-        result: IResponse | Failure,
-        budget: ResponseBudget | None,
-        host: DeferredSemaphore,
-        key: Any,
-        overall: DeferredSemaphore,
-        timings: Timings | None,
-    ) -> Any:
-        if isinstance(result, Failure):
-            return self._settle(result, host, key, overall)
-        try:
-            reading = self._read(result, budget, timings)
-        except Exception:
-            return self._settle(Failure(), host, key, overall)
-        return reading.addBoth(self._settle, host, key, overall)
-
-    def _settle(
-        self, result: Any, host: DeferredSemaphore, key: Any, overall: DeferredSemaphore
-    ) -> Any:
-        self._release(host, key, overall)
-        return result
+            sent = fail()
+        fetch.start(sent)
+        return fetch
 
     def _release(
         self, host: DeferredSemaphore, key: Any, overall: DeferredSemaphore | None
@@ -438,10 +490,38 @@ class UpstreamClient(Service):
     def _read(
         self, response: IResponse, budget: ResponseBudget | None, timings: Timings | None = None
     ) -> Deferred[UpstreamResponse]:
+        """
+        Read ``response``'s body: a Deferred that fires with the whole
+        response (the queued path's, :meth:`_fetch`).
+        """
+        reader: BodyReader | None = None
+        finished: Deferred[UpstreamResponse] = Deferred(lambda _: reader and reader.abort())
+
+        def done(result: UpstreamResponse | Failure) -> None:
+            if isinstance(result, Failure):
+                finished.errback(result)
+            else:
+                finished.callback(result)
+
+        reader = self._reader(response, budget, timings, done)
+        return finished
+
+    def _reader(
+        self,
+        response: IResponse,
+        budget: ResponseBudget | None,
+        timings: Timings | None,
+        done: Callable[[UpstreamResponse | Failure], None],
+    ) -> BodyReader:
+        """
+        Start reading ``response``'s body, within the response size limit
+        and ``budget``; ``done`` is called with the whole response, or why
+        it could not be read.  The reader can be aborted.
+        """
         headers = response.headers
         inner = getattr(response, "original", response)
         gzip = getattr(inner, "gzip", False)
-        raw = getattr(getattr(inner, "original", inner), "raw_headers", None)
+        raw = getattr(inner, "raw_headers", None)
         if headers.getRawHeaders(b"content-encoding") == [b""]:
             # ContentDecoderAgent (which treq always adds) sets an empty
             # Content-Encoding on a response that had none; the caller must
@@ -456,17 +536,21 @@ class UpstreamClient(Service):
             # Twisted's parser keeps Content-Length among the connection
             # headers, out of response.headers; the original reported it.
             headers.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
-        d = read_body(response, self._max_response_bytes, gzip, budget)
         encoding = "gzip" if gzip else None
         received = self._metrics.upstream_bytes
 
-        def complete(body: bytes) -> UpstreamResponse:
+        def complete(body: bytes | Failure) -> None:
+            if isinstance(body, Failure):
+                done(body)
+                return
             if timings is not None:
                 timings.done = timings.now()
             received.inc(len(body))
-            return UpstreamResponse(response.code, response.headers, body, encoding, raw or [])
+            done(UpstreamResponse(response.code, headers, body, encoding, raw or []))
 
-        return d.addCallback(complete)
+        reader = BodyReader(complete, self._max_response_bytes, gzip, budget)
+        response.deliverBody(reader)
+        return reader
 
     def startService(self) -> None:
         super().startService()

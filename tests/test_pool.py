@@ -18,8 +18,11 @@ import attr
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -443,3 +446,59 @@ def test_slots_are_released_at_once_when_nobody_waits_for_them() -> None:
     assert [a.body for a in answers] == [b"ok", b"ok"]
     assert [c.getTime() for c in clock.getDelayedCalls()].count(0) == 0
     assert client._hosts == {} and client._all.tokens == 8
+
+
+def test_a_fetch_frees_its_slots_once_however_it_ends() -> None:
+    """
+    A request's slots come back exactly once whether it is answered, fails
+    before its head, or is cancelled (by a deadline) while its head or its
+    body is awaited; a cancelled one closes its connection.
+    """
+    from twisted.internet.defer import CancelledError
+
+    from octoplex.egress import EgressPolicy
+
+    from .test_agent import _CountingEndpoints
+
+    client = UpstreamClient(
+        Clock(),
+        PoolSettings(max_per_host=4, max_total=4),
+        1 << 20,
+        egress=EgressPolicy.from_strings(allow=["127.0.0.0/8"]),
+    )
+    endpoints = _CountingEndpoints()
+    client._endpoints.endpointForURI = endpoints.endpointForURI  # type: ignore[method-assign]
+    request = build_request("http://127.0.0.1:9/x", "GET", [], None, None, Limits())
+    assert isinstance(request, UpstreamRequest)
+
+    def fetch() -> tuple[list[Any], Any, Any]:
+        results: list[Any] = []
+        d = client.fetch(request)
+        d.addBoth(results.append)
+        return results, d, endpoints.protocols[-1]
+
+    def free() -> int:
+        return int(client._all.tokens)
+
+    results, d, protocol = fetch()
+    assert free() == 3
+    d.cancel()  # awaiting the head
+    # As Twisted's client protocol fails it: nothing was received.
+    assert results[0].check(ResponseNeverReceived)
+    assert results[0].value.reasons[0].check(CancelledError)
+    assert free() == 4 and protocol.transport.disconnecting
+
+    results, d, protocol = fetch()
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+    assert results == [] and free() == 3
+    d.cancel()  # reading the body
+    assert results[0].check(CancelledError) and free() == 4
+    assert protocol.transport.disconnecting
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert free() == 4 and len(results) == 1
+
+    results, d, protocol = fetch()
+    protocol.connectionLost(Failure(ConnectionDone()))  # before any answer
+    assert len(results) == 1 and isinstance(results[0], Failure) and free() == 4
+    d.cancel()
+    assert free() == 4 and client._hosts == {}
