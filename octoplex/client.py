@@ -139,7 +139,9 @@ class _BytesProducer:
         pass
 
 
-@attr.s(slots=True, frozen=True, auto_attribs=True)
+# Not frozen: attrs' frozen __init__ sets each field through
+# object.__setattr__, three times the cost, once per response.
+@attr.s(slots=True, auto_attribs=True)
 class UpstreamResponse:
     """
     A complete upstream response.

@@ -44,6 +44,9 @@ __all__ = ["BatchResult", "Fetcher", "Multiplexer"]
 CANCELLED = "cancelled: the caller disconnected"
 
 
+#: The tags of an outcome that echoes nothing of its request.
+_NO_TAGS: dict[str, Any] = {}
+
 #: Seconds of the first retry's backoff step; each next one doubles it.
 RETRY_BASE = 0.01
 
@@ -526,6 +529,12 @@ class _BatchRun:
     def _succeeded(self, response: UpstreamResponse, index: int) -> None:
         if self._result.outcomes[index] is not None:
             return
+        request = self._batch.requests[index]
+        if request.id is None and not self._timings and getattr(request, "retry", None) is None:
+            # Nothing to echo (the usual case): no tags to gather.
+            tags: dict[str, Any] = _NO_TAGS
+        else:
+            tags = self._tags(index)
         self._set(
             index,
             self._success(
@@ -534,7 +543,7 @@ class _BatchRun:
                 response.body,
                 self._settle_item(self._metrics.item_success),
                 response.content_encoding,
-                **self._tags(index),
+                **tags,
                 options=self._batch.options,
                 raw_headers=response.raw_headers,
             ),
