@@ -471,23 +471,27 @@ class UpstreamClient(Service):
             raise QueueTimeout(what, cap) from None
 
     def _send(self, request: UpstreamRequest, timings: Timings | None) -> Deferred[Any]:
-        if timings is not None:
-            timings.slot = timings.now()
+        if timings is None:
+            return self._request(request)
+        timings.slot = timings.now()
         # treq calls the agent at once, with no way to pass anything along:
         # the agent takes the timings for the request it is about to get.
         self._agent.next_timings = timings
         try:
-            return self._http.request(
-                request.method.decode("ascii"),
-                request.url,
-                headers=request.headers,
-                data=request.body,
-                allow_redirects=False,
-                unbuffered=True,
-                reactor=self._reactor,
-            )
+            return self._request(request)
         finally:
             self._agent.next_timings = None
+
+    def _request(self, request: UpstreamRequest) -> Deferred[Any]:
+        return self._http.request(
+            request.method.decode("ascii"),
+            request.url,
+            headers=request.headers,
+            data=request.body,
+            allow_redirects=False,
+            unbuffered=True,
+            reactor=self._reactor,
+        )
 
     def _read(
         self, response: IResponse, budget: ResponseBudget | None, timings: Timings | None = None

@@ -82,6 +82,7 @@ _NO_BODY_CODES = frozenset({204, 304})
 _NONE: dict[bytes, list[bytes]] = {}
 _NO_LINES: list[tuple[bytes, bytes]] = []
 _KEEP_ALIVE = [b"keep-alive"]
+_NO_ATTRIBUTES: dict[str, Any] = {}
 _VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
 
 
@@ -235,7 +236,9 @@ class _Exchange:
         self.request = request
         #: Marked with when the answer's first and last bytes came, if the
         #: request carries timings (octoplex.timings).
-        self.timings: Any = getattr(request, "timings", None)
+        # (Looked up in the instance's dict: getattr with a default raises
+        # and catches an AttributeError for every request without them.)
+        self.timings: Any = getattr(request, "__dict__", _NO_ATTRIBUTES).get("timings")
         # The parser and the head's containers come with the first byte of
         # the answer (begin()): a request waiting on a slow upstream holds
         # none of them (about 1 KB each).

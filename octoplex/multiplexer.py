@@ -358,9 +358,13 @@ class _BatchRun:
 
     def _fetch(self, index: int, request: UpstreamRequest) -> Deferred[None]:
         try:
-            d = self._attempt(index, request)
-            if request.retry is not None:
-                d = Deferred.fromCoroutine(self._retrying(index, request, d))
+            if request.retry is None and not self._batch.options.timings:
+                # Neither feature asked for: straight to the client.
+                d = self._client.fetch(request, self._budget)
+            else:
+                d = self._attempt(index, request)
+                if request.retry is not None:
+                    d = Deferred.fromCoroutine(self._retrying(index, request, d))
         except Exception:
             # treq parses and builds the request synchronously; a value it
             # rejects fails this request alone, like any invalid value.
@@ -507,12 +511,14 @@ class _BatchRun:
 
     def _settled(self, result: UpstreamResponse | Failure, index: int) -> None:
         self._running.discard(index)
-        self._stop_timer(index)
-        timings = self._timings.get(index)
-        if timings is not None and timings.done is None:
-            # It ended here (a failure, or a cancellation), before its
-            # outcome and its duration are worked out.
-            timings.done = timings.now()
+        if self._timers:
+            self._stop_timer(index)
+        if self._timings:
+            timings = self._timings.get(index)
+            if timings is not None and timings.done is None:
+                # It ended here (a failure, or a cancellation), before its
+                # outcome and its duration are worked out.
+                timings.done = timings.now()
         if index in self._active:
             self._active.discard(index)
             self._sent.pop(index, None)
