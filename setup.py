@@ -45,6 +45,10 @@ setup(
         # The gRPC listener (--grpc-listen): octoplex/v1's generated modules
         # need at least the grpcio and protobuf they were generated for.
         "grpc": GRPC,
+        # What bench/ needs beyond the standard library: the gRPC frontend
+        # (grpc_vs_http.py), the TLS scenario's certificates, and the plain
+        # aiohttp multiplexer that peers.py runs beside Octoplex.
+        "bench": [*GRPC, "trustme>=1.1", "aiohttp>=3.9"],
         "test": [
             *GRPC,
             # Generates octoplex/v1's modules again, to check the committed
