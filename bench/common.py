@@ -132,6 +132,20 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def schedstat_ms(pid: int) -> tuple[float, float] | None:
+    """
+    A process's (main thread's) time on a CPU and time spent runnable but
+    waiting for one, in ms, from /proc/PID/schedstat (nanosecond counters,
+    unlike the clock ticks of /proc/PID/stat); None where unavailable.
+    """
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            fields = f.read().split()
+        return int(fields[0]) / 1e6, int(fields[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def tree_cpu_seconds(pid: int) -> float | None:
     """
     utime + stime of a process and of its descendants still running (a

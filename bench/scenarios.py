@@ -53,6 +53,9 @@ import common
 from common import HOST, BenchError, Pinning, positive_int
 
 SCENARIOS = ("idle", "deadline", "memory", "tls")
+#: ms of waiting for its CPU in one batch from which the daemon was
+#: delayed by another process (the idle scenario counts such batches).
+IDLE_WAIT_MS = 0.1
 SCRIPT_ARGS_CHECKED = "1"
 
 
@@ -273,12 +276,14 @@ def scenario_idle(run: Run) -> dict[str, Any]:
     body = common.post_bytes(port, "/multiplex", batch_body([uri] * size, 5000))
     get = common.get_bytes(up_port, f"/delay/{delay}")
 
-    async def measure() -> tuple[list[float], list[float], list[float]]:
+    async def measure() -> tuple[list[float], list[float], list[float], list[tuple[float, float]]]:
         direct = [Connections(up_port) for _ in range(size)]
         octoplex = Connections(port)
         via: list[float] = []
         straight: list[float] = []
         item_max: list[float] = []
+        # The daemon's time on its CPU, and waiting for it, during each batch.
+        sched: list[tuple[float, float]] = []
         try:
             for i in range(args.idle_warmup + args.idle_batches):
                 # One round each way, in turn, so that both see the same noise.
@@ -287,9 +292,11 @@ def scenario_idle(run: Run) -> dict[str, Any]:
                 t1 = time.perf_counter()
                 if any(status != 200 for status, _ in answers):
                     raise BenchError(f"a direct GET failed: {answers[:2]}")
+                s0 = common.schedstat_ms(daemon.pid)
                 t2 = time.perf_counter()
                 status, answer = await octoplex.exchange(body)
                 t3 = time.perf_counter()
+                s1 = common.schedstat_ms(daemon.pid)
                 results = outcomes(status, answer, size)
                 if not all(is_ok(o) for o in results):
                     raise BenchError(f"a batch item failed: {answer[:400]!r}")
@@ -297,11 +304,13 @@ def scenario_idle(run: Run) -> dict[str, Any]:
                     straight.append((t1 - t0) * 1000)
                     via.append((t3 - t2) * 1000)
                     item_max.append(max(o["Success"]["duration_msec"] for o in results))
+                    if s0 is not None and s1 is not None:
+                        sched.append((s1[0] - s0[0], s1[1] - s0[1]))
         finally:
             octoplex.close()
             for c in direct:
                 c.close()
-        return via, straight, item_max
+        return via, straight, item_max, sched
 
     print(
         f"  {args.idle_warmup} + {args.idle_batches} batches of {size} (upstream delay "
@@ -309,11 +318,20 @@ def scenario_idle(run: Run) -> dict[str, Any]:
         flush=True,
     )
     c0 = common.cpu_seconds(daemon.pid)
-    via, straight, item_max = asyncio.run(measure())
+    via, straight, item_max, sched = asyncio.run(measure())
     c1 = common.cpu_seconds(daemon.pid)
     alive(watch)
     v, d, items = spread(via), spread(straight), spread(item_max)
+    on_cpu, waited = spread([c for c, _ in sched]), spread([w for _, w in sched])
+    delayed = sum(1 for _, w in sched if w >= IDLE_WAIT_MS)
     target_p50, target_p99 = delay + args.idle_target_p50_ms, delay + args.idle_target_p99_ms
+    # The target counts what Octoplex adds: the client's and the upstream's
+    # own overhead, the excess over the delay of the direct baseline sent
+    # just before the batch, is subtracted from each batch's latency.  Per
+    # round, not p99 less p99: a stall that delays only the baseline (the
+    # load's CPU was busy) must not make Octoplex's tail look shorter.
+    net = spread([a - b + delay for a, b in zip(via, straight, strict=True)])
+    net_p50, net_p99 = net["p50"], net["p99"]
     rows = [
         [
             f"batch of {size} via Octoplex",
@@ -343,6 +361,15 @@ def scenario_idle(run: Run) -> dict[str, Any]:
             "",
         ],
         [
+            "via Octoplex less the same round's direct excess",
+            str(net["n"]),
+            fmt(net["p50"]),
+            fmt(net["p99"]),
+            fmt(net["max"]),
+            fmt(net["p50"] - delay, sign=True),
+            fmt(net["p99"] - delay, sign=True),
+        ],
+        [
             "daemon's slowest item (duration_msec)",
             str(items["n"]),
             fmt(items["p50"]),
@@ -351,16 +378,38 @@ def scenario_idle(run: Run) -> dict[str, Any]:
             fmt(items["p50"] - delay, sign=True),
             fmt(items["p99"] - delay, sign=True),
         ],
+        [
+            "daemon on-CPU per batch (schedstat)",
+            str(on_cpu["n"]),
+            fmt(on_cpu["p50"]),
+            fmt(on_cpu["p99"]),
+            fmt(on_cpu["max"]),
+            "",
+            "",
+        ],
+        [
+            "daemon waiting for its CPU per batch",
+            str(waited["n"]),
+            fmt(waited["p50"]),
+            fmt(waited["p99"]),
+            fmt(waited["max"]),
+            "",
+            "",
+        ],
     ]
-    met_p50, met_p99 = v["p50"] <= target_p50, v["p99"] <= target_p99
+    met_p50, met_p99 = net_p50 <= target_p50, net_p99 <= target_p99
     text = table(
         ["", "n", "p50 ms", "p99 ms", "max ms", f"p50 over {delay} ms", f"p99 over {delay} ms"],
         rows,
     )
     text += (
-        f"\n\nTarget: p50 <= {target_p50:g} ms: {verdict(met_p50)}; "
-        f"p99 <= {target_p99:g} ms: {verdict(met_p99)}.  Daemon CPU "
-        f"{fmt(None if c0 is None or c1 is None else c1 - c0, 1)} s."
+        f"\n\nTarget, with each round's direct baseline excess over {delay} ms (the "
+        f"client's and the upstream's own overhead) subtracted: p50 {fmt(net_p50)} <= "
+        f"{target_p50:g} ms: "
+        f"{verdict(met_p50)}; p99 {fmt(net_p99)} <= {target_p99:g} ms: {verdict(met_p99)}.  "
+        f"Daemon CPU {fmt(None if c0 is None or c1 is None else c1 - c0, 1)} s; "
+        f"{delayed} of {waited['n']} batches waited >= {IDLE_WAIT_MS:g} ms for the daemon's "
+        "CPU (another process had it: the Octoplex row, not the baseline, pays for that)."
     )
     return {
         "title": f"3. Overhead when idle: batch of {size}, upstream delay {delay} ms",
@@ -374,9 +423,14 @@ def scenario_idle(run: Run) -> dict[str, Any]:
         "overhead_p99_ms": round(v["p99"] - delay, 3),
         "overhead_vs_direct_p50_ms": round(v["p50"] - d["p50"], 3),
         "overhead_vs_direct_p99_ms": round(v["p99"] - d["p99"], 3),
+        "net_ms": net,
+        "daemon_on_cpu_ms": on_cpu,
+        "daemon_cpu_wait_ms": waited,
+        "batches_waiting_for_cpu": delayed,
         "target_p50_ms": target_p50,
         "target_p99_ms": target_p99,
         "met": {"p50": met_p50, "p99": met_p99},
+        "met_without_subtracting": {"p50": v["p50"] <= target_p50, "p99": v["p99"] <= target_p99},
     }
 
 
