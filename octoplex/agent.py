@@ -142,7 +142,10 @@ class UpstreamAgent:
             # Accept-Encoding): ours to change.
             headers.addRawHeader(b"Host", target.host)
         request = Request(method, target.path, headers, bodyProducer, persistent=True)
-        if timings is not None:
-            request.timings = timings  # type: ignore[attr-defined]
+        # Set even when None: octoplex.http11 reads it as an attribute,
+        # neither raising for its absence nor reading the instance's
+        # __dict__ (which would make the request a dict of its own, 64
+        # bytes for as long as it is in flight).
+        request.timings = timings  # type: ignore[attr-defined]
         endpoint = _Endpoint(self._endpoints, target.uri, timings)
         return self._pool.request(target.key, endpoint, request)  # type: ignore[arg-type]

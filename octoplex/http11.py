@@ -81,8 +81,8 @@ _NO_BODY_CODES = frozenset({204, 304})
 #: The connection headers of an exchange with no answer yet (never changed).
 _NONE: dict[bytes, list[bytes]] = {}
 _NO_LINES: list[tuple[bytes, bytes]] = []
+_NO_HEAD: list[bytes] = []
 _KEEP_ALIVE = [b"keep-alive"]
-_NO_ATTRIBUTES: dict[str, Any] = {}
 _VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
 
 
@@ -236,9 +236,10 @@ class _Exchange:
         self.request = request
         #: Marked with when the answer's first and last bytes came, if the
         #: request carries timings (octoplex.timings).
-        # (Looked up in the instance's dict: getattr with a default raises
-        # and catches an AttributeError for every request without them.)
-        self.timings: Any = getattr(request, "__dict__", _NO_ATTRIBUTES).get("timings")
+        # (octoplex.agent sets it on every request, None or not, so that
+        # getattr's default is not reached, with the AttributeError it
+        # raises and catches, for a request without timings.)
+        self.timings: Any = getattr(request, "timings", None)
         # The parser and the head's containers come with the first byte of
         # the answer (begin()): a request waiting on a slow upstream holds
         # none of them (about 1 KB each).
@@ -246,8 +247,9 @@ class _Exchange:
         self.headers: Any = None
         self.raw: list[tuple[bytes, bytes]] = _NO_LINES
         self.conn: dict[bytes, list[bytes]] = _NONE
-        #: The bytes of the head received so far, to quote a bad one.
-        self.head: list[bytes] = []
+        #: The bytes of the head received so far, to quote a bad one (a
+        #: list of its own from the first byte of the answer, begin()).
+        self.head: list[bytes] = _NO_HEAD
         self.phrase = b""
         self.count = 0
         self.head_bytes = 0
@@ -266,6 +268,7 @@ class _Exchange:
         """
         if self.timings is not None:
             self.timings.first_byte = self.timings.now()
+        self.head = []
         self.parser = httptools.HttpResponseParser(self)
         self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self.headers = Headers()
@@ -362,6 +365,8 @@ class UpstreamProtocol(Protocol):
     born = 0.0
     generation = 0
     uses = 0
+    #: The pool key it was opened for, which the pool sets.
+    key: Any = None
     #: When its TLS handshake was done, for a TLS connection, by ``clock``
     #: (which the pool sets).
     tls_done: float | None = None
@@ -374,7 +379,8 @@ class UpstreamProtocol(Protocol):
         self._finished: Deferred[Any] | None = None
         self._writing: Deferred[Any] | None = None
         self._received = False
-        self._abortDeferreds: list[Deferred[None]] = []
+        #: Who waits for abort() to be done; a list from the first one.
+        self._abortDeferreds: list[Deferred[None]] | None = None
 
     @property
     def state(self) -> str:
@@ -386,17 +392,24 @@ class UpstreamProtocol(Protocol):
 
     # Sending -----------------------------------------------------------
 
-    def request(self, request: Any) -> Deferred[Any]:
+    def request(self, request: Any, finished: Deferred[Any] | None = None) -> Deferred[Any]:
         """
         Send ``request``; a Deferred that fires with the response once its
-        head is in.
+        head is in: ``finished`` if given (the pool's, for a request that
+        waited for this connection to open, whose canceller then calls
+        :meth:`_cancel`), else a new one.
         """
         if self._state != "QUIESCENT":
+            if finished is not None:
+                finished.errback(Failure(RequestNotSent()))
+                return finished
             return fail(RequestNotSent())
         self._state = "TRANSMITTING"
         self._exchange = _Exchange(self, request)
         self._received = False
-        finished = self._finished = Deferred(self._cancel)
+        if finished is None:
+            finished = Deferred(self._cancel)
+        self._finished = finished
         producer = request.bodyProducer
         body = getattr(producer, "body", None) if producer is not None else b""
         if body is None:
@@ -636,9 +649,9 @@ class UpstreamProtocol(Protocol):
                 finished.errback(Failure(RequestTransmissionFailed([reason])))
         elif state in ("WAITING", "TRANSMITTING", "ABORTING"):
             self._give_up(reason)
-        for d in self._abortDeferreds:
+        aborts, self._abortDeferreds = self._abortDeferreds, None
+        for d in aborts or ():
             d.callback(None)
-        self._abortDeferreds = []
 
     def abort(self) -> Deferred[None]:
         """
@@ -649,6 +662,8 @@ class UpstreamProtocol(Protocol):
         self.transport.loseConnection()
         self._state = "ABORTING"
         d: Deferred[None] = Deferred()
+        if self._abortDeferreds is None:
+            self._abortDeferreds = []
         self._abortDeferreds.append(d)
         return d
 

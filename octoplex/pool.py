@@ -6,8 +6,9 @@ Twisted's ``HTTPConnectionPool`` reuses idle connections first in, first
 out, so under steady traffic every connection is touched before its idle
 timeout and the pool never shrinks; it keeps a connection for ever; and it
 arms a timer for every connection each time it goes back to the pool.
-:class:`OctoplexPool` keeps Twisted's ``_newConnection`` and its factory, and
-replaces the rest (``getConnection``, ``_putConnection``,
+:class:`OctoplexPool` keeps Twisted's factory (one for the whole pool, where
+Twisted's ``_newConnection`` makes one per connection), and replaces the
+rest (``_newConnection``, ``getConnection``, ``_putConnection``,
 ``closeCachedConnections``; the private parts are pinned by
 tests/test_private_api.py):
 
@@ -63,10 +64,6 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 SWEEP_INTERVAL = 1.0
 
 
-def _send_on(connection: Any, request: Any) -> Any:
-    return connection.request(request)
-
-
 class _Retrying:
     """
     A pooled connection, as :meth:`OctoplexPool.getConnection` hands it out
@@ -101,6 +98,74 @@ def _should_retry(request: Any, exception: BaseException) -> bool:
         return False
     producer = request.bodyProducer
     return producer is None or getattr(producer, "replayable", False)
+
+
+class _Opening:
+    """
+    A new connection being opened, for a request or for
+    :meth:`OctoplexPool.getConnection`: the canceller of the Deferred that
+    waits on it (``wanted``), and the callbacks of the connect.
+
+    For a request, the one Deferred stands for the connect and then for the
+    response: once the connection is open the request is sent on it, and
+    the connection fires ``wanted`` with the response (as it fires a
+    request's own Deferred), with no second Deferred chained behind it.
+    Cancelling it while the connection opens lets the connect finish for
+    the next request (:meth:`OctoplexPool._finish_unwanted`); once it is
+    open, cancelling it cancels the request on the connection.
+    """
+
+    __slots__ = ("_connecting", "_key", "_pool", "_protocol", "_request", "_wanted")
+
+    def __init__(self, pool: OctoplexPool, key: Hashable, request: Any) -> None:
+        self._pool = pool
+        self._key = key
+        self._request = request
+        self._connecting: Deferred[Any] | None = None
+        self._protocol: Any = None
+        self._wanted: Deferred[Any] | None = Deferred(self)
+
+    def __call__(self, wanted: Deferred[Any]) -> None:
+        # The canceller of ``wanted``.
+        if self._protocol is not None:
+            # What cancelling the request's Deferred on the connection does.
+            self._protocol._cancel(wanted)
+        elif self._connecting is not None:
+            self._pool._finish_unwanted(self._key, self._connecting)
+
+    def opened(self, protocol: Any) -> None:
+        pool, key, wanted, request = self._pool, self._key, self._wanted, self._request
+        # It no longer needs the connect, and ``wanted`` (which holds this
+        # as its canceller) no longer needs to be reached from here.
+        self._connecting = self._wanted = self._request = None
+        assert wanted is not None
+        protocol.key = key
+        pool.opened += 1
+        pool._metrics.upstream(key).opened.inc()
+        protocol.born = pool._reactor.seconds()
+        protocol.generation = pool._generation
+        if wanted.called:
+            # Its request was cancelled while it opened: keep it warm.
+            if pool._closed:
+                protocol.transport.loseConnection()
+                return
+            pool.warmed += 1
+            pool._idle(key, protocol)
+        elif request is None:
+            wanted.callback(protocol)
+        else:
+            self._protocol = protocol
+            try:
+                protocol.request(request, wanted)
+            except Exception:
+                if not wanted.called:
+                    wanted.errback()
+
+    def failed(self, failure: Any) -> None:
+        wanted = self._wanted
+        self._connecting = self._wanted = self._request = None
+        if wanted is not None and not wanted.called:
+            wanted.errback(failure)
 
 
 class OctoplexPool(HTTPConnectionPool):
@@ -147,6 +212,12 @@ class OctoplexPool(HTTPConnectionPool):
                 return protocol
 
         self._factory = Factory
+        #: The one factory of every connection the pool opens (Twisted's
+        #: _newConnection makes a factory, a quiescent callback closure and
+        #: the endpoint's repr for each, about 400 bytes a connection for as
+        #: long as it is open): a protocol goes back to the pool under the
+        #: key it carries.
+        self._shared_factory = Factory(self._quiescent, "OctoplexPool")
         self._max_requests = max_requests
         self._max_age = max_age
         self._connect_grace = connect_grace
@@ -164,30 +235,30 @@ class OctoplexPool(HTTPConnectionPool):
         #: The one timer that closes connections idle too long.
         self._sweeper: IDelayedCall | None = None
 
+    def _quiescent(self, protocol: Any) -> None:
+        # What Twisted's per-connection quiescent callback did, with the key
+        # the connection was opened for.
+        self._putConnection(protocol.key, protocol)
+
     def _newConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
-        connecting = super()._newConnection(key, endpoint)
-        wanted: Deferred[Any] = Deferred(lambda _: self._finish_unwanted(key, connecting))
+        """
+        What ``HTTPConnectionPool._newConnection`` does, with the pool's one
+        factory: a Deferred of a new connection's protocol.
+        """
+        return self._open(key, endpoint, None)
 
-        def opened(protocol: Any) -> None:
-            self.opened += 1
-            self._metrics.upstream(key).opened.inc()
-            protocol.born = self._reactor.seconds()
-            protocol.generation = self._generation
-            if wanted.called:
-                # Its request was cancelled while it opened: keep it warm.
-                if self._closed:
-                    protocol.transport.loseConnection()
-                    return
-                self.warmed += 1
-                self._idle(key, protocol)
-            else:
-                wanted.callback(protocol)
-
-        def failed(failure: Any) -> None:
-            if not wanted.called:
-                wanted.errback(failure)
-
-        connecting.addCallbacks(opened, failed)
+    def _open(self, key: Hashable, endpoint: IStreamClientEndpoint, request: Any) -> Deferred[Any]:
+        """
+        Open a new connection for ``key`` through ``endpoint``: a Deferred
+        that fires with its protocol, or, given a ``request``, with the
+        response to the request sent on it (see :class:`_Opening`).
+        """
+        opening = _Opening(self, key, request)
+        wanted = opening._wanted
+        assert wanted is not None
+        connecting: Deferred[Any] = endpoint.connect(self._shared_factory)
+        opening._connecting = connecting
+        connecting.addCallbacks(opening.opened, opening.failed)
         return wanted
 
     def _finish_unwanted(self, key: Hashable, connecting: Deferred[Any]) -> None:
@@ -239,7 +310,7 @@ class OctoplexPool(HTTPConnectionPool):
         """
         connection = self._take_idle(key)
         if connection is None:
-            return self._newConnection(key, endpoint).addCallback(_send_on, request)
+            return self._open(key, endpoint, request)
         d: Deferred[Any] = connection.request(request)
         d.addErrback(self.retry, key, endpoint, request)
         return d
@@ -259,7 +330,7 @@ class OctoplexPool(HTTPConnectionPool):
         """
         if not _should_retry(request, reason.value):
             return reason
-        return self._newConnection(key, endpoint).addCallback(_send_on, request)
+        return self._open(key, endpoint, request)
 
     def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
         """

@@ -121,3 +121,30 @@ def test_an_endpoint_is_made_only_for_a_new_connection() -> None:
         assert answers[0].code == 204
         endpoints.transports[0].clear()
     assert endpoints.made == 1 and len(endpoints.protocols) == 1
+
+
+def test_a_new_connection_carries_its_request_on_one_deferred_and_one_factory() -> None:
+    """
+    A request that opens a connection is answered on the Deferred the pool
+    handed out (no second Deferred chained behind the connect), and every
+    connection is built by the pool's one factory, going back to the pool
+    under the key it carries.
+    """
+    endpoints = _CountingEndpoints()
+    pool = OctoplexPool(Clock(), max_requests=100, max_age=100.0, connect_grace=1.0)
+    agent = UpstreamAgent(pool, endpoints)  # type: ignore[arg-type]
+    answers: list[Any] = []
+    first = agent.request(b"GET", b"http://a.test/1")
+    second = agent.request(b"GET", b"http://b.test/2")
+    for d in (first, second):
+        d.addBoth(answers.append)
+    one, two = endpoints.protocols
+    assert one._finished is first and two._finished is second
+    assert one._quiescentCallback == two._quiescentCallback
+    for protocol in (one, two):
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert [a.code for a in answers] == [204, 204]
+    assert {key: len(idle) for key, idle in pool._connections.items()} == {
+        (b"http", b"a.test", 80): 1,
+        (b"http", b"b.test", 80): 1,
+    }
