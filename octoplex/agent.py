@@ -71,7 +71,7 @@ class _Endpoint:
                 # connect of a new connection in them.
                 timed: Any = self._factory
                 endpoint = timed.endpointForURI(self._uri, self._timings)
-            return endpoint.connect(protocolFactory)  # type: ignore[no-any-return]
+            return endpoint.connect(protocolFactory)
         except Exception:
             return fail()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from http.cookiejar import Cookie, CookieJar, DefaultCookiePolicy
-from typing import Any
+from typing import Any, cast
 
 import attr
 from treq.client import HTTPClient
@@ -214,7 +214,7 @@ class _Fetch(Deferred[UpstreamResponse]):
         budget: ResponseBudget | None,
         timings: Timings | None,
     ) -> None:
-        super().__init__(_Fetch._cancelled)
+        super().__init__(_cancel_fetch)
         self._client = client
         self._slots: tuple[DeferredSemaphore, Any, DeferredSemaphore] | None = (
             host,
@@ -266,6 +266,11 @@ class _Fetch(Deferred[UpstreamResponse]):
             self._body.abort()
             self._body = None
             self._release()
+
+
+def _cancel_fetch(fetch: Deferred[Any]) -> None:
+    # A _Fetch's canceller (a plain function: no bound method per request).
+    cast(_Fetch, fetch)._cancelled()
 
 
 class UpstreamClient(Service):
@@ -501,7 +506,12 @@ class UpstreamClient(Service):
         response (the queued path's, :meth:`_fetch`).
         """
         reader: BodyReader | None = None
-        finished: Deferred[UpstreamResponse] = Deferred(lambda _: reader and reader.abort())
+
+        def cancel(_: Deferred[UpstreamResponse]) -> None:
+            if reader is not None:
+                reader.abort()
+
+        finished: Deferred[UpstreamResponse] = Deferred(cancel)
 
         def done(result: UpstreamResponse | Failure) -> None:
             if isinstance(result, Failure):

@@ -33,7 +33,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -43,10 +42,10 @@ from prometheus_client.utils import floatToGoString
 __all__ = [
     "CAUSES",
     "LATENCY_BUCKETS",
-    "LocklessCounter",
-    "LocklessHistogram",
     "MAX_HOSTS",
     "TEXT_CONTENT_TYPE",
+    "LocklessCounter",
+    "LocklessHistogram",
     "Metrics",
     "UpstreamMetrics",
     "render_json",
@@ -157,7 +156,7 @@ class _Lockless(Collector):
         return [Metric(self._name, self._documentation, self.kind)]
 
     def _labelled(self, key: tuple[str, ...], **more: str) -> dict[str, str]:
-        labels = dict(zip(self._labelnames, key))
+        labels = dict(zip(self._labelnames, key, strict=True))
         labels.update(more)
         return labels
 
@@ -217,7 +216,7 @@ class LocklessHistogram(_Lockless):
         bounds = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
         for key, child in list(self._children.items()):
             running = 0
-            for bound, count in zip(bounds, child.counts):
+            for bound, count in zip(bounds, child.counts, strict=True):
                 running += count
                 labels = self._labelled(key, le=bound)
                 family.add_sample(self._name + "_bucket", labels, running)

@@ -613,10 +613,7 @@ def test_text_lines_are_twisteds_classic_lines_with_the_stamp_formatted_once_a_s
     # Other shapes, built here or left to Twisted: a system, no level, two
     # lines, non-ASCII, a conversion and a spec, a missing or called field,
     # an empty template, no template, a failure.
-    try:
-        1 / 0
-    except ZeroDivisionError:
-        failure = Failure()
+    failure = Failure(ZeroDivisionError("division by zero"))
     for more in (
         {"log_system": "worker 1"},
         {"log_level": None},

@@ -17,8 +17,8 @@ from typing import Any
 import attr
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -28,8 +28,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.limits import Limits
-from octoplex.wire import UpstreamRequest, build_request
 from octoplex.pool import OctoplexPool
+from octoplex.wire import UpstreamRequest, build_request
 
 from .servers import Caller, Upstream, _CountingSite, start_octoplex
 
