@@ -549,6 +549,30 @@ def start_python_upstream(
 # The daemon
 
 
+def start_upstream(
+    use_nginx: bool,
+    nginx: str,
+    choice: str,
+    tmp: str,
+    port: int,
+    pin: Pinning,
+    procs: Processes,
+) -> tuple[subprocess.Popen[Any], str, str]:
+    """
+    The reference upstream on ``port``: nginx if ``use_nginx``, else
+    bench/upstream.py, saying why (``choice`` is the ``--upstream`` option:
+    ``auto`` means nginx was not found).  Its process, label and log.
+    """
+    if use_nginx:
+        return start_nginx(nginx, tmp, port, pin, procs)
+    print(
+        f"NOTE: nginx not found at {nginx}" if choice == "auto" else "NOTE: --upstream python",
+        "- using the fallback upstream bench/upstream.py (asyncio); its "
+        "numbers are not comparable with nginx runs.",
+    )
+    return start_python_upstream(tmp, port, pin, procs)
+
+
 def octoplex_argv(
     cmd: str | None, port: int, twistd_options: Sequence[str] = ()
 ) -> tuple[list[str], str]:

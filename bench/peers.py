@@ -64,9 +64,7 @@ from common import (
     check_one_batch,
     positive_int,
     run_wrk,
-    start_nginx,
     start_octoplex,
-    start_python_upstream,
     summarise_wrk,
     tail,
 )
@@ -694,21 +692,9 @@ def main(argv: list[str] | None = None) -> int:
         pin.pin_self_to_load()
 
         upstream_port = common.free_port()
-        if use_nginx:
-            upstream, upstream_label, upstream_log = start_nginx(
-                args.nginx, tmp, upstream_port, pin, procs
-            )
-        else:
-            print(
-                f"NOTE: nginx not found at {args.nginx}"
-                if args.upstream == "auto"
-                else "NOTE: --upstream python",
-                "- using the fallback upstream bench/upstream.py (asyncio); its "
-                "numbers are not comparable with nginx runs.",
-            )
-            upstream, upstream_label, upstream_log = start_python_upstream(
-                tmp, upstream_port, pin, procs
-            )
+        upstream, upstream_label, upstream_log = common.start_upstream(
+            use_nginx, args.nginx, args.upstream, tmp, upstream_port, pin, procs
+        )
         upstream_url = f"http://{HOST}:{upstream_port}/"
         print(f"Upstream: {upstream_label} at {upstream_url}")
 

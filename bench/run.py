@@ -46,9 +46,7 @@ from common import (
     nginx_accepts,
     positive_int,
     run_wrk,
-    start_nginx,
     start_octoplex,
-    start_python_upstream,
     summarise_wrk,
 )
 
@@ -297,21 +295,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def bench(procs: common.Processes, tmp: str) -> int:
         upstream_port = common.free_port()
-        if use_nginx:
-            upstream, upstream_label, upstream_log = start_nginx(
-                args.nginx, tmp, upstream_port, pin, procs
-            )
-        else:
-            print(
-                f"NOTE: nginx not found at {args.nginx}"
-                if args.upstream == "auto"
-                else "NOTE: --upstream python",
-                "- using the fallback upstream bench/upstream.py (asyncio); its "
-                "numbers are not comparable with nginx runs.",
-            )
-            upstream, upstream_label, upstream_log = start_python_upstream(
-                tmp, upstream_port, pin, procs
-            )
+        upstream, upstream_label, upstream_log = common.start_upstream(
+            use_nginx, args.nginx, args.upstream, tmp, upstream_port, pin, procs
+        )
         upstream_url = f"http://{HOST}:{upstream_port}/"
         print(f"Upstream: {upstream_label} at {upstream_url}")
         accepts = None
