@@ -409,21 +409,20 @@ def test_one_timer_idles_out_the_pool_and_the_newest_is_reused() -> None:
     assert pool._connections == {} and clock.getDelayedCalls() == []
 
 
-def test_slots_are_released_at_once_when_nobody_waits_for_them() -> None:
+def _in_memory_client(
+    clock: Clock, max_per_host: int, max_total: int
+) -> tuple[UpstreamClient, Any, UpstreamRequest]:
     """
-    A request that settles while no other waits for a connection slot frees
-    its slots there and then, arming no timer; the next reactor turn is kept
-    for the case where a waiter would be woken (a deadline cancelling a
-    whole batch must not hand the slot to one of its own requests).
+    A client whose connections are in memory (the endpoints of
+    tests/test_agent.py), and a GET to send through it.
     """
     from octoplex.egress import EgressPolicy
 
     from .test_agent import _CountingEndpoints
 
-    clock = Clock()
     client = UpstreamClient(
         clock,
-        PoolSettings(max_per_host=1, max_total=8),
+        PoolSettings(max_per_host=max_per_host, max_total=max_total),
         1 << 20,
         egress=EgressPolicy.from_strings(allow=["127.0.0.0/8"]),
     )
@@ -431,6 +430,18 @@ def test_slots_are_released_at_once_when_nobody_waits_for_them() -> None:
     client._endpoints.endpointForURI = endpoints.endpointForURI  # type: ignore[method-assign]
     request = build_request("http://127.0.0.1:9/x", "GET", [], None, None, Limits())
     assert isinstance(request, UpstreamRequest)
+    return client, endpoints, request
+
+
+def test_slots_are_released_at_once_when_nobody_waits_for_them() -> None:
+    """
+    A request that settles while no other waits for a connection slot frees
+    its slots there and then, arming no timer; the next reactor turn is kept
+    for the case where a waiter would be woken (a deadline cancelling a
+    whole batch must not hand the slot to one of its own requests).
+    """
+    clock = Clock()
+    client, endpoints, request = _in_memory_client(clock, max_per_host=1, max_total=8)
     answers: list[Any] = []
     client.fetch(request).addBoth(answers.append)
     queued = client.fetch(request)
@@ -456,20 +467,7 @@ def test_a_fetch_frees_its_slots_once_however_it_ends() -> None:
     """
     from twisted.internet.defer import CancelledError
 
-    from octoplex.egress import EgressPolicy
-
-    from .test_agent import _CountingEndpoints
-
-    client = UpstreamClient(
-        Clock(),
-        PoolSettings(max_per_host=4, max_total=4),
-        1 << 20,
-        egress=EgressPolicy.from_strings(allow=["127.0.0.0/8"]),
-    )
-    endpoints = _CountingEndpoints()
-    client._endpoints.endpointForURI = endpoints.endpointForURI  # type: ignore[method-assign]
-    request = build_request("http://127.0.0.1:9/x", "GET", [], None, None, Limits())
-    assert isinstance(request, UpstreamRequest)
+    client, endpoints, request = _in_memory_client(Clock(), max_per_host=4, max_total=4)
 
     def fetch() -> tuple[list[Any], Any, Any]:
         results: list[Any] = []
