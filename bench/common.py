@@ -885,6 +885,38 @@ def add_placement_arguments(parser: argparse.ArgumentParser, load: str) -> None:
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
 
 
+def batch_sizes(text: str) -> list[int]:
+    """``--batch-sizes``: a comma-separated list of sizes from 1 up."""
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers"
+        ) from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("batch sizes must be at least 1")
+    return sizes
+
+
+def add_wrk_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of wrk's load: its connections and the batch sizes."""
+    parser.add_argument(
+        "-c",
+        "--connections",
+        type=positive_int,
+        default=8,
+        help="wrk connections, on one wrk thread (default: %(default)s)",
+    )
+    parser.add_argument(
+        "-b",
+        "--batch-sizes",
+        type=batch_sizes,
+        default=batch_sizes("1,10,50"),
+        metavar="LIST",
+        help="comma-separated batch sizes (default: 1,10,50)",
+    )
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -524,16 +524,6 @@ def targets_table(rows: list[dict[str, Any]]) -> str:
 # Command line
 
 
-def batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError("batch sizes must be at least 1")
-    return sizes
-
-
 def contender_list(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [n for n in names if n not in BUILT_IN]
@@ -595,21 +585,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rounds per batch size, each contender once per round, the order reversed "
         "every other round (default: %(default)s)",
     )
-    parser.add_argument(
-        "-c",
-        "--connections",
-        type=positive_int,
-        default=8,
-        help="wrk connections, on one wrk thread (default: %(default)s)",
-    )
-    parser.add_argument(
-        "-b",
-        "--batch-sizes",
-        type=batch_sizes,
-        default=batch_sizes("1,10,50"),
-        metavar="LIST",
-        help="comma-separated batch sizes (default: 1,10,50)",
-    )
+    common.add_wrk_arguments(parser)
     parser.add_argument(
         "--contenders",
         type=contender_list,

@@ -164,18 +164,6 @@ def worker_counts(text: str) -> list[int]:
     return counts
 
 
-def batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of numbers"
-        ) from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError("batch sizes must be at least 1")
-    return sizes
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
@@ -195,21 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10,
         help="seconds of each measured wrk run (default: %(default)s)",
     )
-    parser.add_argument(
-        "-c",
-        "--connections",
-        type=positive_int,
-        default=8,
-        help="wrk connections, on one wrk thread (default: %(default)s)",
-    )
-    parser.add_argument(
-        "-b",
-        "--batch-sizes",
-        type=batch_sizes,
-        default=batch_sizes("1,10,50"),
-        metavar="LIST",
-        help="comma-separated batch sizes (default: 1,10,50)",
-    )
+    common.add_wrk_arguments(parser)
     parser.add_argument(
         "-w",
         "--workers",
