@@ -11,7 +11,8 @@ guess was right.
 from __future__ import annotations
 
 import hmac
-from pathlib import Path
+import os
+import stat
 
 __all__ = ["TokenError", "Tokens", "load_tokens"]
 
@@ -69,11 +70,35 @@ def _parse(entry: str, where: str) -> tuple[str, str]:
     return name, token
 
 
-def load_tokens(entries: list[str], path: str | None) -> Tokens:
+def _check_file(path: str, status: os.stat_result, uid: int) -> None:
+    """
+    A tokens file must be safe from other users, as ssh holds its key files:
+    writable by nobody but its owner, and owned by the daemon's user or root.
+    """
+    mode = stat.S_IMODE(status.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise TokenError(
+            f"the API tokens file {path} has mode {mode:04o}: its group or others may write "
+            "to it; allow writing by its owner only (chmod go-w)"
+        )
+    if status.st_uid not in (uid, 0):
+        raise TokenError(
+            f"the API tokens file {path} is owned by uid {status.st_uid}, neither the "
+            f"daemon's user (uid {uid}) nor root"
+        )
+
+
+def _euid(uid: int | None) -> int:
+    return os.geteuid() if uid is None else uid
+
+
+def load_tokens(entries: list[str], path: str | None, uid: int | None = None) -> Tokens:
     """
     The tokens given as ``NAME=TOKEN`` entries and in a file of such lines
-    (blank lines and ``#`` comments skipped).
+    (blank lines and ``#`` comments skipped).  The file must be writable
+    by its owner alone and owned by the daemon's user or root.
 
+    :param uid: the daemon's user; by default the effective user now.
     :raises TokenError: naming the entry, line or file.
     """
     tokens: dict[str, str] = {}
@@ -87,7 +112,10 @@ def load_tokens(entries: list[str], path: str | None) -> Tokens:
         add(*_parse(entry, f"--api-token #{index}"), f"--api-token #{index}")
     if path is not None:
         try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
+            with open(path, "rb") as tokens_file:
+                # The file as opened, not the path, is checked.
+                _check_file(path, os.fstat(tokens_file.fileno()), _euid(uid))
+                lines = tokens_file.read().decode("utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise TokenError(f"cannot read the API tokens file {path}: {e}") from None
         for number, line in enumerate(lines, 1):

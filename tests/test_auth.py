@@ -6,6 +6,7 @@ callers without a configured token, over real sockets.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,38 @@ def test_tokens_file(tmp_path: Path) -> None:
         load_tokens([], str(path))
     with pytest.raises(TokenError, match="cannot read the API tokens file"):
         load_tokens([], str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602, 0o660])
+def test_a_tokens_file_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """A tokens file its group or others may write stops the load, naming its mode."""
+    path = tmp_path / "tokens"
+    path.write_text(f"bidder-7={TOKEN}\n")
+    path.chmod(mode)
+    with pytest.raises(TokenError, match=rf"{path} has mode {mode:04o}: .*chmod go-w"):
+        load_tokens([], str(path))
+    path.chmod(0o600)
+    assert load_tokens([], str(path)).identify(f"Bearer {TOKEN}".encode()) == "bidder-7"
+    path.chmod(0o644)
+    assert load_tokens([], str(path))
+
+
+def test_a_tokens_file_of_another_user_is_refused(tmp_path: Path) -> None:
+    """A tokens file owned by neither the daemon's user nor root stops the load."""
+    path = tmp_path / "tokens"
+    path.write_text(f"bidder-7={TOKEN}\n")
+    path.chmod(0o600)
+    if os.geteuid() == 0:
+        # Root may give the file away: then it belongs to someone else.
+        os.chown(path, 4321, -1)
+        daemon = 0
+    else:
+        daemon = os.geteuid() + 1
+    owner = path.stat().st_uid
+    with pytest.raises(TokenError, match=rf"owned by uid {owner}, neither the daemon's user"):
+        load_tokens([], str(path), uid=daemon)
+    # Its owner's daemon may read it.
+    assert load_tokens([], str(path), uid=owner)
 
 
 def test_options_load_tokens_and_name_bad_ones(tmp_path: Path) -> None:
