@@ -109,6 +109,16 @@ class OctoplexChannel(HTTPChannel):
                 "(--max-header-bytes)",
             )
             return
+        if line[:1] in (b" ", b"\t") and not self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+            # twisted.web would join it to the header before it; RFC 9112
+            # section 5.2 lets a server refuse it, the safer choice (two
+            # readers of one head could disagree on where a header ends).
+            self.refuse(
+                400,
+                f"request header line {line[:40]!r} starts with white space: obsolete line "
+                "folding (RFC 9112 section 5.2) is not accepted; send each header on one line",
+            )
+            return
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:

@@ -204,6 +204,30 @@ async def test_malformed_request_gets_400(
 
 
 @pytest_twisted.ensureDeferred
+async def test_obsolete_line_folding_gets_400(
+    limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller
+) -> None:
+    """
+    A header continued on a line that starts with white space (RFC 9112
+    section 5.2) is refused with 400 naming the line, not joined to the
+    header before it; the daemon serves on.
+    """
+    octoplex = limited()
+    for fold in (b" folded", b"\tfolded"):
+        request = (
+            b"POST /multiplex HTTP/1.1\r\nHost: x\r\nX-One: 1\r\n"
+            + fold
+            + b"\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        raw, _ = await deferToThread(talk, port_of(octoplex), [request])
+        status, _, document = parse(raw)
+        assert status == 400
+        assert "obsolete line folding" in document["error"]
+        assert repr(fold) in document["error"]
+    await still_serves(octoplex, upstream, caller)
+
+
+@pytest_twisted.ensureDeferred
 async def test_slowloris_headers_time_out(
     limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller
 ) -> None:

@@ -83,6 +83,10 @@ def test_the_channel_state_octoplex_inbound_reads() -> None:
     assert channel._handlingRequest is False
     assert isinstance(channel.totalHeadersSize, int) and isinstance(channel.maxHeaders, int)
     assert "_receivedHeaderCount" in inspect.getsource(http.HTTPChannel.headerReceived)
+    # octoplex.inbound refuses a folded header line once the request line
+    # is in, which this private flag says.
+    assert http.HTTPChannel()._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
+    assert "self.__first_line = 0" in inspect.getsource(http.HTTPChannel.lineReceived)
 
 
 def test_the_answer_encoder_interfaces_octoplex_web_implements() -> None:
