@@ -294,6 +294,11 @@ class CachingResolver:
             :class:`NameNotResolved`.
         """
         key = name.lower()
+        if key.endswith(".") and len(key) > 1:
+            # "name." is "name" as an absolute name (no search list is
+            # applied to either): one cache entry, /etc/hosts for both,
+            # and the same query.
+            key = key[:-1]
         if isIPAddress(key) or isIPv6Address(key):
             # HostnameEndpoint hands IP literals to the resolver too.
             return succeed([key])

@@ -341,6 +341,26 @@ def test_hosts_file_answers_without_a_query(tmp_path: Any) -> None:
     assert resolver.queries == {}
 
 
+def test_a_trailing_dot_names_the_same_host(tmp_path: Any) -> None:
+    """
+    ``name.`` is ``name``: answered from the hosts file like it, from the
+    same cache entry, and asked of DNS as the same name.
+    """
+    path = tmp_path / "hosts"
+    path.write_text("127.0.0.9 local.test\n")
+    clock, names = Clock(), FakeNames()
+    names.program("remote.test", "A", [rr_a("remote.test", "127.0.0.7", 60)])
+    names.program("remote.test", "AAAA", [])
+    resolver = caching(names, clock, hosts=FilePath(str(path)))
+
+    assert result_of(resolver.lookup("local.test.")) == ["127.0.0.9"]
+    assert result_of(resolver.lookup("LOCAL.test.")) == ["127.0.0.9"]
+    assert result_of(resolver.lookup("remote.test.")) == ["127.0.0.7"]
+    assert result_of(resolver.lookup("remote.test")) == ["127.0.0.7"]
+    assert names.asked == [("remote.test", "A"), ("remote.test", "AAAA")]
+    assert resolver.queries == {"remote.test": 1}
+
+
 def test_ip_literal_is_answered_without_a_query() -> None:
     """An IP address given as a host name resolves to itself without any query."""
     clock, names = Clock(), FakeNames()
