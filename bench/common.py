@@ -549,6 +549,31 @@ def start_python_upstream(
 # The daemon
 
 
+def find_wrk(given: str | None) -> str:
+    """
+    The wrk to run: ``--wrk``, else the one on PATH; exit with status 2,
+    saying how to get it, if there is none.
+    """
+    wrk = given or shutil.which("wrk") or "/usr/bin/wrk"
+    if not os.access(wrk, os.X_OK):
+        print("error: wrk not found (apt-get install -y wrk, or pass --wrk)", file=sys.stderr)
+        raise SystemExit(2)
+    return wrk
+
+
+def use_nginx(choice: str, nginx: str) -> bool:
+    """
+    Whether nginx is the upstream: ``--upstream nginx``, or ``auto`` with
+    nginx installed; exit with status 2 if nginx was asked for and is not
+    there.
+    """
+    found = os.access(nginx, os.X_OK)
+    if choice == "nginx" and not found:
+        print(f"error: {nginx} not found", file=sys.stderr)
+        raise SystemExit(2)
+    return choice == "nginx" or (choice == "auto" and found)
+
+
 def start_upstream(
     use_nginx: bool,
     nginx: str,

@@ -973,12 +973,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    use_nginx = args.upstream == "nginx" or (
-        args.upstream == "auto" and os.access(args.nginx, os.X_OK)
-    )
-    if args.upstream == "nginx" and not os.access(args.nginx, os.X_OK):
-        print(f"error: {args.nginx} not found", file=sys.stderr)
-        return 2
+    use_nginx = common.use_nginx(args.upstream, args.nginx)
     runs_count = (4 + (0 if args.no_reactors else 2)) * args.rounds
     load_s = runs_count * (args.duration + args.warmup + CLIENT_START_S)
     print(

@@ -46,7 +46,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -636,16 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     common.raise_on_sigterm()
 
-    wrk = args.wrk or shutil.which("wrk") or "/usr/bin/wrk"
-    if not os.access(wrk, os.X_OK):
-        print("error: wrk not found (apt-get install -y wrk, or pass --wrk)", file=sys.stderr)
-        return 2
-    use_nginx = args.upstream == "nginx" or (
-        args.upstream == "auto" and os.access(args.nginx, os.X_OK)
-    )
-    if args.upstream == "nginx" and not os.access(args.nginx, os.X_OK):
-        print(f"error: {args.nginx} not found", file=sys.stderr)
-        return 2
+    wrk = common.find_wrk(args.wrk)
+    use_nginx = common.use_nginx(args.upstream, args.nginx)
 
     names = [*args.contenders, *(name for name, _ in args.also)]
     runs_count = 1 + len(args.batch_sizes) * args.rounds * len(names)

@@ -29,9 +29,7 @@ bench/README.md.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -245,16 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     common.raise_on_sigterm()
 
-    wrk = args.wrk or shutil.which("wrk") or "/usr/bin/wrk"
-    if not os.access(wrk, os.X_OK):
-        print("error: wrk not found (apt-get install -y wrk, or pass --wrk)", file=sys.stderr)
-        return 2
-    use_nginx = args.upstream == "nginx" or (
-        args.upstream == "auto" and os.access(args.nginx, os.X_OK)
-    )
-    if args.upstream == "nginx" and not os.access(args.nginx, os.X_OK):
-        print(f"error: {args.nginx} not found", file=sys.stderr)
-        return 2
+    wrk = common.find_wrk(args.wrk)
+    use_nginx = common.use_nginx(args.upstream, args.nginx)
 
     runs = 1 + len(args.batch_sizes) * len(args.workers)
     estimate = runs * (args.warmup + args.duration)
