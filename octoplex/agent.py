@@ -18,7 +18,7 @@ with less work per request:
 gzip responses are taken away from the ``ContentDecoderAgent`` that treq
 always adds, whose decoder inflates each chunk with no bound (a small bomb
 would exhaust memory), by the pool's protocol (:mod:`octoplex.http11`), and
-left to :func:`octoplex.body.read_body`, which decodes within the response
+left to :mod:`octoplex.body`'s reader, which decodes within the response
 size limit.
 
 It uses public API (``IAgentEndpointFactory.endpointForURI``,

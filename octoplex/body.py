@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
@@ -29,6 +30,7 @@ __all__ = [
     "BodyTooLarge",
     "ResponseBudget",
     "read_body",
+    "reading",
 ]
 
 
@@ -87,6 +89,9 @@ class ResponseBudget:
         Return ``count`` bytes taken earlier.
         """
         self._remaining += count
+
+
+_T = TypeVar("_T")
 
 
 class BadGzip(Exception):
@@ -216,20 +221,34 @@ def read_body(
     :return: a Deferred that fires with the body.  Cancelling it closes the
         connection.
     """
+
+    def start(done: Callable[[bytes | Failure], None]) -> BodyReader:
+        reader = BodyReader(done, limit, gzip, budget)
+        response.deliverBody(reader)
+        return reader
+
+    return reading(start)
+
+
+def reading(start: Callable[[Callable[[_T | Failure], None]], BodyReader]) -> Deferred[_T]:
+    """
+    What a body reader finds, as a Deferred: ``start(done)`` starts the
+    reader, which calls ``done`` once; cancelling the Deferred aborts it
+    (the connection is closed).
+    """
     reader: BodyReader | None = None
 
-    def cancel(d: Deferred[bytes]) -> None:
-        assert reader is not None
-        reader.abort()
+    def cancel(_: Deferred[_T]) -> None:
+        if reader is not None:
+            reader.abort()
 
-    finished: Deferred[bytes] = Deferred(cancel)
+    finished: Deferred[_T] = Deferred(cancel)
 
-    def done(result: bytes | Failure) -> None:
+    def done(result: _T | Failure) -> None:
         if isinstance(result, Failure):
             finished.errback(result)
         else:
             finished.callback(result)
 
-    reader = BodyReader(done, limit, gzip, budget)
-    response.deliverBody(reader)
+    reader = start(done)
     return finished

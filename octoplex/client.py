@@ -36,7 +36,7 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from octoplex.agent import UpstreamAgent
-from octoplex.body import BodyReader, ResponseBudget
+from octoplex.body import BodyReader, ResponseBudget, reading
 from octoplex.dns import CachingResolver, DNSSettings, nameservers
 from octoplex.egress import EgressPolicy
 from octoplex.endpoints import UpstreamEndpointFactory
@@ -505,22 +505,7 @@ class UpstreamClient(Service):
         Read ``response``'s body: a Deferred that fires with the whole
         response (the queued path's, :meth:`_fetch`).
         """
-        reader: BodyReader | None = None
-
-        def cancel(_: Deferred[UpstreamResponse]) -> None:
-            if reader is not None:
-                reader.abort()
-
-        finished: Deferred[UpstreamResponse] = Deferred(cancel)
-
-        def done(result: UpstreamResponse | Failure) -> None:
-            if isinstance(result, Failure):
-                finished.errback(result)
-            else:
-                finished.callback(result)
-
-        reader = self._reader(response, budget, timings, done)
-        return finished
+        return reading(lambda done: self._reader(response, budget, timings, done))
 
     def _reader(
         self,
