@@ -21,6 +21,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
+from octoplex.buffers import BATCH_FLOOR, BufferBudget, BuffersExhausted
 from octoplex.http11 import RESPONSE_DONE
 
 __all__ = [
@@ -68,27 +69,59 @@ class ResponseBudget:
     readers.  A reader that fails gives its bytes back, since they will not
     be in the answer.
 
+    The bytes count against the process's budget too, when there is one:
+    the first :data:`~octoplex.buffers.BATCH_FLOOR` bytes the batch holds
+    whatever the process holds, the rest only while the process's budget
+    has room.  :meth:`close` returns what the batch still holds once its
+    answer is written.
+
     :ivar limit: the batch's limit, in bytes.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, buffers: BufferBudget | None = None) -> None:
         self.limit = limit
         self._remaining = limit
+        self._buffers = buffers
+        #: Bytes held of the process's budget (none once closed).
+        self._held = 0
 
-    def take(self, count: int) -> bool:
+    def take(self, count: int) -> BodyTooLarge | BuffersExhausted | None:
         """
-        Take ``count`` bytes; ``False`` (taking nothing) if fewer are left.
+        Take ``count`` bytes; if either budget has too few, take nothing
+        and return the error that says which.
         """
         if count > self._remaining:
-            return False
+            return BatchResponsesTooLarge(self.limit)
+        buffers = self._buffers
+        if buffers is not None:
+            held = self._held + count
+            if held <= BATCH_FLOOR:
+                buffers.force(count)
+            elif not buffers.take(count):
+                return BuffersExhausted(buffers.used, buffers.limit)
+            self._held = held
         self._remaining -= count
-        return True
+        return None
 
     def give_back(self, count: int) -> None:
         """
         Return ``count`` bytes taken earlier.
         """
         self._remaining += count
+        if self._buffers is not None and self._held:
+            count = min(count, self._held)
+            self._held -= count
+            self._buffers.give_back(count)
+
+    def close(self) -> None:
+        """
+        The batch is answered: return to the process what it still holds.
+        What its readers give back later is theirs no more.
+        """
+        if self._buffers is not None:
+            self._buffers.give_back(self._held)
+            self._held = 0
+            self._buffers = None
 
 
 _T = TypeVar("_T")
@@ -151,8 +184,9 @@ class BodyReader(Protocol):
             self._fail(BodyTooLarge(self._limit))
             return
         if self._budget is not None:
-            if not self._budget.take(len(data)):
-                self._fail(BatchResponsesTooLarge(self._budget.limit))
+            refusal = self._budget.take(len(data))
+            if refusal is not None:
+                self._fail(refusal)
                 return
             self._taken += len(data)
         self._chunks.append(data)

@@ -89,10 +89,11 @@ KEYS: tuple[Key, ...] = tuple(
             "max_header_count", "max-header-count",
             "max_header_bytes", "max-header-bytes",
             "max_connections", "max-connections",
+            "max_buffered_bytes", "max-buffered-bytes",
         ),
         *_keys(
             "limits", "number", "header_timeout", "header-timeout", "body_timeout",
-            "body-timeout", "idle_timeout", "idle-timeout",
+            "body-timeout", "idle_timeout", "idle-timeout", "send_timeout", "send-timeout",
         ),
         *_keys(
             "egress", "strings", "allow", "allow-egress", "deny", "deny-egress",

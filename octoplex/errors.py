@@ -23,6 +23,7 @@ from twisted.web._newclient import (
 from twisted.web.http import _MalformedChunkedDataError
 
 from octoplex.body import BadGzip, BodyTooLarge
+from octoplex.buffers import BuffersExhausted
 from octoplex.egress import EgressRefused
 from octoplex.http11 import HeadTooLarge
 from octoplex.tls import CertificateRejected
@@ -88,7 +89,7 @@ def describe(failure: Failure) -> str:
     :return: a human-readable message.
     """
     value = failure.value
-    if isinstance(value, (BodyTooLarge, BadGzip, EgressRefused)):
+    if isinstance(value, (BodyTooLarge, BuffersExhausted, BadGzip, EgressRefused)):
         return str(value)
     if isinstance(value, ResponseNeverReceived):
         return _lost(_cause(value.reasons), "before sending a response")
@@ -134,7 +135,7 @@ def cause(failure: Failure) -> str:
     value = failure.value
     if isinstance(value, EgressRefused):
         return "forbidden"
-    if isinstance(value, BodyTooLarge):
+    if isinstance(value, (BodyTooLarge, BuffersExhausted)):
         return "too_large"
     if isinstance(value, BadGzip):
         return "protocol"

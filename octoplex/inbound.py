@@ -14,7 +14,11 @@ callers needs:
 - the headers must arrive within ``header_timeout`` seconds of the
   request's first byte, and the body within ``body_timeout`` seconds of the
   headers, else ``408``;
-- any other malformed request gets ``400`` with a JSON error.
+- any other malformed request gets ``400`` with a JSON error;
+- an answer the caller does not read: once the connection's send buffer
+  is full, its bytes count against the process's budget of buffered bytes
+  (:mod:`octoplex.buffers`) until it drains, and if it has not drained
+  within ``send_timeout`` seconds the connection is aborted.
 
 Each answer is logged, and the connection is then closed, lingering (RFC
 9112 section 9.6) so that a caller still sending reads the answer.  The cap on connections
@@ -80,7 +84,10 @@ class OctoplexChannel(HTTPChannel):
     log = Logger()
 
     _read_timer: IDelayedCall | None = None
+    _send_timer: IDelayedCall | None = None
     _refused = False
+    #: Bytes written since the send buffer filled, held of the budget.
+    _unsent = 0
 
     @property
     def _limits(self) -> Limits:
@@ -157,11 +164,78 @@ class OctoplexChannel(HTTPChannel):
         self.totalHeadersSize = limits.max_header_bytes
         # The longest line LineReceiver buffers waiting for its end.
         self.MAX_LENGTH = limits.max_header_bytes
+        # A connection closed for idling, whose caller does not read what
+        # is left to send, is aborted after as long as an unread answer.
+        self.abortTimeout = limits.send_timeout  # type: ignore[assignment]
         super().connectionMade()
         self.site.channels.add(self)  # type: ignore[attr-defined]
 
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self._waitingForTransport:
+            self._hold(len(data))
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        super().writeSequence(iovec)
+        if self._waitingForTransport:
+            self._hold(sum(map(len, iovec)))
+
+    def _hold(self, count: int) -> None:
+        """
+        ``count`` bytes wait in a full send buffer: they count against the
+        budget until it drains.  (Bytes written while the buffer is not
+        full are not counted: the transport holds under 64 KiB of them.)
+        """
+        self._unsent += count
+        buffers = self.site.buffers  # type: ignore[attr-defined]
+        if buffers is not None:
+            buffers.force(count)
+
+    def pauseProducing(self) -> None:
+        # The transport's send buffer is full: the caller is not reading
+        # as fast as it is written to.
+        super().pauseProducing()
+        if self._send_timer is None and self.transport is not None:
+            self._send_timer = self.callLater(self._limits.send_timeout, self._send_timed_out)
+
+    def resumeProducing(self) -> None:
+        # The send buffer is empty: every byte written has left the process.
+        super().resumeProducing()
+        self._drained()
+
+    def _drained(self) -> None:
+        if self._send_timer is not None:
+            if self._send_timer.active():
+                self._send_timer.cancel()
+            self._send_timer = None
+        if self._unsent:
+            buffers = self.site.buffers  # type: ignore[attr-defined]
+            if buffers is not None:
+                buffers.give_back(self._unsent)
+            self._unsent = 0
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        client = _client(transport)
+        timeout = self._limits.send_timeout
+        self.log.warn(
+            "answer to {client} not read within {send_timeout:g} s (--send-timeout); "
+            "closing the connection with {unsent} bytes unsent",
+            client=client,
+            client_address=client,
+            send_timeout=timeout,
+            unsent=self._unsent,
+            send_timed_out=True,
+        )
+        self.site.metrics.send_timeouts.inc()  # type: ignore[attr-defined]
+        transport.abortConnection()  # type: ignore[attr-defined]
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_timer()
+        self._drained()
         if reason.check(SSL.Error):
             # A failed handshake (no client certificate, an unknown CA, a
             # protocol version refused) ends here, with no request to log.

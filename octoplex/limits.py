@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import attr
 
+from octoplex.buffers import default_max_buffered_bytes
+
 #: The original Octoplex accepted at most 50 requests in a batch.
 DEFAULT_MAX_BATCH_SIZE = 50
 
@@ -50,7 +52,15 @@ DEFAULT_BODY_TIMEOUT = 30.0
 #: Seconds an inbound keep-alive connection may sit idle between requests.
 DEFAULT_IDLE_TIMEOUT = 60.0
 
-_SECONDS = ("header_timeout", "body_timeout", "idle_timeout")
+#: Bytes of upstream bodies and unsent answers the whole process may hold
+#: (:mod:`octoplex.buffers`): an eighth of its memory, 64 MiB to 1 GiB.
+DEFAULT_MAX_BUFFERED_BYTES = default_max_buffered_bytes()
+
+#: Seconds an answer may wait in a full send buffer for the caller to read
+#: it; then the connection is aborted.
+DEFAULT_SEND_TIMEOUT = 30.0
+
+_SECONDS = ("header_timeout", "body_timeout", "idle_timeout", "send_timeout")
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -78,6 +88,11 @@ class Limits:
     :ivar header_timeout: seconds a caller has to send a request's headers.
     :ivar body_timeout: seconds a caller has to send a request's body.
     :ivar idle_timeout: seconds an idle inbound connection is kept open.
+    :ivar max_buffered_bytes: upstream body bytes being read and answer
+        bytes not yet sent that the whole process may hold; a body read that
+        would pass it fails its item.
+    :ivar send_timeout: seconds an answer may wait, unread, in a full send
+        buffer before the connection is aborted.
     """
 
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
@@ -93,6 +108,8 @@ class Limits:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
 
     def __attrs_post_init__(self) -> None:
         for field in attr.fields(Limits):

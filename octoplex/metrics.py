@@ -329,6 +329,21 @@ class Metrics:
             ["status"],
             registry=registry,
         )
+        self.buffered_bytes = Gauge(
+            "octoplex_buffered_bytes",
+            "Bytes of upstream bodies and unsent answers held now (--max-buffered-bytes).",
+            registry=registry,
+        )
+        self.buffered_bytes_limit = Gauge(
+            "octoplex_buffered_bytes_limit",
+            "The budget of buffered bytes (--max-buffered-bytes).",
+            registry=registry,
+        )
+        self.send_timeouts = Counter(
+            "octoplex_send_timeouts",
+            "Inbound connections aborted because an answer was not read within --send-timeout.",
+            registry=registry,
+        )
         self.deadlines_expired = Counter(
             "octoplex_deadlines_expired",
             "Batches whose deadline expired with items still pending.",
@@ -417,6 +432,14 @@ class Metrics:
         """
         self.batches_in_flight.set_function(batches)
         self.items_in_flight.set_function(items)
+
+    def watch_buffers(self, used: Callable[[], float], limit: Callable[[], float]) -> None:
+        """
+        Read the buffered bytes and their budget from these callables at
+        each scrape.
+        """
+        self.buffered_bytes.set_function(used)
+        self.buffered_bytes_limit.set_function(limit)
 
     def batch(self, status: int, seconds: float, bytes_out: int) -> None:
         """

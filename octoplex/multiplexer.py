@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from octoplex.body import ResponseBudget
+from octoplex.buffers import BufferBudget
 from octoplex.client import QueueTimeout, UpstreamResponse
 from octoplex.errors import TIMEOUT_ELAPSED, cause, describe, kind_of
 from octoplex.limits import DEFAULT_MAX_BATCH_RESPONSE_BYTES
@@ -136,6 +137,8 @@ class Multiplexer:
         deadlines; a fresh :class:`~octoplex.metrics.Metrics` by default.
     :param rng: a uniform random number in [0, 1), for the jitter of
         retries' backoff.
+    :param buffers: the process's budget of buffered bytes, which every
+        batch's bodies count against as well (none by default).
     """
 
     log = Logger()
@@ -147,8 +150,10 @@ class Multiplexer:
         max_batch_response_bytes: int = DEFAULT_MAX_BATCH_RESPONSE_BYTES,
         metrics: Metrics | None = None,
         rng: Callable[[], float] = random,
+        buffers: BufferBudget | None = None,
     ) -> None:
         self._rng = rng
+        self._buffers = buffers
         self._clock = clock
         self._metrics = Metrics() if metrics is None else metrics
         self._client = client
@@ -181,7 +186,7 @@ class Multiplexer:
             Cancelling it, as Klein does when the caller disconnects,
             cancels every request still running.
         """
-        budget = ResponseBudget(self.max_batch_response_bytes)
+        budget = ResponseBudget(self.max_batch_response_bytes, self._buffers)
         run = _BatchRun(
             self._clock,
             self._client,
@@ -706,6 +711,9 @@ class _BatchRun:
         self._stop_timers()
         if not (self._abandoned or self._answer.called):
             self._answer.callback(self._result)
+        # The answer is built (and written): its bodies are no longer held
+        # for it.
+        self._budget.close()
         # After the answer is written: a drain waiting on this batch may
         # go on to close the connections.
         self._ended(self)

@@ -36,6 +36,7 @@ from twisted.python import usage
 from octoplex import __version__
 from octoplex.admission import Admission
 from octoplex.auth import TokenError, load_tokens
+from octoplex.buffers import BufferBudget, MemoryReturner, return_large_blocks
 from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.config import RELOADABLE, ConfigError, read_config
 from octoplex.dns import CachingResolver, DNSSettings, nameservers, parse_nameserver
@@ -227,6 +228,23 @@ class Options(LogOptions):
             _LIMITS.idle_timeout,
             "Seconds an inbound keep-alive connection may be idle before it is closed.",
             _seconds,
+        ],
+        [
+            "send-timeout",
+            None,
+            _LIMITS.send_timeout,
+            "Seconds an answer may wait, unread, in a full send buffer; then the "
+            "connection is aborted.",
+            _seconds,
+        ],
+        [
+            "max-buffered-bytes",
+            None,
+            _LIMITS.max_buffered_bytes,
+            "Bytes of upstream bodies and unsent answers the process may hold; a body "
+            "that would pass it fails its item (default: an eighth of memory, "
+            "64 MiB to 1 GiB).",
+            _count,
         ],
         [
             "drain-timeout",
@@ -737,6 +755,8 @@ class _Octoplex(MultiService):
     client: UpstreamClient
     #: The gRPC listener (octoplex.grpc_server.GRPCListener), if any.
     grpc: Any = None
+    #: The process's budget of buffered bytes (a reload sets its limit).
+    buffers: BufferBudget | None = None
     drain_timeout: float = 30.0
     drain_delay: float = 0.0
     logs: Logs | None = None
@@ -900,6 +920,8 @@ class _Octoplex(MultiService):
         if self.grpc is not None:
             self.grpc.servicer.tokens = options["tokens"]
         self.app.multiplexer.max_batch_response_bytes = limits.max_batch_response_bytes
+        if self.buffers is not None:
+            self.buffers.limit = limits.max_buffered_bytes
         self.client.reconfigure(
             limits.max_response_bytes,
             limits.max_header_count,
@@ -1004,6 +1026,8 @@ def limits_of(options: Options) -> Limits:
         header_timeout=options["header-timeout"],
         body_timeout=options["body-timeout"],
         idle_timeout=options["idle-timeout"],
+        max_buffered_bytes=options["max-buffered-bytes"],
+        send_timeout=options["send-timeout"],
     )
 
 
@@ -1064,7 +1088,15 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         metrics,
     )
     client.setServiceParent(root)
-    multiplexer = Multiplexer(reactor, client, limits.max_batch_response_bytes, metrics)
+    buffers = BufferBudget(limits.max_buffered_bytes)
+    metrics.watch_buffers(lambda: buffers.used, lambda: buffers.limit)
+    # Large bodies and answers go back to the system as soon as freed,
+    # the rest once a burst is over.
+    return_large_blocks()
+    MemoryReturner(reactor, buffers).setServiceParent(root)
+    multiplexer = Multiplexer(
+        reactor, client, limits.max_batch_response_bytes, metrics, buffers=buffers
+    )
     metrics_listen = options["metrics-listen"]
     admission = Admission(limits, metrics)
     app = OctoplexApp(
@@ -1077,8 +1109,9 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         admission=admission,
     )
     root.drain_timeout, root.drain_delay = options["drain-timeout"], options["drain-delay"]
-    site = OctoplexSite(app, reactor)
+    site = OctoplexSite(app, reactor, buffers)
     root.app, root.client, root.site, root.options = app, client, site, options
+    root.buffers = buffers
     root.admission = admission
     worker = options["worker-id"]
     if worker is not None:

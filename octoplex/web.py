@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from octoplex.admission import DRAINING, Admission
 from octoplex.auth import Tokens
+from octoplex.buffers import BufferBudget
 from octoplex.endpoints import set_tcp_nodelay
 from octoplex.events import answered, batch_answered
 from octoplex.inbound import ConnectionRefuser, OctoplexChannel
@@ -704,6 +705,8 @@ class OctoplexSite(Site):
 
     :param app: the app to serve.
     :param reactor: the reactor, for the channel's timers.
+    :param buffers: the process's budget of buffered bytes, which answers
+        waiting in a full send buffer count against; none by default.
     """
 
     noisy = False
@@ -711,7 +714,7 @@ class OctoplexSite(Site):
     requestFactory = OctoplexRequest
     protocol = _channel
 
-    def __init__(self, app: OctoplexApp, reactor: Any) -> None:
+    def __init__(self, app: OctoplexApp, reactor: Any, buffers: BufferBudget | None = None) -> None:
         # A caller that sends Accept-Encoding: gzip gets its answers gzipped.
         gzip = LazyGzipEncoderFactory()
         super().__init__(
@@ -725,6 +728,7 @@ class OctoplexSite(Site):
         )
         self.limits = app.limits
         self.metrics = app.metrics
+        self.buffers = buffers
         self._reactor = reactor
         #: Inbound connections open now, counted as they are accepted.
         self.connections = 0
