@@ -9,6 +9,7 @@ and a polite one beside it.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -203,6 +204,10 @@ async def test_a_greedy_address_gets_429_while_a_polite_one_is_served(
         await greedy.cancel(metrics)
         # With its batches gone, the greedy client is served again.
         await _served(greedy_caller, url, upstream)
+        # /stats counts them.
+        _, _, raw = await polite.get(server.url + "/stats")
+        samples = json.loads(raw)["octoplex_batches_throttled"]["samples"]
+        assert [s["value"] for s in samples if s["name"].endswith("_total")] == [2]
     finally:
         await greedy.cancel(metrics)
         await server.stop()
