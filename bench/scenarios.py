@@ -671,6 +671,11 @@ def scenario_memory(run: Run) -> dict[str, Any]:
         str(2 * batches),
         "--max-requests-in-flight",
         room,
+        # Every batch comes from this one address: one client.
+        "--max-client-batches-in-flight",
+        str(2 * batches),
+        "--max-client-requests-in-flight",
+        room,
         "--pool-max-per-host",
         room,
         "--pool-max-total",

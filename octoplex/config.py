@@ -85,6 +85,8 @@ KEYS: tuple[Key, ...] = tuple(
             "max_response_bytes", "max-response-bytes",
             "max_batches_in_flight", "max-batches-in-flight",
             "max_requests_in_flight", "max-requests-in-flight",
+            "max_client_batches_in_flight", "max-client-batches-in-flight",
+            "max_client_requests_in_flight", "max-client-requests-in-flight",
             "max_batch_response_bytes", "max-batch-response-bytes",
             "max_header_count", "max-header-count",
             "max_header_bytes", "max-header-bytes",

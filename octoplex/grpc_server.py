@@ -17,8 +17,10 @@ Status codes:
   the one a JSON batch gets, naming the bad value and the limit);
 - ``UNAUTHENTICATED``: tokens are configured and the ``authorization``
   metadata carries none of them;
-- ``RESOURCE_EXHAUSTED``: load is shed (the in-flight caps), or the batch is
-  over ``--max-request-bytes`` (grpc's own check, which names both sizes);
+- ``RESOURCE_EXHAUSTED``: the caller is over its share of the in-flight caps
+  (counted as HTTP's ``429``), load is shed (the in-flight caps), or the
+  batch is over ``--max-request-bytes`` (grpc's own check, which names both
+  sizes);
 - ``UNAVAILABLE``: the daemon is draining for shutdown;
 - ``DEADLINE_EXCEEDED``: only for the whole call, when the caller's own gRPC
   deadline passes first (its upstream requests are then cancelled).  Items
@@ -44,7 +46,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from octoplex.admission import DRAINING, Admission
+from octoplex.admission import DRAINING, Admission, client_key
 from octoplex.auth import Tokens
 from octoplex.events import answered, batch_answered
 from octoplex.grpc_wire import GRPC_OUTCOMES, batch_of, batch_result
@@ -135,6 +137,14 @@ def _address(peer: str) -> str:
     return rest if kind in ("ipv4", "ipv6") else peer
 
 
+def _host(address: str) -> str:
+    """The host of :func:`_address`'s ``host:port`` (``[::1]:5``: ``::1``)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return address
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def _tls_identity(context: grpc.aio.ServicerContext) -> str | None:
     """The verified client certificate's identity, as on the HTTPS listener."""
     pem = list(context.auth_context().get("x509_pem_cert", ()))
@@ -162,6 +172,8 @@ class _Call:
     batch_id: str
     started: float
     who: dict[str, Any]
+    #: Whose share of the in-flight caps it counts against.
+    share: str
 
 
 class MultiplexerServicer:
@@ -288,7 +300,7 @@ class MultiplexerServicer:
         """
         if not future.done():
             future.cancel()
-        self._admission.leave(len(call.batch.requests))
+        self._admission.leave(len(call.batch.requests), call.share)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's methods, for a server."""
@@ -356,6 +368,21 @@ class MultiplexerServicer:
             await self._refuse(
                 context, who, started, grpc.StatusCode.UNAVAILABLE, DRAINING, "refused", size
             )
+        # Its share first, as on the HTTP frontend.
+        share = client_key(who["token_name"], _host(address))
+        over = self._admission.over_share(share, size)
+        if over is not None:
+            await self._refuse(
+                context,
+                who,
+                started,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                over,
+                "throttled",
+                size,
+                status=429,
+                throttled_total=self._admission.throttled,
+            )
         overload = self._admission.overload(size)
         if overload is not None:
             await self._refuse(
@@ -368,8 +395,8 @@ class MultiplexerServicer:
                 size,
                 shed_total=self._admission.shed,
             )
-        self._admission.enter(size)
-        return _Call(batch, batch_id, started, who)
+        self._admission.enter(size, share)
+        return _Call(batch, batch_id, started, who, share)
 
     async def _refuse(
         self,
@@ -380,9 +407,13 @@ class MultiplexerServicer:
         error: str,
         how: str,
         size: int = 0,
+        status: int | None = None,
         **extra: Any,
     ) -> NoReturn:
-        """Log a batch refused with ``code``, and end the call with it."""
+        """
+        Log a batch refused with ``code`` (counted as ``status``, by default
+        the HTTP status ``code`` stands for), and end the call with it.
+        """
         emit = self.log.warn if code is not grpc.StatusCode.INVALID_ARGUMENT else self.log.info
         emit(
             "batch from {client}" + (" of {size} requests " if size else " ") + how + ": {error}",
@@ -393,7 +424,7 @@ class MultiplexerServicer:
             **answered(
                 self._metrics,
                 self._clock.seconds() - started,
-                _STATUS_OF[code],
+                _STATUS_OF[code] if status is None else status,
                 0,
                 size=size,
             ),

@@ -30,6 +30,13 @@ DEFAULT_MAX_BATCHES_IN_FLIGHT = 1000
 #: Upstream requests of those batches, running or queued; past it, likewise.
 DEFAULT_MAX_REQUESTS_IN_FLIGHT = 10_000
 
+#: Batches of one client (its token, else its address) answered at once:
+#: a tenth of the global cap, so that at least ten clients fill it.
+DEFAULT_MAX_CLIENT_BATCHES_IN_FLIGHT = 100
+
+#: Upstream requests of one client's batches in flight: likewise a tenth.
+DEFAULT_MAX_CLIENT_REQUESTS_IN_FLIGHT = 1000
+
 #: Bytes of (decoded) body read from all the upstream responses of a batch.
 DEFAULT_MAX_BATCH_RESPONSE_BYTES = 64 * 1024 * 1024
 
@@ -77,6 +84,12 @@ class Limits:
         is shed at once with ``503`` and ``Retry-After``.
     :ivar max_requests_in_flight: upstream requests of the batches in
         flight; a batch that would pass it is shed likewise.
+    :ivar max_client_batches_in_flight: batches of one client (its token's
+        name when tokens are on, else its address) being answered at once;
+        one more of that client's gets ``429`` with ``Retry-After``.
+    :ivar max_client_requests_in_flight: upstream requests of one client's
+        batches in flight; a batch of that client that would pass it gets
+        ``429`` likewise.
     :ivar max_batch_response_bytes: body bytes read from all the upstream
         responses of one batch; the item whose response passes it fails,
         and the rest of the batch is untouched.
@@ -101,6 +114,8 @@ class Limits:
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     max_batches_in_flight: int = DEFAULT_MAX_BATCHES_IN_FLIGHT
     max_requests_in_flight: int = DEFAULT_MAX_REQUESTS_IN_FLIGHT
+    max_client_batches_in_flight: int = DEFAULT_MAX_CLIENT_BATCHES_IN_FLIGHT
+    max_client_requests_in_flight: int = DEFAULT_MAX_CLIENT_REQUESTS_IN_FLIGHT
     max_batch_response_bytes: int = DEFAULT_MAX_BATCH_RESPONSE_BYTES
     max_header_count: int = DEFAULT_MAX_HEADER_COUNT
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES

@@ -321,6 +321,12 @@ class Metrics:
             "Batches refused with 503 because the in-flight caps were reached.",
             registry=registry,
         )
+        self.throttled = Counter(
+            "octoplex_batches_throttled",
+            "Batches refused with 429 because their client was over its share of the "
+            "in-flight caps.",
+            registry=registry,
+        )
         self.inbound_refused = Counter(
             "octoplex_inbound_refused",
             "Requests and connections refused before reaching the app, by status: 400 "

@@ -179,6 +179,21 @@ class Options(LogOptions):
             _count,
         ],
         [
+            "max-client-batches-in-flight",
+            None,
+            _LIMITS.max_client_batches_in_flight,
+            "Batches of one client (its token, else its address) answered at once; "
+            "past it that client gets 429 with Retry-After.",
+            _count,
+        ],
+        [
+            "max-client-requests-in-flight",
+            None,
+            _LIMITS.max_client_requests_in_flight,
+            "Upstream requests of one client's batches in flight; past it, likewise 429.",
+            _count,
+        ],
+        [
             "max-batch-response-bytes",
             None,
             _LIMITS.max_batch_response_bytes,
@@ -720,6 +735,12 @@ class Options(LogOptions):
                 f"--max-batch-size {self['max-batch-size']} is above --max-requests-in-flight "
                 f"{self['max-requests-in-flight']}: a full batch could never run"
             )
+        if self["max-batch-size"] > self["max-client-requests-in-flight"]:
+            raise usage.UsageError(
+                f"--max-batch-size {self['max-batch-size']} is above "
+                f"--max-client-requests-in-flight {self['max-client-requests-in-flight']}: "
+                "a full batch could never run"
+            )
         if self["dns-min-ttl"] > self["dns-max-ttl"]:
             raise usage.UsageError(
                 f"--dns-min-ttl {self['dns-min-ttl']} is above --dns-max-ttl {self['dns-max-ttl']}"
@@ -1019,6 +1040,8 @@ def limits_of(options: Options) -> Limits:
         max_response_bytes=options["max-response-bytes"],
         max_batches_in_flight=options["max-batches-in-flight"],
         max_requests_in_flight=options["max-requests-in-flight"],
+        max_client_batches_in_flight=options["max-client-batches-in-flight"],
+        max_client_requests_in_flight=options["max-client-requests-in-flight"],
         max_batch_response_bytes=options["max-batch-response-bytes"],
         max_header_count=options["max-header-count"],
         max_header_bytes=options["max-header-bytes"],

@@ -30,7 +30,7 @@ from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
-from octoplex.admission import DRAINING, Admission
+from octoplex.admission import DRAINING, Admission, client_key
 from octoplex.auth import Tokens
 from octoplex.buffers import BufferBudget
 from octoplex.endpoints import set_tcp_nodelay
@@ -277,7 +277,8 @@ class OctoplexApp:
         body = request.content.read()
         bytes_in = len(body)
         self.metrics.bytes_received.inc(bytes_in)
-        address = format_address(request.getClientAddress())
+        peer = request.getClientAddress()
+        address = format_address(peer)
         client = address
         identity = peer_identity(_connection_transport(request))
         if identity is not None:
@@ -318,13 +319,19 @@ class OctoplexApp:
         size = len(batch.requests)
         if self.draining:
             return self._draining(request, who, size, started)
+        # Its share first: a client over it is told so (429) even when the
+        # daemon is also full, and its batches count in no shed total.
+        share = client_key(token_name, getattr(peer, "host", None) or address)
+        over = self.admission.over_share(share, size)
+        if over is not None:
+            return self._throttle(request, who, size, started, over)
         overload = self.admission.overload(size)
         if overload is not None:
             return self._shed(request, who, size, started, overload)
-        self.admission.enter(size)
+        self.admission.enter(size, share)
 
         def done(result: Any) -> Any:
-            self.admission.leave(size)
+            self.admission.leave(size, share)
             return result
 
         if _wants_stream(request):
@@ -432,6 +439,25 @@ class OctoplexApp:
             **self._answered(started, 503, answer, size=size),
         )
         request.setResponseCode(503)
+        request.setHeader(b"retry-after", b"1")
+        return _respond(request, JSON_CONTENT_TYPE, answer)
+
+    def _throttle(
+        self, request: IRequest, who: dict[str, Any], size: int, started: float, error: str
+    ) -> bytes:
+        """
+        ``429`` with ``Retry-After`` at once: the client is over its share
+        of the in-flight caps; other clients are still served.
+        """
+        answer = error_body(error)
+        self.log.warn(
+            "batch from {client} of {size} requests throttled: {error}",
+            error=error,
+            throttled_total=self.admission.throttled,
+            **who,
+            **self._answered(started, 429, answer, size=size),
+        )
+        request.setResponseCode(429)
         request.setHeader(b"retry-after", b"1")
         return _respond(request, JSON_CONTENT_TYPE, answer)
 

@@ -279,7 +279,8 @@ class _Misbehave(Protocol):
 def start_misbehaving(mode: str) -> tuple[str, IListeningPort]:
     """
     Start a TCP server on 127.0.0.1 that answers a request by ``mode``:
-    ``reset`` (an RST), ``close`` (a FIN, no response) or ``garbage``.
+    ``reset`` (an RST), ``close`` (a FIN, no response), ``garbage``, or
+    ``hang`` (nothing at all, the connection left open).
     """
     factory = Factory.forProtocol(_Misbehave)
     factory.noisy = False
@@ -384,19 +385,28 @@ class Caller:
     """
     The test's own HTTP client, on a non-persistent pool so that it leaves
     no connection behind.
+
+    :param bind: the local address its connections come from (another
+        loopback address, such as ``127.0.0.2``, is another client); the
+        kernel's choice by default.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, bind: str | None = None) -> None:
         pool = _QuietPool(global_reactor, persistent=False)
-        self._http = HTTPClient(Agent(global_reactor, pool=pool))
+        self._http = HTTPClient(
+            Agent(global_reactor, pool=pool, bindAddress=None if bind is None else (bind, 0))
+        )
 
-    async def post(self, url: str, document: Any) -> tuple[int, Any, Any]:
+    async def post(
+        self, url: str, document: Any, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, Any]:
         """
-        POST ``document`` as JSON; return the status, headers and parsed JSON.
+        POST ``document`` as JSON, with ``headers`` too; return the status,
+        headers and parsed JSON.
         """
         body = document if isinstance(document, bytes) else json.dumps(document).encode()
         response = await self._http.post(
-            url, data=body, headers={"content-type": "application/json"}
+            url, data=body, headers={"content-type": "application/json", **(headers or {})}
         )
         content = await treq.content(response)
         answer = json.loads(content)

@@ -591,6 +591,56 @@ async def test_shed_and_oversized_batches_are_resource_exhausted(
     assert sheds and sheds[0]["status"] == 503
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """
+    A daemon with two tokens, each its own client, and a share of one batch
+    in flight per client.
+    """
+    options = ["--api-token", f"greedy={TOKEN}", "--api-token", f"polite={TOKEN}-2"]
+    options += ["--max-client-batches-in-flight", "1"]
+    running = Daemon(tmp_path_factory.mktemp("grpc-shared"), options, plain=True, tls=False)
+    yield from _serving(running, grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_over_its_share_is_resource_exhausted_and_others_are_served(
+    shared: Daemon, upstream: Upstream
+) -> None:
+    """
+    A token's second batch in flight, past its share of one, ends with
+    RESOURCE_EXHAUSTED naming the client and its counts, while another
+    token's batch is answered; both counted as 429.
+    """
+    slow = pb.Batch(timeout_msec=5000, requests=[pb.Request(uri=upstream.url + "/delay/2000")])
+    quick = pb.Batch(timeout_msec=2000, requests=[pb.Request(uri=upstream.url + "/hello")])
+    polite = (("authorization", f"Bearer {TOKEN}-2"),)
+    with grpc.insecure_channel(f"127.0.0.1:{shared.grpc_port}") as channel:
+        stub = pb_grpc.MultiplexerStub(channel)
+        running = ensureDeferred(call(stub.Multiplex, slow))
+        # Until the slow batch is in flight upstream.
+        for _ in range(250):
+            if upstream.resource.active:
+                break
+            await deferToThread(time.sleep, 0.02)
+        throttled = await refused(stub.Multiplex, quick)
+        assert throttled.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert throttled.details() == (
+            "client token greedy is over its share: 1 batches with 1 requests in flight, "
+            "and this one has 1 (at most 1 batches and 1000 requests per client); retry "
+            "once its batches are answered"
+        )
+        result = await call(stub.Multiplex, quick, metadata=polite)
+        assert result.outcomes[0].success.content == b"Hello world!"
+        # Served while the greedy batch was still in flight.
+        assert not running.called
+        assert (await running).outcomes[0].success.content == b"delayed 2000"
+    refusals = [e for e in shared.events() if e.get("grpc_code") == "RESOURCE_EXHAUSTED"]
+    assert [(e["status"], e["token_name"], e["throttled_total"]) for e in refusals] == [
+        (429, "greedy", 1)
+    ]
+
+
 @pytest_twisted.ensureDeferred
 async def test_health_and_reflection_answer(daemon: Daemon) -> None:
     """grpc.health.v1 says SERVING for the daemon and its service; reflection lists it."""
