@@ -101,7 +101,10 @@ KEYS: tuple[Key, ...] = tuple(
             "egress", "strings", "allow", "allow-egress", "deny", "deny-egress",
             "allow_hosts", "allow-egress-host", "deny_hosts", "deny-egress-host",
         ),
-        *_keys("egress", "string", "ports", "egress-ports"),
+        *_keys(
+            "egress", "string", "ports", "egress-ports",
+            "own_addresses", "egress-own-addresses",
+        ),
         *_keys(
             "pool", "int", "max_idle_per_host", "pool-max-idle-per-host",
             "max_per_host", "pool-max-per-host", "max_total", "pool-max-total",
@@ -131,6 +134,7 @@ RELOADABLE = frozenset(
         "allow-egress-host",
         "deny-egress-host",
         "egress-ports",
+        "egress-own-addresses",
         "log-level",
         "drain-delay",
         "drain-timeout",

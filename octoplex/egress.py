@@ -19,11 +19,14 @@ The rules, first match deciding:
 4. an address in an ``allow`` CIDR is allowed;
 5. a host name matching an ``allow_hosts`` pattern is allowed, whatever its
    address: the operator vouches for that name;
-6. an address in a default-blocked range is refused;
-7. anything else (a public address) is allowed.
+6. an address in a default-blocked range (:data:`DEFAULT_BLOCKED`) is
+   refused;
+7. an address of this host's own interfaces is refused (unless the
+   operator allowed them all: then the policy holds none);
+8. anything else (a public address) is allowed.
 
-IPv4-mapped (``::ffff:a.b.c.d``), NAT64 (``64:ff9b::a.b.c.d``) and 6to4
-addresses are judged by the IPv4 address they carry.
+An IPv6 address that carries IPv4 addresses (IPv4-mapped, SIIT, NAT64,
+6to4, Teredo) is judged by them as well as by itself.
 """
 
 from __future__ import annotations
@@ -40,7 +43,10 @@ _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: What is refused unless allowed, and why, most specific first so that the
-#: reason names the narrowest range.
+#: reason names the narrowest range.  It follows the IANA IPv4 and IPv6
+#: Special-Purpose Address Registries (RFC 6890), entry by entry; README.md
+#: ("Egress policy") lists each entry, and those left allowed, with the
+#: reason.
 DEFAULT_BLOCKED: tuple[tuple[str, str], ...] = (
     ("169.254.169.254/32", "a cloud metadata address"),
     ("100.100.100.200/32", "a cloud metadata address"),
@@ -53,19 +59,35 @@ DEFAULT_BLOCKED: tuple[tuple[str, str], ...] = (
     ("169.254.0.0/16", "link-local"),
     ("172.16.0.0/12", "a private range"),
     ("192.0.0.0/24", "the IETF protocol assignments range"),
+    ("192.0.2.0/24", "a documentation range (TEST-NET-1)"),
+    ("192.88.99.0/24", "the deprecated 6to4 relay anycast range"),
     ("192.168.0.0/16", "a private range"),
     ("198.18.0.0/15", "the benchmarking range"),
+    ("198.51.100.0/24", "a documentation range (TEST-NET-2)"),
+    ("203.0.113.0/24", "a documentation range (TEST-NET-3)"),
     ("224.0.0.0/4", "multicast"),
     ("240.0.0.0/4", "the reserved range (broadcast included)"),
     ("::/128", "the unspecified address"),
     ("::1/128", "loopback"),
+    ("::ffff:0:0:0/96", "the IPv4-translated (SIIT) range"),
     ("::/96", "the IPv4-compatible range"),
+    ("64:ff9b:1::/48", "the local-use NAT64 range"),
+    ("100::/64", "the discard-only range"),
+    ("100:0:0:1::/64", "the dummy IPv6 prefix"),
+    ("2001::/32", "the Teredo range"),
+    ("2001:db8::/32", "a documentation range"),
+    ("2001::/23", "the IETF protocol assignments range"),
+    ("3fff::/20", "a documentation range"),
+    ("5f00::/16", "the SRv6 SID range"),
     ("fc00::/7", "a private range (unique local)"),
     ("fe80::/10", "link-local"),
+    ("fec0::/10", "the deprecated site-local range"),
     ("ff00::/8", "multicast"),
 )
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_HINT = "which is blocked by default (--allow-egress CIDR allows a range)"
+_SIIT = ipaddress.ip_network("::ffff:0:0:0/96")
 
 # A host pattern: a name, or "*." and a name for its subdomains.
 _LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
@@ -131,19 +153,25 @@ def parse_ports(text: str) -> frozenset[int] | None:
     return frozenset(ports)
 
 
-def _judged(address: _Address) -> _Address:
+def _carried(address: _Address) -> tuple[ipaddress.IPv4Address, ...]:
     """
-    The address whose ranges decide: the IPv4 address inside an IPv4-mapped,
-    NAT64 or 6to4 IPv6 address, else the address itself.
+    The IPv4 addresses an IPv6 address carries, which are judged as well as
+    the address itself: the one inside an IPv4-mapped (``::ffff:0:0/96``),
+    IPv4-translated (SIIT, ``::ffff:0:0:0/96``), NAT64 (``64:ff9b::/96``)
+    or 6to4 (``2002::/16``) address, and a Teredo (``2001::/32``) address's
+    server and client (the client's stored inverted, RFC 4380).
     """
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return address.ipv4_mapped
-        if address in _NAT64:
-            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if address.sixtofour is not None:
-            return address.sixtofour
-    return address
+    if not isinstance(address, ipaddress.IPv6Address):
+        return ()
+    if address.ipv4_mapped is not None:
+        return (address.ipv4_mapped,)
+    if address in _NAT64 or address in _SIIT:
+        return (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
+    if address.sixtofour is not None:
+        return (address.sixtofour,)
+    if address.teredo is not None:
+        return address.teredo
+    return ()
 
 
 def _matches(host: str, pattern: str) -> bool:
@@ -166,6 +194,9 @@ class EgressPolicy:
         (``--deny-egress-host``).
     :ivar ports: the ports that may be dialled, or ``None`` for any
         (``--egress-ports``).
+    :ivar own_addresses: this host's own interface addresses, each with its
+        interface's name (or ``""``), refused unless allowed like a
+        default-blocked range; empty with ``--egress-own-addresses allow``.
     """
 
     allow: tuple[_Network, ...] = ()
@@ -173,6 +204,7 @@ class EgressPolicy:
     allow_hosts: tuple[str, ...] = ()
     deny_hosts: tuple[str, ...] = ()
     ports: frozenset[int] | None = None
+    own_addresses: tuple[tuple[_Address, str], ...] = ()
     _blocked: tuple[tuple[_Network, str], ...] = attr.ib(
         init=False,
         factory=lambda: tuple((ipaddress.ip_network(c), why) for c, why in DEFAULT_BLOCKED),
@@ -186,6 +218,7 @@ class EgressPolicy:
         allow_hosts: Iterable[str] = (),
         deny_hosts: Iterable[str] = (),
         ports: str = "any",
+        own_addresses: Iterable[tuple[str, str]] = (),
     ) -> EgressPolicy:
         """
         Build a policy from its textual settings.
@@ -198,6 +231,9 @@ class EgressPolicy:
             allow_hosts=tuple(_host_pattern(h, "--allow-egress-host") for h in allow_hosts),
             deny_hosts=tuple(_host_pattern(h, "--deny-egress-host") for h in deny_hosts),
             ports=parse_ports(ports),
+            own_addresses=tuple(
+                sorted({(ipaddress.ip_address(a), i) for a, i in own_addresses}, key=str)
+            ),
         )
 
     def check_name(self, host: str, port: int) -> None:
@@ -219,26 +255,55 @@ class EgressPolicy:
         Check one address ``host`` resolved to, about to be dialled on
         ``port``.  (Rules 3 to 7; call :meth:`check_name` first.)
 
+        An IPv6 address that carries IPv4 addresses (see :func:`_carried`)
+        is refused if it or any of them is denied, allowed by an ``allow``
+        CIDR that holds it or every one of them, and else refused if it or
+        any of them that no ``allow`` CIDR holds is blocked.
+
         :raises EgressRefused: naming the rule and the address.
         """
-        dialled = ipaddress.ip_address(address.split("%", 1)[0])
-        judged = _judged(dialled)
-        shown = str(dialled) if judged == dialled else f"{dialled} (IPv4 {judged})"
+        if "%" in address:
+            # A zone names an interface of this host: never an upstream.
+            raise EgressRefused(host, port, f"address {address} has a zone (an interface name)")
+        dialled = ipaddress.ip_address(address)
+        carried = _carried(dialled)
+        judged = (*carried, dialled)
+
+        def shown(one: _Address) -> str:
+            return str(dialled) if one == dialled else f"{dialled} (IPv4 {one})"
+
         for network in self.deny:
-            if judged in network or dialled in network:
-                raise EgressRefused(host, port, f"address {shown} is in denied range {network}")
-        for network in self.allow:
-            if judged in network or dialled in network:
-                return
+            for one in judged:
+                if one in network:
+                    raise EgressRefused(
+                        host, port, f"address {shown(one)} is in denied range {network}"
+                    )
+        if any(dialled in network for network in self.allow):
+            return
+        # What an allow CIDR holds is cleared; if that is every address
+        # carried, the address is allowed.
+        uncleared = [one for one in carried if not any(one in n for n in self.allow)]
+        if carried and not uncleared:
+            return
         name = host.lower().rstrip(".")
         for pattern in self.allow_hosts:
             if _matches(name, pattern):
                 return
+        judged = (*uncleared, dialled)
         for network, why in self._blocked:
-            if judged in network:
-                raise EgressRefused(
-                    host,
-                    port,
-                    f"address {shown} is in {network}, {why}, which is blocked by default "
-                    "(--allow-egress CIDR allows a range)",
-                )
+            for one in judged:
+                if one in network:
+                    raise EgressRefused(
+                        host, port, f"address {shown(one)} is in {network}, {why}, {_HINT}"
+                    )
+        for own, interface in self.own_addresses:
+            for one in judged:
+                if one == own:
+                    where = f"interface {interface}" if interface else "interfaces"
+                    raise EgressRefused(
+                        host,
+                        port,
+                        f"address {shown(one)} is an address of this host's own {where}, "
+                        "which is refused by default (--egress-own-addresses allow, or an "
+                        "--allow-egress CIDR, allows it)",
+                    )

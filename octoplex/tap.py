@@ -41,6 +41,7 @@ from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.config import RELOADABLE, ConfigError, read_config
 from octoplex.dns import CachingResolver, DNSSettings, nameservers, parse_nameserver
 from octoplex.egress import EgressPolicy
+from octoplex.interfaces import read_own_addresses
 from octoplex.limits import Limits
 from octoplex.logs import LogOptions, Logs
 from octoplex.metrics import Metrics
@@ -116,6 +117,15 @@ def _workers(text: str) -> int | str:
 
 
 _workers.coerceDoc = "Must be a whole number greater than 0, or auto."  # type: ignore[attr-defined]
+
+
+def _deny_or_allow(text: str) -> str:
+    if text not in ("deny", "allow"):
+        raise ValueError(f"{text!r} is neither deny nor allow")
+    return text
+
+
+_deny_or_allow.coerceDoc = "deny or allow."  # type: ignore[attr-defined]
 
 _whole_id.coerceDoc = "Must be a whole number, 0 or more."  # type: ignore[attr-defined]
 _LIMITS = Limits()
@@ -397,6 +407,14 @@ class Options(LogOptions):
             "Upstream ports that may be dialled, e.g. 80,443,8000-8999; any for all.",
         ],
         [
+            "egress-own-addresses",
+            None,
+            "deny",
+            "deny: refuse upstream connections to this host's own interface addresses "
+            "(read at start-up and on reload); allow: let them through.",
+            _deny_or_allow,
+        ],
+        [
             "metrics-listen",
             None,
             None,
@@ -421,8 +439,13 @@ class Options(LogOptions):
         ],
     ]
 
-    def __init__(self) -> None:
+    def __init__(
+        self, read_addresses: Callable[[], list[tuple[str, str]]] = read_own_addresses
+    ) -> None:
         super().__init__()
+        #: Reads this host's interface addresses (address, interface name)
+        #: for the egress policy; a reload reads them again.
+        self.read_addresses = read_addresses
         self["listen"] = []
         self["listen-tls"] = []
         self["grpc-listen"] = []
@@ -626,6 +649,9 @@ class Options(LogOptions):
                 allow_hosts=self["allow-egress-host"],
                 deny_hosts=self["deny-egress-host"],
                 ports=self["egress-ports"],
+                own_addresses=(
+                    self.read_addresses() if self["egress-own-addresses"] == "deny" else ()
+                ),
             )
         except (TLSConfigError, TokenError, ValueError) as e:
             raise usage.UsageError(self._located(str(e))) from None
@@ -907,7 +933,7 @@ class _Octoplex(MultiService):
         if path is None:
             self.log.warn("SIGHUP: there is no --config file to reload")
             return
-        fresh = Options()
+        fresh = Options(self.options.read_addresses)
         fresh.reloading = True
         try:
             fresh.parseOptions(self.options.argv)

@@ -24,6 +24,7 @@ import base64
 import binascii
 import functools
 import gzip
+import ipaddress
 import json
 import re
 import sys
@@ -734,6 +735,14 @@ def _uri_of(uri: str) -> URI:
             f"URI {_quote(uri)} contains whitespace or a control character "
             f"at position {bad.start()}"
         )
+    bracketed = _BRACKETED_HOST.match(uri)
+    if bracketed and "%" in bracketed.group(1):
+        # RFC 6874: a zone ID names an interface of this host, meaningless
+        # to any other (hyperlink fails it with a bare inet_pton error).
+        raise _InvalidValue(
+            f"URI {_quote(uri)} has an IPv6 zone ID ({_quote(bracketed.group(1))}); "
+            "a zone names one of this host's interfaces and is not supported"
+        )
     try:
         url = EncodedURL.from_text(uri)
     except ValueError as e:
@@ -754,17 +763,21 @@ def _uri_of(uri: str) -> URI:
         url = url.replace(scheme=scheme)
     if url.port is not None and not 1 <= url.port <= 65535:
         raise _InvalidValue(f"URI {_quote(uri)} has port {url.port}; ports run from 1 to 65535")
-    if ":" in url.host:
-        # hyperlink 21.0's to_uri() runs IDNA over an IPv6 literal and
-        # fails, so treq cannot send to one.
-        raise _InvalidValue(f"URI {_quote(uri)} has an IPv6 literal host, not yet supported")
-    try:
-        url = url.to_uri()
-    except ValueError as e:
-        raise _InvalidValue(f"URI {_quote(uri)} has an invalid host: {e}") from None
-    address = _numeric_ipv4(url.host)
-    if address is not None:
-        url = url.replace(host=address)
+    literal = _ipv6_literal(uri)
+    if literal is not None:
+        # hyperlink 21.0's to_uri() runs IDNA (uts46) over every non-empty
+        # host (_url.py, URL.to_uri) and an IPv6 literal's ":" fails it:
+        # encode the rest with no host, then put the literal back.  Its
+        # canonical text makes one pool key and one Host value per address.
+        url = url.replace(host="").to_uri().replace(host=literal)
+    else:
+        try:
+            url = url.to_uri()
+        except ValueError as e:
+            raise _InvalidValue(f"URI {_quote(uri)} has an invalid host: {e}") from None
+        address = _numeric_ipv4(url.host)
+        if address is not None:
+            url = url.replace(host=address)
     return URI(
         scheme=url.scheme,
         host=url.host,
@@ -776,6 +789,30 @@ def _uri_of(uri: str) -> URI:
         userinfo=url.userinfo,
         uses_netloc=url.uses_netloc,
     )
+
+
+# The bracketed host of a URI with an authority: "[" and what it holds.
+_BRACKETED_HOST = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@\[]*@)?\[([^\]/?#]*)\]")
+
+
+def _ipv6_literal(uri: str) -> str | None:
+    """
+    The canonical text of ``uri``'s IPv6 literal host (``[2001:DB8::1]``
+    gives ``2001:db8::1``), ``None`` where the host is not bracketed.
+
+    :raises _InvalidValue: for brackets that hold no IPv6 address (an
+        IPv4 address or an IPvFuture, RFC 3986 section 3.2.2).
+    """
+    bracketed = _BRACKETED_HOST.match(uri)
+    if bracketed is None:
+        return None
+    try:
+        return ipaddress.IPv6Address(bracketed.group(1)).compressed
+    except ValueError:
+        raise _InvalidValue(
+            f"URI {_quote(uri)} has {_quote(bracketed.group(1))} in brackets, "
+            "which is no IPv6 address"
+        ) from None
 
 
 def _numeric_ipv4(host: str) -> str | None:

@@ -36,7 +36,8 @@ SAMPLE = ROOT / "etc" / "octoplex.toml"
 
 
 def parse(*argv: str) -> Options:
-    options = Options()
+    # No own interface addresses: the egress policies compared are plain.
+    options = Options(list)
     options.parseOptions(list(argv))
     return options
 

@@ -108,6 +108,10 @@ def test_header_values_may_be_utf8_and_tabs() -> None:
         ("http://0xA9.0xFE.0xA9.0xFE/", "http://169.254.169.254/"),
         ("http://0251.0376.0251.0376/", "http://169.254.169.254/"),
         ("http://1.2.3.4./", "http://1.2.3.4/"),
+        # IPv6 literals, in their canonical text (one pool key per address).
+        ("http://[::1]:8080/x", "http://[::1]:8080/x"),
+        ("HTTPS://[2001:DB8:0:0::1]/ä?q=ü", "https://[2001:db8::1]/%C3%A4?q=%C3%BC"),
+        ("http://[::ffff:127.0.0.1]:80/", "http://[::ffff:7f00:1]/"),
     ],
 )
 def test_uris_are_normalised_to_ascii(uri: str, sent: str) -> None:
@@ -123,7 +127,11 @@ def test_uris_are_normalised_to_ascii(uri: str, sent: str) -> None:
     [
         ("http://user:pw@a.test/", "carries credentials"),
         ("http://a.test:0/", "port 0"),
-        ("http://[::1]:80/", "IPv6 literal"),
+        ("http://[fe80::1%25eth0]:80/", 'has an IPv6 zone ID ("fe80::1%25eth0")'),
+        ("http://[fe80::1%eth0]/", "a zone names one of this host's interfaces"),
+        ("http://[127.0.0.1]/", 'has "127.0.0.1" in brackets, which is no IPv6 address'),
+        ("http://[v1.x]/", 'has "v1.x" in brackets'),
+        ("http://[::1/", "does not parse"),
         ("http://xn--.test/", "invalid host"),
         ("http://a.test:/", "does not parse"),
         ("http://1.2.3.4.5/", 'host "1.2.3.4.5" ends in a number, so it must be an IPv4 address'),
