@@ -119,10 +119,12 @@ def daemon(tmp_path: Path, caller: Caller) -> Iterator[Daemon]:
         "2",
     )
     url = f"http://127.0.0.1:{port}"
-    pytest_twisted.blockon(
-        Deferred.fromCoroutine(wait_until_healthy(process, caller, url, tmp_path / "output.txt"))
-    )
     try:
+        pytest_twisted.blockon(
+            Deferred.fromCoroutine(
+                wait_until_healthy(process, caller, url, tmp_path / "output.txt")
+            )
+        )
         yield Daemon(process, url, caller)
     finally:
         stop(process)
