@@ -59,6 +59,8 @@ setup(
             "twisted[http2]",
             "pytest>=8",
             "pytest-twisted>=1.14",
+            # A per-test timeout (pyproject.toml): a hanging test fails, not the run.
+            "pytest-timeout>=2.3",
             "trustme>=1.1",
             "hypothesis>=6.100",
             # tests/test_deploy.py reads the compose file and the manifests.

@@ -71,16 +71,28 @@ class Timings:
         # The answer is awaited from when the request could go out: after
         # the TLS handshake on a new connection (the bytes wait for it).
         awaiting = None if self.sent is None else max(self.sent, ready or 0.0)
+        # A request that failed or was cancelled in the queue, the DNS
+        # lookup, the connect (refused, say) or the body spent the time up
+        # to its end in that phase, so that the phases still add up to the
+        # total. (Not so the wait for the first byte, which on a new HTTPS
+        # connection cannot be told apart from an unfinished handshake.)
         return {
-            "queued_msec": _span(self.start, self.slot),
-            "dns_msec": _span(self.dns_start, self.dns_done),
-            "connect_msec": _span(self.dns_done, self.connected),
+            "queued_msec": _span(self.start, _until(self.start, self.slot, end)),
+            "dns_msec": _span(self.dns_start, _until(self.dns_start, self.dns_done, end)),
+            "connect_msec": _span(self.dns_done, _until(self.dns_done, self.connected, end)),
             "tls_msec": _span(self.connected, self.tls_done),
             "ttfb_msec": _span(awaiting, self.first_byte),
-            "body_msec": _span(self.first_byte, self.body_done),
+            "body_msec": _span(self.first_byte, _until(self.first_byte, self.body_done, end)),
             "total_msec": _span(self.start, end),
             "reused": self.dns_start is None and self.sent is not None,
         }
+
+
+def _until(start: float | None, finish: float | None, end: float) -> float | None:
+    """A phase's end: its mark, or the request's end if it began and never finished."""
+    if finish is None and start is not None:
+        return end
+    return finish
 
 
 def _span(start: float | None, end: float | None) -> float | None:

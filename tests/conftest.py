@@ -19,6 +19,7 @@ from twisted.logger import globalLogPublisher
 from octoplex.multiplexer import _BatchRun
 
 from .servers import Caller, Octoplex, Upstream, start_octoplex, start_upstream
+from .timeouts import pytest_timeout_set_timer  # noqa: F401 (a hook for pytest-timeout)
 
 
 @pytest.fixture(autouse=True)

@@ -21,13 +21,14 @@ import pytest_twisted
 import treq
 import trustme
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 
 from octoplex.client import PoolSettings
 from octoplex.errors import KINDS
 from octoplex.schema import SCHEMA
-from octoplex.timings import PHASES
+from octoplex.timings import PHASES, Timings
 from octoplex.tls import UpstreamTLSPolicy
 
 from .schema import check_batch, check_stream
@@ -627,6 +628,36 @@ async def test_timings_add_up_and_show_a_reused_connection(
         octoplex, caller, {"timeout_msec": 3000, "requests": [{"uri": upstream.url + "/hello"}]}
     )
     assert "timings" not in plain["Success"]
+
+
+def test_timings_count_a_failed_phase_up_to_the_failure() -> None:
+    """
+    A request that fails in its connect (refused), its DNS lookup, its
+    queue or its body spent the time up to the failure in that phase: the
+    phases still add up to the total, however long the reactor took to see
+    the failure (60 ms here, as under a CPU hog).
+    """
+    clock = Clock()
+
+    def failed_after(*marks: str) -> dict[str, Any]:
+        timings = Timings(clock)
+        for mark in marks:
+            clock.advance(0.001)
+            setattr(timings, mark, timings.now())
+        clock.advance(0.060)
+        timings.done = timings.now()
+        return timings.report()
+
+    refused = failed_after("slot", "dns_start", "dns_done")
+    assert refused["connect_msec"] == 60.0 and refused["ttfb_msec"] is None
+    assert failed_after("slot", "dns_start")["dns_msec"] == 60.0
+    assert failed_after()["queued_msec"] == 60.0
+    cut = failed_after("slot", "dns_start", "dns_done", "connected", "sent", "first_byte")
+    assert cut["body_msec"] == 60.0
+    # What no phase holds is the 1 ms between the marks (Octoplex's own
+    # work: here between the slot and the DNS lookup), not the 60 ms.
+    parts = sum(refused[name] or 0 for name in PHASES)
+    assert refused["total_msec"] - parts == pytest.approx(1.0), refused
 
 
 @pytest_twisted.ensureDeferred
