@@ -446,3 +446,25 @@ def full_backlog() -> Iterator[int]:
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+#: How long a test waits for an event before it fails, by default: far
+#: beyond what any event takes on a loaded 2-core machine.
+WAIT_TIMEOUT = 15.0
+
+
+async def wait_until(
+    condition: Callable[[], Any], what: str, timeout: float = WAIT_TIMEOUT, every: float = 0.01
+) -> None:
+    """
+    Let the reactor run until ``condition()`` is true, checking every
+    ``every`` seconds; fail naming ``what`` was awaited if it is still false
+    after ``timeout`` seconds.
+    """
+    deadline = global_reactor.seconds() + timeout
+    while not condition():
+        if global_reactor.seconds() >= deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}, in vain")
+        d: Deferred[None] = Deferred()
+        global_reactor.callLater(every, d.callback, None)
+        await d

@@ -21,7 +21,6 @@ import pytest_twisted
 import trustme
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -30,7 +29,7 @@ from octoplex.limits import Limits
 from octoplex.tls import server_options
 
 from .schema import check_answer
-from .servers import Caller, Octoplex, Upstream, start_octoplex
+from .servers import Caller, Octoplex, Upstream, start_octoplex, wait_until
 
 
 def port_of(octoplex: Octoplex) -> int:
@@ -283,8 +282,7 @@ async def test_connections_past_the_cap_get_503(
     port = port_of(octoplex)
     held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
     try:
-        while octoplex.site.connections < 3:
-            await pause(0.01)
+        await wait_until(lambda: octoplex.site.connections >= 3, "3 connections open")
         raw, _ = await deferToThread(talk, port, [])
         status, headers, body = parse(raw)
         assert (status, body) == (
@@ -297,18 +295,12 @@ async def test_connections_past_the_cap_get_503(
         assert registry.get_sample_value("octoplex_inbound_refused_total", {"status": "503"}) == 1
     finally:
         held.pop().close()
-    while octoplex.site.connections > 2:
-        await pause(0.01)
+    await wait_until(lambda: octoplex.site.connections <= 2, "a held connection to close")
     # The test's own client is the third connection.
     await still_serves(octoplex, upstream, caller)
     for sock in held:
         sock.close()
-    while octoplex.site.connections > 0:
-        await pause(0.01)
-
-
-async def pause(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
+    await wait_until(lambda: octoplex.site.connections == 0, "every connection to close")
 
 
 # ---------------------------------------------------------------------------
@@ -571,8 +563,4 @@ async def test_connection_count_survives_tls_failures(
     finally:
         await port.stopListening()
     assert answers == [b"HTTP/1.1 200"] * 6
-    for _ in range(100):
-        if octoplex.site.connections == 0:
-            break
-        await pause(0.01)
-    assert octoplex.site.connections == 0
+    await wait_until(lambda: octoplex.site.connections == 0, "every connection to close")
