@@ -18,7 +18,14 @@ from twisted.internet.task import deferLater
 
 from octoplex.limits import Limits
 
-from .servers import Caller, Octoplex, Upstream, start_misbehaving, start_octoplex
+from .servers import (
+    Caller,
+    Octoplex,
+    Upstream,
+    start_misbehaving,
+    start_octoplex,
+    wait_until,
+)
 
 
 def _batch(timeout_msec: int, uris: list[str]) -> dict[str, Any]:
@@ -77,7 +84,9 @@ async def test_deadline_cuts_off_the_slow_request(
     assert late["Failure"]["error"] == "timeout elapsed"
     assert 100 <= late["Failure"]["duration_msec"] < 500
     # The slow request was cancelled: its connection was closed, not left to finish.
-    await _sleep(0.05)
+    await wait_until(
+        lambda: upstream.resource.finished_early, "the upstream to see the slow request end"
+    )
     assert upstream.resource.finished_early == ["/delay/1000"]
     [expiry] = [e for e in log_events if "deadline" in e.get("log_format", "")]
     assert expiry["pending_uris"] == [slow]
@@ -94,7 +103,9 @@ async def test_deadline_cancels_a_half_read_body(
     assert status == 200
     assert body["responses"][0]["Failure"]["error"] == "timeout elapsed"
     assert body["responses"][1]["Success"]["status"] == 200
-    await _sleep(0.05)
+    await wait_until(
+        lambda: upstream.resource.finished_early, "the upstream to see the stalled body end"
+    )
     assert upstream.resource.finished_early == ["/stall"]
 
 
@@ -199,16 +210,11 @@ async def test_caller_disconnect_cancels_its_requests(
     sock.sendall(
         b"POST /multiplex HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(batch) + batch
     )
-    for _ in range(100):
-        await _sleep(0.01)
-        if len(upstream.site.connections) == 3:
-            break
-    assert len(upstream.site.connections) == 3
+    await wait_until(lambda: len(upstream.site.connections) == 3, "3 upstream connections")
     sock.close()
-    for _ in range(100):
-        await _sleep(0.01)
-        if len(upstream.resource.finished_early) == 3:
-            break
+    await wait_until(
+        lambda: len(upstream.resource.finished_early) == 3, "the 3 requests to be cancelled"
+    )
     assert upstream.resource.finished_early == ["/delay/3000"] * 3
     assert any("caller disconnected" in e.get("log_format", "") for e in log_events)
 

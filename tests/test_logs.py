@@ -559,7 +559,8 @@ async def test_every_operator_event_is_in_the_log(tmp_path: Path, upstream: Upst
             ],
         }
         first = Deferred.fromCoroutine(client.post(slow, token=None))
-        await sleep(0.1)
+        # In flight once the upstream has its request: the next is shed.
+        await wait_for(lambda: "/delay/2000" in upstream.resource.arrivals, 15.0)
         shed_status, _ = await client.post(_batch(upstream), token=None)
         status, answer = await first
         config.write_text("[limits]\nmax_batches_in_flight = 5\n")
