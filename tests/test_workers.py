@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python import usage
@@ -28,7 +29,7 @@ from octoplex.tap import Options
 from octoplex.totals import render_totals_text, sum_stats
 from octoplex.workers import Master, _remove_orphaned_sockets, usable_cpus, worker_argv
 
-from .servers import Caller, start_upstream
+from .servers import Caller, start_upstream, wait_until
 from .test_twistd import (
     EXIT_TIMEOUT,
     ROOT,
@@ -117,7 +118,8 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
     """
     [server] workers = 2: both workers answer on the one port; a worker
     killed with SIGKILL is replaced by a new process while the other serves;
-    SIGHUP reaches both; SIGTERM drains both and the master exits 0.
+    SIGHUP reaches both; SIGTERM, with a slow batch in flight, drains both:
+    that batch's answer arrives whole, and the master exits 0.
     """
     port = free_port()
     logfile = tmp_path / "octoplex.log"
@@ -191,18 +193,42 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
             assert not alive(first[0])
 
             process.send_signal(signal.SIGHUP)
-            for _ in range(100):
-                if logfile.read_text().count("configuration reloaded from") >= 2:
-                    break
-                await sleep(0.1)
+            await wait_until(
+                lambda: logfile.read_text().count("configuration reloaded from") >= 2,
+                "both workers to reload their configuration",
+                timeout=WORKER_TIMEOUT,
+            )
 
             process.send_signal(signal.SIGUSR1)
-            for _ in range(100):
-                if whole_log(logfile).count("log files reopened") >= 2:
-                    break
-                await sleep(0.1)
+            await wait_until(
+                lambda: whole_log(logfile).count("log files reopened") >= 2,
+                "both workers to reopen their log files",
+                timeout=WORKER_TIMEOUT,
+            )
 
+            # A slow batch in flight (its upstream has the request) when
+            # SIGTERM comes: the worker that has it drains it, answered whole.
+            slow = {
+                "timeout_msec": 10000,
+                "requests": [{"uri": upstream.url + "/delay/1500"} for _ in range(2)],
+            }
+            answer: Deferred[Any] = Deferred.fromCoroutine(
+                within(EXIT_TIMEOUT, caller.post(url + "/multiplex", slow))
+            )
+            await wait_until(
+                lambda: upstream.resource.active == 2,
+                "the upstream to have both requests of the slow batch",
+                timeout=WORKER_TIMEOUT,
+            )
             process.send_signal(signal.SIGTERM)
+            status, _, body = await answer
+            assert status == 200, body
+            assert len(body["responses"]) == 2, body
+            for outcome in body["responses"]:
+                assert "Success" in outcome, body
+                assert outcome["Success"]["status"] == 200, body
+                assert outcome["Success"]["content"] == "delayed 1500", body
+            assert upstream.resource.finished_early == []
             returncode = await wait_for_exit(process, EXIT_TIMEOUT)
         finally:
             stop(process)
@@ -230,6 +256,8 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
     assert "SIGUSR1 sent on to the workers" in log
     assert (tmp_path / "octoplex.log.1").exists()
     assert log.count("batches drained in") == 2, log
+    assert len(re.findall(r"stopping: draining 1 batches in flight", log)) == 1, log
+    assert len(re.findall(r"stopped: 1 batches drained in \d+ ms", log)) == 1, log
     assert re.search(rf"worker 1 \(pid {first[1]}\) exited: exit status 0", log), log
     assert re.search(rf"worker 0 \(pid {replaced}\) exited: exit status 0", log), log
     assert "master stopped" in log
@@ -242,7 +270,7 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
         if (tmp_path / f"access.log.worker-{i}").exists()
         for line in (tmp_path / f"access.log.worker-{i}").read_text().splitlines()
     ]
-    assert len(lines) == 6
+    assert len(lines) == 7
 
 
 def test_workers_need_plain_tcp_listeners(tmp_path: Path) -> None:
@@ -498,11 +526,11 @@ async def test_workers_stop_when_the_master_is_killed(tmp_path: Path, caller: Ca
         pids += (await workers_seen(caller, url, 2)).values()
         process.kill()
         await wait_for_exit(process, EXIT_TIMEOUT)
-        for _ in range(int(WORKER_TIMEOUT / 0.1)):
-            if not any(alive(pid) for pid in pids):
-                break
-            await sleep(0.1)
-        assert not [pid for pid in pids if alive(pid)]
+        await wait_until(
+            lambda: not any(alive(pid) for pid in pids),
+            f"the workers {pids} to exit",
+            timeout=WORKER_TIMEOUT,
+        )
     finally:
         stop(process)
         for pid in pids:
