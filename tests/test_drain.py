@@ -7,8 +7,10 @@ close, the batches in flight finish by their own deadlines or the
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -16,17 +18,25 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
 
-from .servers import Caller, start_upstream
+from .servers import Caller, start_upstream, wait_until
 from .test_twistd import (
     EXIT_TIMEOUT,
     free_port,
-    sleep,
     spawn_twistd,
     stop,
     wait_for_exit,
     wait_until_healthy,
     within,
 )
+
+
+def _refused(port: int) -> bool:
+    """
+    Whether a connection to ``port`` of 127.0.0.1 is refused: nothing listens.
+    """
+    with socket.socket() as probe:
+        probe.settimeout(2.0)
+        return probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED
 
 
 @pytest_twisted.ensureDeferred
@@ -50,10 +60,16 @@ async def test_sigterm_drains_batches_in_flight(tmp_path: Path, caller: Caller) 
             "requests": [{"uri": upstream.url + "/delay/2000"}, {"uri": upstream.url + "/hello"}],
         }
         in_flight = Deferred.fromCoroutine(caller.post(url + "/multiplex", slow))
-        await sleep(0.3)
+        await wait_until(
+            lambda: "/delay/2000" in upstream.resource.arrivals,
+            "the batch's /delay/2000 to reach the upstream",
+        )
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        await sleep(0.3)
+        await wait_until(
+            lambda: "stopping: draining 1 batches in flight" in logfile.read_text(),
+            "the daemon to log that it is draining",
+        )
         # Within the drain delay: not ready, but still serving.
         status, _, ready = await caller.get(url + "/readyz")
         assert (status, json.loads(ready)) == (503, {"ready": False})
@@ -62,7 +78,7 @@ async def test_sigterm_drains_batches_in_flight(tmp_path: Path, caller: Caller) 
         assert status == 200
         assert body["responses"][0]["Success"]["content"] == "Hello world!"
         # Past the delay the listener is closed.
-        await sleep(1.0)
+        await wait_until(lambda: _refused(port), "the listener to close", every=0.05)
         try:
             await within(2.0, caller.get(url + "/healthz"))
         except ConnectError:
@@ -105,12 +121,21 @@ async def test_drain_ceiling_answers_what_is_left(tmp_path: Path, caller: Caller
             "requests": [{"uri": upstream.url + "/delay/10000"}, {"uri": upstream.url + "/hello"}],
         }
         in_flight = Deferred.fromCoroutine(caller.post(url + "/multiplex", slow))
-        await sleep(0.3)
+        await wait_until(
+            lambda: "/delay/10000" in upstream.resource.arrivals,
+            "the batch's /delay/10000 to reach the upstream",
+        )
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         status, _, body = await within(10.0, in_flight)
         answered = time.monotonic() - signalled
         returncode = await wait_for_exit(process, EXIT_TIMEOUT)
+        # The upstream sees its request cancelled (awaited before stopping
+        # the upstream, whose own aborts would cancel it too).
+        await wait_until(
+            lambda: upstream.resource.finished_early,
+            "the upstream to see /delay/10000 cancelled",
+        )
     finally:
         stop(process)
         await upstream.stop()
@@ -120,6 +145,4 @@ async def test_drain_ceiling_answers_what_is_left(tmp_path: Path, caller: Caller
     assert hello["Success"]["content"] == "Hello world!"
     assert 0.4 < answered < 3.0
     assert returncode == 0, output.read_text()
-    # The upstream saw its request cancelled.
-    await sleep(0.2)
     assert upstream.resource.finished_early == ["/delay/10000"]

@@ -38,7 +38,7 @@ from octoplex.dns import CachingResolver, DNSSettings
 from octoplex.pool import OctoplexPool
 
 from .schema import check_answer
-from .servers import Octoplex, _QuietPool, start_octoplex, start_upstream
+from .servers import Octoplex, Upstream, _QuietPool, start_octoplex, start_upstream, wait_until
 from .test_dns import _Direct, rr_a
 from .test_pool import _serve, _Tracking
 
@@ -132,6 +132,22 @@ def idle_connections(pool: OctoplexPool) -> int:
     return sum(len(connections) for connections in pool._connections.values())
 
 
+def settled(pool: OctoplexPool, upstream: Upstream, dns: SlowDNS | None = None) -> bool:
+    """
+    Whether the work a deadline cut short has come to rest: the DNS answer
+    (if any) is in, no connection is still opening, and every connection
+    the pool opened has reached the upstream and is either pooled idle or
+    lost on both sides.
+    """
+    connections = len(upstream.site.connections)
+    return (
+        (dns is None or "slow.test" in dns.resolver._cache)
+        and not pool._warming
+        and pool.opened == connections
+        and len(upstream.site.lost) + idle_connections(pool) == connections
+    )
+
+
 async def post(
     octoplex: Octoplex, timeout_msec: int, requests: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], float]:
@@ -178,7 +194,10 @@ async def _deadline_during_dns(connect_grace: float) -> dict[str, Any]:
         request = {"uri": f"http://slow.test:{port}/hello"}
 
         seen["first"], seen["first_s"] = await post(octoplex, 100, [request])
-        await _sleep(DNS_DELAY + 0.2)
+        await wait_until(
+            lambda: settled(pool, upstream, slow),
+            "the DNS answer and the cut-off connection to settle",
+        )
         seen["connections_between"] = len(upstream.site.connections)
         seen["warmed_between"] = pool.warmed
         seen["opened_between"] = pool.opened
@@ -274,9 +293,12 @@ async def test_queued_request_is_never_sent(slow: str) -> None:
         pool = pool_of(octoplex)
         uris = [f"http://{host}:{port}{first_path}", f"http://{host}:{port}/hello?queued"]
         outcomes, _ = await post(octoplex, 200, [{"uri": uri} for uri in uris])
-        # Past the DNS answer and the delayed response: whatever was to
+        # Past the DNS answer and the cut-off request: whatever was to
         # reach the upstream has.
-        await _sleep(0.6)
+        await wait_until(
+            lambda: settled(pool, upstream, dns_server if slow == "dns" else None),
+            "the cut-off request's connection to settle",
+        )
         seen = resource.in_flight.seen
         connections = len(upstream.site.connections)
         opened, warmed = pool.opened, pool.warmed
@@ -312,7 +334,10 @@ async def test_response_streaming_at_the_deadline_is_cut_off_with_its_connection
     pool = pool_of(octoplex)
     try:
         outcomes, elapsed = await post(octoplex, 200, [{"uri": upstream.url + "/stall"}])
-        await _sleep(0.2)
+        await wait_until(
+            lambda: upstream.resource.finished_early and settled(pool, upstream),
+            "the upstream to see /stall cut off",
+        )
         lost = len(upstream.site.lost)
         finished_early = list(upstream.resource.finished_early)
         idle = idle_connections(pool)
@@ -447,7 +472,11 @@ async def test_stopping_gives_up_connections_still_opening() -> None:
         await stopping.stop()
         warming_after_stop = len(pool._warming)
         # Past the DNS answer, which the resolver still receives and caches.
-        await _sleep(DNS_DELAY + 0.2)
+        await wait_until(lambda: "slow.test" in slow.resolver._cache, "the DNS answer to be cached")
+        # No event marks a connection never opened: a short look past the
+        # answer, which on a slow machine can only miss a late connect (a
+        # false pass), never fail.
+        await _sleep(0.1)
         connections = len(upstream.site.connections)
         opened, warmed = pool.opened, pool.warmed
         queries = dict(slow.resolver.queries)
