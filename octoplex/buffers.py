@@ -28,6 +28,7 @@ import os
 from collections.abc import Callable
 
 from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -235,6 +236,13 @@ class MemoryReturner(TimerService):
         super().__init__(interval, self.check)
         self.clock = clock
         self._buffers = buffers
+
+    def stopService(self) -> Deferred[None]:
+        # A start-up that failed stops every service, this one unstarted
+        # (TimerService has no loop until it starts).
+        if not hasattr(self, "_loop"):
+            return succeed(None)
+        return super().stopService()
 
     def check(self) -> bool:
         """

@@ -21,6 +21,7 @@ from twisted.internet.error import CannotListenError
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
+from octoplex.buffers import MemoryReturner
 from octoplex.client import UpstreamClient
 from octoplex.tap import Options, makeService
 from octoplex.web import OctoplexSite
@@ -188,9 +189,11 @@ def test_make_service_wiring() -> None:
     assert IService.providedBy(root)
     assert isinstance(root, MultiService)
     children = list(root)
-    assert len(children) == 3
+    assert len(children) == 4
     assert isinstance(children[0], UpstreamClient)
-    listeners = children[1:]
+    # Gives freed memory back after bursts (octoplex.buffers).
+    assert isinstance(children[1], MemoryReturner)
+    listeners = children[2:]
     assert all(isinstance(child, StreamServerEndpointService) for child in listeners)
     assert [child.endpoint._port for child in listeners] == ports  # type: ignore[attr-defined]
     (site,) = {id(child.factory): child.factory for child in listeners}.values()
