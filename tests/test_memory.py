@@ -28,7 +28,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList
 
-from .servers import Caller, Upstream
+from .servers import Caller, Upstream, wait_until
 from .test_twistd import free_port, sleep, spawn_twistd, stop, wait_until_healthy, within
 
 MIB = 1024 * 1024
@@ -188,6 +188,12 @@ async def test_callers_that_never_read_are_bounded_and_cut_off(
     port = int(daemon.url.rsplit(":", 1)[1])
     callers = [_never_reading_caller(port, _large_batch(upstream, 10)) for _ in range(10)]
     try:
+        # Every item of theirs has reached the upstream: the batches run.
+        await wait_until(
+            lambda: sum("/bytes/" in path for path in upstream.resource.arrivals) == 100,
+            "the callers' 100 requests to reach the upstream",
+            timeout=LOAD_TIMEOUT,
+        )
         waited = 0.0
         # Until the daemon has closed every caller's connection: those whose
         # answer filled the send buffer at the send timeout, the others
