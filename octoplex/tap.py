@@ -443,6 +443,11 @@ class Options(LogOptions):
         self, read_addresses: Callable[[], list[tuple[str, str]]] = read_own_addresses
     ) -> None:
         super().__init__()
+        # A method option's help is its docstring, whose line breaks and
+        # indentation usage.Options keeps: one space between words instead.
+        for name, doc in self.docs.items():
+            if doc:
+                self.docs[name] = " ".join(doc.split())
         #: Reads this host's interface addresses (address, interface name)
         #: for the egress policy; a reload reads them again.
         self.read_addresses = read_addresses

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -280,3 +281,22 @@ def test_dns_servers_replace_resolv_conf() -> None:
     assert root._resolver._resolver.servers == [("127.0.0.1", 5353), ("::1", 53)]  # type: ignore[attr-defined]
     with pytest.raises(usage.UsageError, match=r"'ns\.example' is not an IP address"):
         parse("--dns-server", "ns.example")
+
+
+def test_help_has_no_runs_of_spaces_inside_a_description() -> None:
+    """
+    ``twistd octoplex --help`` wraps each description as one paragraph: a
+    method option's docstring indentation does not leak into it as a run of
+    spaces (``whatever         its``).
+    """
+    usage_text = Options().getUsage(width=80)
+    option = re.compile(r"^\s+(?:-\w, )?--[\w-]+=?\s+")
+    descriptions = []
+    for line in usage_text.splitlines():
+        start = option.match(line)
+        if start is not None:
+            descriptions.append(line[start.end() :].rstrip())
+        elif line.startswith(" " * 10):
+            descriptions.append(line.strip())
+    assert len(descriptions) > 50
+    assert [text for text in descriptions if "  " in text] == []
