@@ -31,7 +31,7 @@ from octoplex.limits import Limits
 from octoplex.pool import OctoplexPool
 from octoplex.wire import UpstreamRequest, build_request
 
-from .servers import Caller, Upstream, _CountingSite, start_octoplex
+from .servers import Caller, Upstream, _CountingSite, start_octoplex, wait_until
 
 
 def _batch(timeout_msec: int, uris: list[str]) -> dict[str, Any]:
@@ -315,7 +315,8 @@ async def test_upstream_closing_idle_connections_fails_nothing(caller: Caller) -
     outcomes: list[dict[str, Any]] = []
     try:
         for n in range(10):
-            await _sleep(0.1)
+            # The upstream has closed the previous connection (at its end).
+            await wait_until(lambda n=n: len(upstream.site.lost) == n, f"the upstream closing {n}")
             request: dict[str, Any] = {"uri": f"{upstream.url}/echo?n={n}"}
             if n % 2:
                 request.update(method="POST", body=f"post {n}")
