@@ -530,6 +530,21 @@ class Options(LogOptions):
                 return f"{where}: {message[len(prefix) :]}"
         return message
 
+    def given_text(self, leave_out: tuple[str, ...] = ("listen",)) -> str:
+        """
+        The settings given on the command line or in the config file, as a
+        text log line shows them: ``--name value`` each, tokens left out.
+        """
+        shown: list[str] = []
+        for name, value in self.effective().items():
+            if name in leave_out or (name not in self.given and name not in self.from_file):
+                continue
+            values = value if isinstance(value, list) else [value]
+            shown.extend(f"--{name} {item}" for item in values)
+        if not shown:
+            return "every setting at its default"
+        return "settings given: " + " ".join(shown) + "; the rest at their defaults"
+
     def effective(self) -> dict[str, Any]:
         """
         The settings in force, by option, with every token left out.
@@ -867,9 +882,10 @@ class _Octoplex(MultiService):
         if self.worker:
             tell_master_ready()
         self.log.info(
-            "octoplex {version} listening on {listen}",
+            "octoplex {version} listening on {listen}; {settings}",
             version=__version__,
             listen=self._listen,
+            settings=self.options.given_text(),
             limits=self._limits,
             config_file=self.options["config"],
             # Every setting in force, tokens left out.

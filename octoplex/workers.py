@@ -381,10 +381,11 @@ class Master(Service):
             self._metrics.startService()
         self._reactor.callWhenRunning(self._take_signals)
         self.log.info(
-            "octoplex {version} master (pid {pid}) starting {count} workers",
+            "octoplex {version} master (pid {pid}) starting {count} workers; {settings}",
             version=__version__,
             pid=os.getpid(),
             count=self.count,
+            settings=self.options.given_text(leave_out=()),
             configuration=self.options.effective(),
         )
         for i in range(self.count):

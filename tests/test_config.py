@@ -122,6 +122,32 @@ def test_effective_configuration_hides_tokens() -> None:
     assert effective["max-batch-size"] == 50
 
 
+def test_start_line_names_the_settings_given(tmp_path: Path) -> None:
+    """
+    The text start-up line names what the command line and the file set,
+    tokens hidden, and only that; the JSON event's ``configuration`` holds
+    every setting.
+    """
+    assert parse().given_text() == "every setting at its default"
+    config = tmp_path / "octoplex.toml"
+    config.write_text("[limits]\nmax_batch_size = 7\n")
+    options = parse(
+        "--config",
+        str(config),
+        "--api-token",
+        "bidder-7=abcdefghijklmnopqrstuvwxyz",
+        "--allow-egress",
+        "127.0.0.0/8",
+        "--allow-egress",
+        "::1",
+    )
+    assert options.given_text() == (
+        "settings given: --allow-egress 127.0.0.0/8 --allow-egress ::1 "
+        f"--api-token bidder-7=<redacted> --config {config} --max-batch-size 7; "
+        "the rest at their defaults"
+    )
+
+
 async def _batch(caller: Caller, url: str, uri: str, size: int) -> tuple[int, Any]:
     document = {"timeout_msec": 3000, "requests": [{"uri": uri}] * size}
     status, _, body = await caller.post(url + "/multiplex", document)

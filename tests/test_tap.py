@@ -225,12 +225,13 @@ async def test_service_serves_and_stops(log_events: list[dict[str, Any]], caller
     assert not root.running
     assert gc.get_freeze_count() == 0
     messages = [event.get("log_format", "") for event in log_events]
-    assert "octoplex {version} listening on {listen}" in messages
+    assert "octoplex {version} listening on {listen}; {settings}" in messages
     assert any(m.startswith("octoplex {version} stopping: draining") for m in messages)
     assert any(m.startswith("octoplex {version} stopped:") for m in messages)
     assert "heap frozen: {frozen} objects left out of garbage collection" in messages
-    announce = next(e for e in log_events if e.get("log_format", "").endswith("{listen}"))
+    announce = next(e for e in log_events if "listening on {listen}" in e.get("log_format", ""))
     assert announce["listen"] == listen
+    assert announce["settings"] == "settings given: --workers 1; the rest at their defaults"
     for port in ports:
         assert_free(port)
 

@@ -205,9 +205,12 @@ async def test_daemon_serves_a_batch_and_stops_on_sigterm(tmp_path: Path, caller
     # takes SIGTERM itself, so a drained stop is a clean exit.
     assert returncode == 0, output.read_text()
     log = logfile.read_text()
-    assert re.search(rf"octoplex \S+ listening on \['tcp:{port}:interface=127\.0\.0\.1'\]", log), (
-        log
-    )
+    # The text line names the settings given, as an operator reads it.
+    assert re.search(
+        rf"octoplex \S+ listening on \['tcp:{port}:interface=127\.0\.0\.1'\]; "
+        r"settings given: --allow-egress 127\.0\.0\.0/8 --workers 1; the rest at their defaults",
+        log,
+    ), log
     batch_lines = [line for line in log.splitlines() if "batch " in line]
     assert len(batch_lines) == 1, log
     assert "from 127.0.0.1:" in batch_lines[0]
