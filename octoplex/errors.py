@@ -50,7 +50,11 @@ def _lost(cause: Failure, when: str) -> str:
     if cause.check(CertificateRejected):
         return f"TLS handshake failed: {cause.value}"
     if cause.check(TLSError):
-        return f"TLS error {when}: {tls_reasons(cause.value)}"
+        reasons = tls_reasons(cause.value)
+        if reasons == "wrong version number":
+            # What OpenSSL says of an answer that is not a TLS record.
+            reasons += " (the upstream answered in plain text, not TLS: an http:// port?)"
+        return f"TLS error {when}: {reasons}"
     if cause.check(error.ConnectionLost):
         return f"connection to upstream was lost or reset {when}"
     if cause.check(ValueError, _MalformedChunkedDataError):

@@ -75,6 +75,27 @@ def raw_error(status: int, message: str, extra: bytes = b"") -> bytes:
     )
 
 
+#: What may begin a request's head: a method's first character (a token
+#: character, RFC 9110 section 5.6.2), or the empty line RFC 9112 section
+#: 2.2 lets a caller send before it.
+_HEAD_START = frozenset(
+    bytes([c])
+    for c in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\r\n"
+)
+
+#: The first byte of a TLS handshake record (RFC 8446 section 5.1).
+_TLS_HANDSHAKE = b"\x16"
+
+
+def _not_a_request_line(first: bytes) -> str:
+    if first == _TLS_HANDSHAKE:
+        return (
+            "a TLS handshake arrived on a plain HTTP listener: call it with http://, "
+            "or call an HTTPS listener (--listen-tls) with https://"
+        )
+    return f"a request line cannot begin with {first!r}: it must begin with a method (RFC 9112)"
+
+
 class OctoplexChannel(HTTPChannel):
     """
     An ``HTTPChannel`` holding its caller to the site's limits on the head's
@@ -97,6 +118,13 @@ class OctoplexChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._read_timer is None and self.line_mode and not self._handlingRequest:
             # The first byte of a request's head: its clock starts.
+            if data[:1] not in _HEAD_START:
+                # Nothing that follows could make it a request line: say so
+                # now rather than wait for a line end that may never come
+                # (a TLS client's hello has none, and its handshake would
+                # wait for --header-timeout).
+                self.refuse(400, _not_a_request_line(data[:1]))
+                return
             limits = self._limits
             self._read_timer = self.callLater(
                 limits.header_timeout,

@@ -762,16 +762,47 @@ async def test_full_backlog_times_out_at_the_deadline(daemon: Watched) -> None:
         assert _tcp_states(daemon.pid, port) == []
 
 
+PLAIN_ANSWER = (
+    "TLS error before sending a response: wrong version number "
+    "(the upstream answered in plain text, not TLS: an http:// port?)"
+)
+
+
 @pytest_twisted.ensureDeferred
 async def test_tls_handshake_answered_with_plain_http(daemon: Watched) -> None:
-    """An https upstream that answers the ClientHello with plain HTTP fails with a TLS error."""
+    """
+    An https upstream that answers the ClientHello with plain HTTP fails
+    with a TLS error at once, not at a timeout.
+    """
     # The answer to a ClientHello: no TLS record at all. The connection is
     # left open for the daemon to close.
     plain_http = write_then(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
     async with faulty_upstream(daemon, plain_http, on_first_bytes=True, scheme="https") as server:
-        fault, hello = await daemon.multiplex(server.url, daemon.hello)
-        assert failure(fault, "tls") == "TLS error before sending a response: wrong version number"
+        started = time.monotonic()
+        fault, hello = await daemon.multiplex(server.url, daemon.hello, timeout_msec=30_000)
+        elapsed = time.monotonic() - started
+        assert failure(fault, "tls") == PLAIN_ANSWER
         assert_hello(hello)
+        # At once: far from the deadline, or any timeout (slack for a busy machine).
+        assert elapsed < 2.0, elapsed
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_handshake_to_octoplex_plain_listener(daemon: Watched) -> None:
+    """
+    https:// to an Octoplex plain listener (the daemon's own) fails at once
+    with kind tls: the listener refuses a TLS hello as soon as it arrives
+    rather than waiting --header-timeout for a request line's end.
+    """
+    plain = daemon.url.replace("http://", "https://", 1) + "/healthz"
+    started = time.monotonic()
+    fault, hello = await daemon.multiplex(plain, daemon.hello, timeout_msec=30_000)
+    elapsed = time.monotonic() - started
+    assert failure(fault, "tls") == PLAIN_ANSWER
+    assert_hello(hello)
+    # Not --header-timeout (10 s) later: at once (slack for a busy machine).
+    assert elapsed < 2.0, elapsed
+    await daemon.check_recovered()
 
 
 @pytest_twisted.ensureDeferred

@@ -203,6 +203,42 @@ async def test_malformed_request_gets_400(
 
 
 @pytest_twisted.ensureDeferred
+async def test_tls_hello_on_the_plain_listener_gets_400_at_once(
+    limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller
+) -> None:
+    """
+    A TLS ClientHello (or any head that no method can begin) is refused at
+    its first byte with 400 naming what arrived, not left waiting for a
+    line end until --header-timeout; the daemon serves on.
+    """
+    octoplex = limited(header_timeout=30.0)
+    # A TLS record header and the start of a ClientHello: no line end in it.
+    hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(32, 64))
+    raw, closed_after = await deferToThread(talk, port_of(octoplex), [hello])
+    status, _, document = parse(raw)
+    assert status == 400
+    assert document["error"] == (
+        "a TLS handshake arrived on a plain HTTP listener: call it with http://, "
+        "or call an HTTPS listener (--listen-tls) with https://"
+    )
+    assert closed_after < LINGER + 2.0
+    raw, _ = await deferToThread(talk, port_of(octoplex), [b"\x00\x01binary"])
+    status, _, document = parse(raw)
+    assert status == 400
+    assert document["error"] == (
+        "a request line cannot begin with b'\\x00': it must begin with a method (RFC 9112)"
+    )
+    # An empty line before the request line is still allowed (RFC 9112 section 2.2).
+    raw, _ = await deferToThread(
+        talk,
+        port_of(octoplex),
+        [b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"],
+    )
+    assert raw.startswith(b"HTTP/1.1 200 "), raw
+    await still_serves(octoplex, upstream, caller)
+
+
+@pytest_twisted.ensureDeferred
 async def test_obsolete_line_folding_gets_400(
     limited: Callable[..., Octoplex], upstream: Upstream, caller: Caller
 ) -> None:
