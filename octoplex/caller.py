@@ -1104,6 +1104,12 @@ def _post_blocking(
                 response.reason,
             )
         return read(response)
+    except http.client.HTTPException as e:
+        if isinstance(e, OSError):
+            # RemoteDisconnected: the connection was reset or closed.
+            raise
+        # Not HTTP, or cut short (IncompleteRead): no answer either way.
+        raise BadAnswer(f"the answer from {url} is not whole HTTP: {e!r}") from e
     finally:
         connection.close()
 
