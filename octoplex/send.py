@@ -136,7 +136,7 @@ def _load(path: str, stdin: TextIO) -> Batch:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read the batch file {name}: {e}") from None
+        raise ValueError(f"the batch file {name} cannot be read: {e}") from None
     try:
         document = json.loads(text)
     except ValueError as e:
