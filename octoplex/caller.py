@@ -804,6 +804,13 @@ class Outcome:
         else:
             body = content.encode("utf-8", "surrogatepass")
         header_list = _get(value, "header_list", list, where)
+        if header_list is not None and not all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
+            for pair in header_list
+        ):
+            raise BadAnswer(
+                f"Success.header_list is not [name, value] pairs: {_quote(header_list)}"
+            )
         return cls(
             status=status,
             headers=headers,

@@ -418,6 +418,7 @@ def test_a_streamed_line_parses_with_its_index_and_newer_fields_are_ignored() ->
         {"Success": {"headers": {}, "status": 200, "duration_msec": 1}},
         {"Success": {"headers": {}, "status": "200", "content": "", "duration_msec": 1}},
         {"Failure": {"kind": "connect", "duration_msec": 1}},
+        {"Success": {**_BINARY["Success"], "header_list": [["Set-Cookie"]]}},
         {"Failure": {"error": "e", "kind": "connect", "duration_msec": True}},
     ],
 )
