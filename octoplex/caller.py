@@ -20,10 +20,11 @@ Importing this module imports neither Twisted nor treq: the Twisted
 functions import them (through :mod:`octoplex._caller_twisted`) when
 called, so that a script on the blocking path stays light.
 
-The objects check what the wire format holds every daemon to (types, a
-method that is a token, ids unique and at most :data:`MAX_ID_LENGTH`
-characters, retry bounds): a batch that breaks those rules is refused
-whole, so it is refused here, before it is sent.  A daemon's own limits
+The objects check, when they are built, what the wire format holds every
+daemon to: the types, ids unique and at most :data:`MAX_ID_LENGTH`
+characters, the retry bounds, a ``base_uri`` with a scheme and host (the
+daemon refuses a batch that breaks one whole), and a method that is an HTTP
+token (the daemon would fail that request alone).  A daemon's own limits
 (``--max-batch-size``, ``--max-timeout-msec`` ...) are its to enforce.
 """
 
@@ -420,8 +421,8 @@ class Defaults:
         _check_body("Defaults.body", self.body)
         if self.base_uri is not None:
             _check_str("Defaults.base_uri", self.base_uri)
-            scheme = urllib.parse.urlsplit(self.base_uri).scheme.lower()
-            if scheme not in ("http", "https"):
+            parts = urllib.parse.urlsplit(self.base_uri)
+            if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
                 raise ValueError(
                     f"Defaults.base_uri {_quote(self.base_uri)} must be an absolute http:// "
                     "or https:// URI"

@@ -283,6 +283,7 @@ def test_every_batch_it_builds_is_one_the_daemon_takes(batch: Batch) -> None:
         (lambda: Retry(1), ValueError, "retries nothing"),
         (lambda: Defaults(base_uri="ftp://a/"), ValueError, "absolute http:// or https://"),
         (lambda: Defaults(base_uri="/v1/"), ValueError, "absolute http:// or https://"),
+        (lambda: Defaults(base_uri="http:///v1/"), ValueError, "absolute http:// or https://"),
     ],
 )
 def test_values_the_format_refuses_are_refused_when_built(
