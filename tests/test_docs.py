@@ -5,8 +5,9 @@ The documentation: ``README.md`` and ``docs/*.md``.
   file, has its row in ``docs/configuration.md``'s table, with the right key
   and default, and no row names an option that does not exist;
 - every relative link, and every anchor (``page.md#anchor``, ``#anchor``),
-  resolves: the file exists and the anchor is a heading's, by GitHub's slug
-  rules; absolute ``http(s)`` links are not fetched;
+  in those pages and the READMEs of ``bench/`` and ``deploy/``, resolves:
+  the file exists and the anchor is a heading's, by GitHub's slug rules;
+  absolute ``http(s)`` links are not fetched;
 - each page of ``docs/`` opens with a table of contents of its ``##`` and
   ``###`` headings;
 - the README gives the test command that CI runs, verbatim.
@@ -31,7 +32,14 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 CONFIGURATION = DOCS / "configuration.md"
-PAGES = [README, *sorted(DOCS.glob("*.md"))]
+#: The pages whose links are checked: the README, docs/, and the READMEs of
+#: bench/ and deploy/, which link into docs/.
+PAGES = [
+    README,
+    *sorted(DOCS.glob("*.md")),
+    *sorted((ROOT / "bench").glob("*.md")),
+    *sorted((ROOT / "deploy").rglob("*.md")),
+]
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -249,7 +257,7 @@ def test_broken_links_are_reported(tmp_path: Path) -> None:
     ], problems
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
 def test_links_resolve(page: Path) -> None:
     """Every relative link and anchor of the page points at a file and heading that exist."""
     assert broken_links(page) == []
