@@ -44,9 +44,9 @@ _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: What is refused unless allowed, and why, most specific first so that the
 #: reason names the narrowest range.  It follows the IANA IPv4 and IPv6
-#: Special-Purpose Address Registries (RFC 6890), entry by entry; README.md
-#: ("Egress policy") lists each entry, and those left allowed, with the
-#: reason.
+#: Special-Purpose Address Registries (RFC 6890), entry by entry;
+#: docs/security.md ("Egress policy") lists each entry, and those left
+#: allowed, with the reason.
 DEFAULT_BLOCKED: tuple[tuple[str, str], ...] = (
     ("169.254.169.254/32", "a cloud metadata address"),
     ("100.100.100.200/32", "a cloud metadata address"),

@@ -162,7 +162,7 @@ def cause(failure: Failure) -> str:
 
 
 #: The machine-readable ``kind`` of every ``Failure`` outcome: a stable,
-#: documented set (README, "Error kinds").
+#: documented set (docs/api.md, "Error kinds").
 KINDS = (
     "timeout",
     "queue_timeout",

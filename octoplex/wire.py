@@ -3,9 +3,9 @@ The version 1 wire format: the JSON the original (Rust) Octoplex spoke.
 
 This module turns a ``POST /multiplex`` body into a :class:`Batch` and turns
 outcomes back into the JSON shapes old clients expect.  It knows nothing of
-sockets or time.  ``shared/WIRE-FORMAT.md`` is the reference; the README
-documents the rules this module adds (which headers are dropped, how
-repeated response headers fold into one value).
+sockets or time.  ``shared/WIRE-FORMAT.md`` is the reference;
+``docs/api.md`` documents the rules this module adds (which headers are
+dropped, how repeated response headers fold into one value).
 
 Two kinds of problem are told apart, as in the original:
 

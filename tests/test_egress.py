@@ -160,7 +160,7 @@ def test_default_policy_refuses_internal_addresses(
         "::ffff:8.8.8.8",
         "64:ff9b::808:808",
         "2002:808:808::1",
-        # Globally reachable anycast services, left allowed (README.md).
+        # Globally reachable anycast services, left allowed (docs/security.md).
         "192.31.196.1",
         "192.52.193.1",
         "192.175.48.1",
@@ -208,9 +208,9 @@ def test_carried_addresses_under_allow_and_deny() -> None:
 
 
 def test_every_default_entry_is_documented() -> None:
-    """README.md's egress table names every default-blocked range."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Egress policy", 1)[1].split("\n## ", 1)[0]
+    """docs/security.md's egress table names every default-blocked range."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    section = page.split("\n## Egress policy\n", 1)[1].split("\n## ", 1)[0]
     for cidr, _ in DEFAULT_BLOCKED:
         network = ipaddress.ip_network(cidr)
         shown = str(network.network_address) if network.prefixlen == network.max_prefixlen else cidr

@@ -707,7 +707,7 @@ async def test_upstream_fault(daemon: Watched, name: str) -> None:
     fault, once (no retry on a fresh connection), and its connection closed.
 
     A response the HTTP parser rejects must read "upstream sent an invalid
-    HTTP response: ..." as the README promises, whichever layer of Twisted
+    HTTP response: ..." as docs/api.md promises, whichever layer of Twisted
     rejected it, and quote what was wrong.
     """
     behave, expected, kind = UPSTREAM_FAULTS[name]

@@ -23,7 +23,7 @@ GENERATED = ("multiplexer_pb2.py", "multiplexer_pb2.pyi", "multiplexer_pb2_grpc.
 
 
 def generate(into: Path) -> None:
-    """Run protoc, as README's "gRPC" section says to, writing under ``into``."""
+    """Run protoc, as docs/development.md says to, writing under ``into``."""
     target = into / PROTO.parent
     target.mkdir(parents=True)
     shutil.copy(ROOT / PROTO, target)
@@ -47,7 +47,7 @@ def test_committed_modules_match_the_proto(tmp_path: Path, name: str) -> None:
     fresh = (tmp_path / PROTO.parent / name).read_bytes()
     committed = (ROOT / PROTO.parent / name).read_bytes()
     assert fresh == committed, (
-        f"{PROTO.parent / name} does not match {PROTO}; regenerate it (README, gRPC)"
+        f"{PROTO.parent / name} does not match {PROTO}; regenerate it (docs/development.md)"
     )
 
 
