@@ -33,6 +33,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -48,6 +49,7 @@ __all__ = [
     "LocklessHistogram",
     "Metrics",
     "UpstreamMetrics",
+    "registry_stats",
     "render_json",
     "render_text",
 ]
@@ -439,6 +441,17 @@ class Metrics:
         self.batches_in_flight.set_function(batches)
         self.items_in_flight.set_function(items)
 
+    def watch_process(self) -> None:
+        """
+        Serve this process's own statistics too, read from ``/proc`` at each
+        scrape (Linux; none elsewhere), as every Prometheus client serves
+        them from its default registry, which the daemon does not use:
+        ``process_resident_memory_bytes``, ``process_start_time_seconds``,
+        ``process_cpu_seconds_total``, ``process_open_fds`` and their kin.
+        Call it once.
+        """
+        ProcessCollector(registry=self.registry)
+
     def watch_buffers(self, used: Callable[[], float], limit: Callable[[], float]) -> None:
         """
         Read the buffered bytes and their budget from these callables at
@@ -514,8 +527,15 @@ def stats(metrics: Metrics) -> dict[str, Any]:
     and samples, each sample its name, labels and value (``_created``
     timestamps left out).
     """
+    return registry_stats(metrics.registry)
+
+
+def registry_stats(registry: CollectorRegistry) -> dict[str, Any]:
+    """
+    :func:`stats` of any registry (the master's own, see :mod:`octoplex.totals`).
+    """
     document: dict[str, Any] = {}
-    for family in metrics.registry.collect():
+    for family in registry.collect():
         document[family.name] = {
             "type": family.type,
             "help": family.documentation,

@@ -1119,8 +1119,10 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         master.logs = options.get("logs")
         return master
     limits = limits_of(options)
-    # One registry per daemon, never prometheus_client's global one.
+    # One registry per daemon, never prometheus_client's global one; so
+    # the process's own statistics (memory, start time) are added to it.
     metrics = Metrics()
+    metrics.watch_process()
     pool = PoolSettings(
         max_idle_per_host=options["pool-max-idle-per-host"],
         idle_timeout=options["pool-idle-timeout"],

@@ -9,6 +9,13 @@ A worker that does not answer (one just restarting) is left out of that
 scrape; ``octoplex_workers_scraped`` says how many answered.  A restarted
 worker's counters start from zero, so a total can drop: Prometheus'
 ``rate()`` treats that as a counter reset.
+
+The master adds its own registry: its ``octoplex_worker_restarts_total``,
+and its ``process_*`` statistics, summed with the workers' (resident
+memory, CPU time and open files add up over the daemon's processes), but
+for the facts of one process that do not add up (:data:`MASTER_ONLY`):
+there the master's stands for the daemon's, so ``process_start_time_seconds``
+changes when the daemon restarts, not when a worker does.
 """
 
 from __future__ import annotations
@@ -19,16 +26,17 @@ from typing import Any, ClassVar
 
 import attr
 from klein import Klein
+from prometheus_client import CollectorRegistry
 from twisted.internet.defer import DeferredList
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 
-from octoplex.metrics import TEXT_CONTENT_TYPE
+from octoplex.metrics import TEXT_CONTENT_TYPE, registry_stats
 from octoplex.wire import JSON_CONTENT_TYPE
 
-__all__ = ["TotalsSite", "render_totals_text", "sum_stats"]
+__all__ = ["MASTER_ONLY", "TotalsSite", "master_totals", "render_totals_text", "sum_stats"]
 
 #: Seconds a worker has to answer a scrape.
 SCRAPE_TIMEOUT = 2.0
@@ -58,6 +66,25 @@ def sum_stats(documents: list[dict[str, Any]]) -> dict[str, Any]:
                     into["samples"].append(found)
                 if sample["value"] is not None and found["value"] is not None:
                     found["value"] += sample["value"]
+    return total
+
+
+#: The process statistics whose sum over processes means nothing: the
+#: master's own are served instead.
+MASTER_ONLY = ("process_start_time_seconds", "process_max_fds")
+
+
+def master_totals(workers: list[dict[str, Any]], master: dict[str, Any]) -> dict[str, Any]:
+    """
+    The master's statistics: the workers' ``/stats`` documents and the
+    master's own summed, but for the families of :data:`MASTER_ONLY`,
+    which are the master's alone.
+    """
+    total = sum_stats([*workers, master])
+    for family in MASTER_ONLY:
+        total.pop(family, None)
+        if family in master:
+            total[family] = master[family]
     return total
 
 
@@ -109,11 +136,13 @@ class TotalsApp:
     ``/metrics`` and ``/stats`` of the master: the workers' sums.
 
     :ivar sockets: the paths of the workers' statistics sockets.
+    :ivar own: the master's own registry (see :func:`master_totals`).
     """
 
     router: ClassVar[Klein] = Klein()
     reactor: Any
     sockets: list[str]
+    own: CollectorRegistry = attr.Factory(CollectorRegistry)
 
     async def _scrape(self) -> dict[str, Any]:
         pool = HTTPConnectionPool(self.reactor, persistent=False)
@@ -133,7 +162,7 @@ class TotalsApp:
             [Deferred.fromCoroutine(one(path)) for path in self.sockets], consumeErrors=True
         )
         documents = [value for ok, value in results if ok]
-        total = sum_stats(documents)
+        total = master_totals(documents, registry_stats(self.own))
         total["octoplex_workers_scraped"] = {
             "type": "gauge",
             "help": "Workers whose statistics this scrape summed.",
@@ -170,5 +199,8 @@ class TotalsSite(Site):
     noisy = False
     displayTracebacks = False
 
-    def __init__(self, reactor: Any, sockets: list[str]) -> None:
-        super().__init__(TotalsApp(reactor, sockets).router.resource(), reactor=reactor)
+    def __init__(
+        self, reactor: Any, sockets: list[str], own: CollectorRegistry | None = None
+    ) -> None:
+        app = TotalsApp(reactor, sockets, CollectorRegistry() if own is None else own)
+        super().__init__(app.router.resource(), reactor=reactor)

@@ -35,7 +35,8 @@ standard output or error (its whole log when no ``--log-file`` is given)
 the master relays, line by line, into its own log.
 
 Statistics: with ``--metrics-listen`` the master serves ``/metrics`` and
-``/stats`` there, the sums of every worker's (see :mod:`octoplex.totals`);
+``/stats`` there, the sums of every worker's (see :mod:`octoplex.totals`),
+with its own ``octoplex_worker_restarts_total`` and ``process_*``;
 each worker serves its own on a private UNIX socket in a temporary
 directory, given to it as ``--metrics-listen unix:PATH``.  Without it, each
 worker answers ``/metrics`` on the shared listeners with its own numbers.
@@ -58,6 +59,7 @@ import tempfile
 import threading
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, ProcessCollector
 from twisted.application import strports
 from twisted.application.service import Service
 from twisted.internet import abstract, fdesc
@@ -321,11 +323,19 @@ class Master(Service):
         self._reactor_name: str | None = None
         if options["grpc-listen"] or options["grpc-listen-tls"]:
             self._reactor_name = "asyncio"
+        #: The master's own statistics, served with the workers' sums.
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.restarts = Counter(
+            "octoplex_worker_restarts",
+            "Workers that exited while the daemon ran, each started again after a delay.",
+            registry=self.registry,
+        )
         if options["metrics-listen"] is not None:
             _remove_orphaned_sockets()
             self._metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
             sockets = [os.path.join(self._metrics_dir, f"worker-{i}.sock") for i in range(count)]
-            site = TotalsSite(reactor, sockets)
+            site = TotalsSite(reactor, sockets, self.registry)
             self._metrics = strports.service(options["metrics-listen"], site, reactor=reactor)
 
     def _socket(self, worker_id: int) -> str | None:
@@ -532,6 +542,7 @@ class Master(Service):
             self._delay[worker_id] = BACKOFF_FIRST
         delay = self._delay[worker_id]
         self._delay[worker_id] = min(delay * 2, BACKOFF_MAX)
+        self.restarts.inc()
         self.log.warn(
             "worker {worker_id} (pid {pid}) exited after {lived:.1f} s: {status}; "
             "restarting it in {delay:g} s",

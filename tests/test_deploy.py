@@ -17,11 +17,15 @@ built or run there.  These tests tie them to what CI does run instead:
 - the YAML parses, and the Kubernetes probes, ports and autoscaler point
   where they should;
 - the grace periods, ports, user, log paths and WireMock version agree from
-  file to file and with the test suite.
+  file to file and with the test suite;
+- compose's Prometheus, Grafana and example traffic use the files CI checks
+  (deploy/prometheus, deploy/grafana, deploy/traffic.py; see also
+  tests/test_dashboard.py) and reach Octoplex where it listens.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import json
 import re
@@ -51,6 +55,9 @@ COMPOSE = ROOT / "docker-compose.yml"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 SYSTEMD_UNIT = ROOT / "etc" / "octoplex.service"
 LOGROTATE = ROOT / "etc" / "logrotate.d" / "octoplex"
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+GRAFANA = ROOT / "deploy" / "grafana"
+TRAFFIC = ROOT / "deploy" / "traffic.py"
 
 #: Where the image and the systemd unit install Octoplex; the quick start's is
 #: ``venv`` in the current directory.
@@ -394,21 +401,133 @@ def test_every_yaml_file_parses() -> None:
         assert load_yaml(path), f"{path} is empty"
 
 
+def compose_metrics_port() -> int:
+    """
+    The port of compose's ``--metrics-listen tcp:PORT`` (on every interface
+    of the container: Prometheus reaches it over the compose network).
+    """
+    command = compose()["services"]["octoplex"]["command"]
+    kind, port = option_value(command, "--metrics-listen").split(":")
+    assert kind == "tcp", command
+    return int(port)
+
+
 def test_compose_runs_the_image_with_wiremock() -> None:
     """
     Compose runs the image's command plus --allow-egress for exactly its own
-    network, next to the WireMock version and stubs the test suite uses.
+    network and --metrics-listen for Prometheus, next to the WireMock version
+    and stubs the test suite uses.
     """
     services = compose()["services"]
     octoplex, wiremock = services["octoplex"], services["wiremock"]
     [subnet] = [entry["subnet"] for entry in compose()["networks"]["octoplex"]["ipam"]["config"]]
     assert ipaddress.ip_network(subnet).is_private
-    assert octoplex["command"] == [*image_command(), "--allow-egress", subnet]
+    metrics = f"tcp:{compose_metrics_port()}"
+    assert octoplex["command"] == [
+        *image_command(),
+        "--allow-egress",
+        subnet,
+        "--metrics-listen",
+        metrics,
+    ]
+    # The master of several workers keeps their statistics sockets in /tmp,
+    # on a read-only root filesystem.
+    assert octoplex["read_only"] is True
+    assert "/tmp" in octoplex["tmpfs"]
     assert octoplex["ports"] == [f"127.0.0.1:8080:{endpoint_port(image_command())}"]
     assert wiremock["image"] == f"wiremock/wiremock:{WIREMOCK_VERSION}"
     mount = f"./{WIREMOCK_ROOT_DIR.relative_to(ROOT).as_posix()}:/home/wiremock:ro"
     assert wiremock["volumes"] == [mount]
     assert (WIREMOCK_ROOT_DIR / "mappings").is_dir()
+
+
+def mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """
+    A compose service's bind mounts of this repository: container path to
+    the path here (each must exist).
+    """
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        assert source.startswith("./"), f"{volume}: a path of this repository"
+        path = ROOT / source
+        assert path.exists(), f"{volume}: {path} does not exist"
+        found[target] = path
+    return found
+
+
+def in_container(service: dict[str, Any], path: str) -> Path:
+    """The file of this repository that ``service`` sees at ``path``."""
+    for target, source in mounts(service).items():
+        if path == target or path.startswith(target.rstrip("/") + "/"):
+            return source / Path(path).relative_to(target)
+    raise AssertionError(f"{path} is not mounted from this repository: {service}")
+
+
+def test_compose_prometheus_scrapes_octoplex_with_the_rules() -> None:
+    """
+    Prometheus reads deploy/prometheus/prometheus.yml, which scrapes the
+    octoplex service's --metrics-listen port and loads deploy/prometheus/alerts.yml.
+    """
+    services = compose()["services"]
+    prometheus = services["prometheus"]
+    config_path = option_value(prometheus["command"], "--config.file")
+    config_file = in_container(prometheus, config_path)
+    assert config_file == PROMETHEUS / "prometheus.yml"
+    config = the_one(load_yaml(config_file), "document in prometheus.yml")
+    rules = [config_file.parent / name for name in config["rule_files"]]
+    assert rules == [PROMETHEUS / "alerts.yml"]
+    [job] = config["scrape_configs"]
+    [static] = job["static_configs"]
+    assert static["targets"] == [f"octoplex:{compose_metrics_port()}"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_compose_grafana_loads_the_dashboard_from_prometheus() -> None:
+    """
+    Grafana's provisioning (mounted from deploy/grafana/provisioning) points
+    its one data source at the prometheus service, and its dashboard provider
+    at the directory where deploy/grafana/octoplex.json is mounted.
+    """
+    services = compose()["services"]
+    grafana = services["grafana"]
+    provisioning = in_container(grafana, "/etc/grafana/provisioning")
+    assert provisioning == GRAFANA / "provisioning"
+    [datasources] = load_yaml(provisioning / "datasources" / "prometheus.yml")
+    [source] = datasources["datasources"]
+    assert (source["type"], source["url"]) == ("prometheus", "http://prometheus:9090")
+    assert "prometheus" in services
+    config = the_one(load_yaml(PROMETHEUS / "prometheus.yml"), "document in prometheus.yml")
+    assert source["jsonData"]["timeInterval"] == config["global"]["scrape_interval"]
+    [dashboards] = load_yaml(provisioning / "dashboards" / "octoplex.yml")
+    [provider] = dashboards["providers"]
+    folder = provider["options"]["path"]
+    assert in_container(grafana, f"{folder}/octoplex.json") == GRAFANA / "octoplex.json"
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert in_container(grafana, home) == GRAFANA / "octoplex.json"
+
+
+def test_compose_traffic_calls_octoplex_and_wiremock() -> None:
+    """
+    The traffic service runs deploy/traffic.py, bounded in time, against the
+    octoplex service's listener and WireMock; its command line parses.
+    """
+    services = compose()["services"]
+    traffic = services["traffic"]
+    assert traffic["image"] == services["octoplex"]["image"]
+    python, script, *arguments = traffic["command"]
+    assert python == "python", "the image's Python (its virtualenv is first on the PATH)"
+    assert in_container(traffic, script) == TRAFFIC
+    spec = importlib.util.spec_from_file_location("traffic", TRAFFIC)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    options = module.arguments().parse_args(arguments)
+    port = endpoint_port(services["octoplex"]["command"])
+    assert options.octoplex == f"http://octoplex:{port}"
+    assert options.upstream == "http://wiremock:8080"
+    assert 0 < options.duration <= 24 * 3600
+    assert traffic["restart"] == "no"
 
 
 def test_kubernetes_probes_and_ports() -> None:

@@ -7,7 +7,9 @@ bearer token guarding them, and the separate ``--metrics-listen`` listener.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import time
 from typing import Any
 
 import pytest_twisted
@@ -299,6 +301,43 @@ async def test_metrics_listen_serves_them_there_only(upstream: Upstream, caller:
         assert status == 404
     finally:
         await root.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_daemon_serves_its_process_statistics() -> None:
+    """
+    The daemon makeService builds serves its process's resident memory (as
+    /proc says), start time (before the test began) and CPU time, which a
+    memory panel and a restart alert need.
+    """
+    began = time.time()
+    side = _closed_port()
+    options = Options()
+    options.parseOptions(
+        [
+            "--workers",
+            "1",
+            "--listen",
+            f"tcp:{_closed_port()}:interface=127.0.0.1",
+            "--metrics-listen",
+            f"tcp:{side}:interface=127.0.0.1",
+        ]
+    )
+    root = makeService(options)
+    root.startService()
+    try:
+        status, _, text = await _get(f"http://127.0.0.1:{side}/metrics")
+    finally:
+        await root.stopService()
+    assert status == 200
+    samples = _samples(text)
+    with open(f"/proc/{os.getpid()}/status") as f:
+        (rss_kib,) = [int(line.split()[1]) for line in f if line.startswith("VmRSS:")]
+    resident = _value(samples, "process_resident_memory_bytes")
+    assert 0.5 * rss_kib * 1024 < resident < 2 * rss_kib * 1024, (resident, rss_kib)
+    started = _value(samples, "process_start_time_seconds")
+    assert began - 24 * 3600 < started <= began, (started, began)
+    assert _value(samples, "process_cpu_seconds_total") > 0
 
 
 def test_lockless_metrics_expose_what_prometheus_client_exposes() -> None:

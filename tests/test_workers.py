@@ -24,9 +24,9 @@ from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from octoplex.metrics import Metrics, render_text, stats
+from octoplex.metrics import Metrics, registry_stats, render_text, stats
 from octoplex.tap import Options
-from octoplex.totals import render_totals_text, sum_stats
+from octoplex.totals import master_totals, render_totals_text, sum_stats
 from octoplex.workers import Master, _remove_orphaned_sockets, usable_cpus, worker_argv
 
 from .servers import Caller, start_upstream, wait_until
@@ -171,6 +171,7 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
             assert status == 200
             assert b'octoplex_batches_total{status="200"} 6.0\n' in text
             assert b"octoplex_workers_scraped 2.0\n" in text
+            assert b"octoplex_worker_restarts_total 0.0\n" in text
             # Workers serve no /metrics of their own on --listen.
             status, _, _ = await within(10.0, caller.get(url + "/metrics"))
             assert status == 404
@@ -191,6 +192,21 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
             assert replaced is not None, "worker 0 was not replaced"
             pids.append(replaced)
             assert not alive(first[0])
+            # The master counts the restart; its start time is the daemon's.
+            status, _, text = await within(10.0, caller.get(metrics_url + "/metrics"))
+            assert status == 200
+            assert b"octoplex_worker_restarts_total 1.0\n" in text
+            with open(f"/proc/{process.pid}/stat") as f:
+                ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+            with open("/proc/stat") as f:
+                (boot,) = [int(line.split()[1]) for line in f if line.startswith("btime ")]
+            started = boot + ticks / os.sysconf("SC_CLK_TCK")
+            samples = {
+                s.name: s.value
+                for family in text_string_to_metric_families(text.decode())
+                for s in family.samples
+            }
+            assert samples["process_start_time_seconds"] == pytest.approx(started, abs=0.02)
 
             process.send_signal(signal.SIGHUP)
             await wait_until(
@@ -416,6 +432,7 @@ def test_a_dead_worker_is_restarted_with_backoff() -> None:
         reactor.advance(delays[-1])
         assert master.workers[0] is not protocol
     assert delays == [1, 2, 4, 8, 16, 30, 30]
+    assert master.registry.get_sample_value("octoplex_worker_restarts_total") == 7
     reactor.advance(60)
     master.workers[0].processEnded(Failure(ProcessTerminated(exitCode=None, signal=9)))
     (call,) = reactor.getDelayedCalls()
@@ -562,3 +579,31 @@ def test_summed_statistics() -> None:
     ]["samples"]
     (in_flight,) = two["octoplex_items_in_flight"]["samples"]
     assert in_flight["value"] == 6
+
+
+def test_the_master_adds_its_own_statistics() -> None:
+    """The master's process statistics add to its workers' but for its start time and fd limit,
+    which are its own; its restart count is served."""
+    workers = []
+    for _ in range(2):
+        metrics = Metrics()
+        metrics.watch_process()
+        workers.append(stats(metrics))
+    master = Master(parse("--listen", "tcp:0", "--workers", "2"), _FakeReactor(), 2)
+    own = registry_stats(master.registry)
+    total = master_totals(workers, own)
+
+    def value(document: dict[str, Any], family: str) -> float:
+        (sample,) = document[family]["samples"]
+        return float(sample["value"])
+
+    assert value(total, "process_resident_memory_bytes") == sum(
+        value(document, "process_resident_memory_bytes") for document in [*workers, own]
+    )
+    for family in ("process_start_time_seconds", "process_max_fds"):
+        assert total[family] == own[family]
+    assert value(total, "octoplex_worker_restarts") == 0
+    assert value(total, "octoplex_batches_shed") == 0
+    text = render_totals_text(total).decode()
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert {"octoplex_worker_restarts_total", "process_cpu_seconds_total"} <= names
