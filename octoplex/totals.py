@@ -6,9 +6,12 @@ samples with the same name and labels.  Every Octoplex metric is a counter,
 a histogram or an in-flight gauge, so the sum is the daemon's total.
 
 A worker that does not answer (one just restarting) is left out of that
-scrape; ``octoplex_workers_scraped`` says how many answered.  A restarted
-worker's counters start from zero, so a total can drop: Prometheus'
-``rate()`` treats that as a counter reset.
+scrape; ``octoplex_workers_scraped`` says how many answered.  Its counters
+and histograms are not: what a worker last reported stays in the sums while
+it does not answer, and what a worker counted before it died is carried
+into every later sum (:class:`Carried`), so that a total never drops when
+a worker restarts (``rate()`` would read the drop as a counter reset, and
+every rate would spike).  Its gauges (in-flight counts, memory) go with it.
 
 The master adds its own registry: its ``octoplex_worker_restarts_total``,
 and its ``process_*`` statistics, summed with the workers' (resident
@@ -36,7 +39,14 @@ from twisted.web.server import Site
 from octoplex.metrics import TEXT_CONTENT_TYPE, registry_stats
 from octoplex.wire import JSON_CONTENT_TYPE
 
-__all__ = ["MASTER_ONLY", "TotalsSite", "master_totals", "render_totals_text", "sum_stats"]
+__all__ = [
+    "MASTER_ONLY",
+    "Carried",
+    "TotalsSite",
+    "master_totals",
+    "render_totals_text",
+    "sum_stats",
+]
 
 #: Seconds a worker has to answer a scrape.
 SCRAPE_TIMEOUT = 2.0
@@ -67,6 +77,77 @@ def sum_stats(documents: list[dict[str, Any]]) -> dict[str, Any]:
                 if sample["value"] is not None and found["value"] is not None:
                     found["value"] += sample["value"]
     return total
+
+
+#: The kinds of family whose samples only grow while a process lives.
+MONOTONIC = frozenset({"counter", "histogram"})
+
+
+def monotonic_part(document: dict[str, Any]) -> dict[str, Any]:
+    """
+    The counters and histograms of a ``/stats`` document.
+    """
+    return {family: entry for family, entry in document.items() if entry["type"] in MONOTONIC}
+
+
+def _start_time(document: dict[str, Any]) -> Any:
+    entry = document.get("process_start_time_seconds")
+    return entry["samples"][0]["value"] if entry and entry["samples"] else None
+
+
+def _dropped(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """
+    Whether a counter or histogram sample of ``after`` is below its value in
+    ``before``: a new process in the place of the old.
+    """
+    for family, entry in before.items():
+        now = {
+            (s["name"], tuple(sorted(s["labels"].items()))): s["value"]
+            for s in after.get(family, {}).get("samples", ())
+        }
+        for sample in entry["samples"]:
+            value = now.get((sample["name"], tuple(sorted(sample["labels"].items()))))
+            if value is not None and sample["value"] is not None and value < sample["value"]:
+                return True
+    return False
+
+
+@attr.s(auto_attribs=True)
+class Carried:
+    """
+    What each worker counted, kept so that the master's sums of counters
+    and histograms never drop: a worker that does not answer a scrape
+    counts as what it last reported, and one that died (a new process
+    answers from its socket: another start time, or a count gone down) has
+    its last counts added to every later sum.  Bounded by the workers'
+    families and label sets, whatever the number of restarts.
+    """
+
+    #: Per worker socket: the start time and the counters it last reported.
+    _last: dict[str, tuple[Any, dict[str, Any]]] = attr.Factory(dict)
+    #: The summed last counters of the worker processes that ended.
+    _ended: dict[str, Any] = attr.Factory(dict)
+
+    def documents(self, answers: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+        """
+        The documents to sum for one scrape, given each socket's answer
+        (None: no answer).
+        """
+        documents = []
+        for path, document in answers.items():
+            last = self._last.get(path)
+            if document is None:
+                if last is not None:
+                    documents.append(last[1])
+                continue
+            started, counts = _start_time(document), monotonic_part(document)
+            if last is not None and (started != last[0] or _dropped(last[1], counts)):
+                self._ended = sum_stats([self._ended, last[1]])
+            self._last[path] = (started, counts)
+            documents.append(document)
+        if self._ended:
+            documents.append(self._ended)
+        return documents
 
 
 #: The process statistics whose sum over processes means nothing: the
@@ -143,6 +224,7 @@ class TotalsApp:
     reactor: Any
     sockets: list[str]
     own: CollectorRegistry = attr.Factory(CollectorRegistry)
+    carried: Carried = attr.Factory(Carried)
 
     async def _scrape(self) -> dict[str, Any]:
         pool = HTTPConnectionPool(self.reactor, persistent=False)
@@ -161,14 +243,16 @@ class TotalsApp:
         results = await DeferredList(
             [Deferred.fromCoroutine(one(path)) for path in self.sockets], consumeErrors=True
         )
-        documents = [value for ok, value in results if ok]
-        total = master_totals(documents, registry_stats(self.own))
+        answers = {
+            path: value if ok else None
+            for path, (ok, value) in zip(self.sockets, results, strict=True)
+        }
+        scraped = sum(1 for answer in answers.values() if answer is not None)
+        total = master_totals(self.carried.documents(answers), registry_stats(self.own))
         total["octoplex_workers_scraped"] = {
             "type": "gauge",
             "help": "Workers whose statistics this scrape summed.",
-            "samples": [
-                {"name": "octoplex_workers_scraped", "labels": {}, "value": len(documents)}
-            ],
+            "samples": [{"name": "octoplex_workers_scraped", "labels": {}, "value": scraped}],
         }
         return total
 

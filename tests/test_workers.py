@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 
 from octoplex.metrics import Metrics, registry_stats, render_text, stats
 from octoplex.tap import Options
-from octoplex.totals import master_totals, render_totals_text, sum_stats
+from octoplex.totals import Carried, master_totals, render_totals_text, sum_stats
 from octoplex.workers import Master, _remove_orphaned_sockets, usable_cpus, worker_argv
 
 from .servers import Caller, start_upstream, wait_until
@@ -196,6 +196,8 @@ async def test_two_workers_serve_are_replaced_reload_and_drain(
             status, _, text = await within(10.0, caller.get(metrics_url + "/metrics"))
             assert status == 200
             assert b"octoplex_worker_restarts_total 1.0\n" in text
+            # What the dead worker counted (by the last scrape) stays in the sums.
+            assert b'octoplex_batches_total{status="200"} 6.0\n' in text
             with open(f"/proc/{process.pid}/stat") as f:
                 ticks = int(f.read().rsplit(")", 1)[1].split()[19])
             with open("/proc/stat") as f:
@@ -607,3 +609,46 @@ def test_the_master_adds_its_own_statistics() -> None:
     text = render_totals_text(total).decode()
     names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     assert {"octoplex_worker_restarts_total", "process_cpu_seconds_total"} <= names
+
+
+def test_the_sums_never_drop_when_a_worker_restarts() -> None:
+    """
+    A worker silent in a scrape counts as what it last reported, and a
+    dead worker's counts stay in every later sum: the master's counters
+    never drop. Gauges go with their worker.
+    """
+
+    def worker(batches: int, started: float) -> dict[str, Any]:
+        metrics = Metrics()
+        metrics.watch_process()
+        metrics.watch(lambda: 1, lambda: 3)
+        for _ in range(batches):
+            metrics.batch(200, 0.01, 1)
+        document = stats(metrics)
+        document["process_start_time_seconds"]["samples"][0]["value"] = started
+        return document
+
+    def value(total: dict[str, Any], family: str, name: str) -> float:
+        (sample,) = [s for s in total[family]["samples"] if s["name"] == name]
+        return float(sample["value"])
+
+    carried = Carried()
+    a, b = "worker-0.sock", "worker-1.sock"
+    scrapes = [
+        {a: worker(5, 100.0), b: worker(2, 100.0)},
+        # a is silent: its 5 stay.
+        {a: None, b: worker(3, 100.0)},
+        # a was replaced (another start time): 5 + 1 + 3.
+        {a: worker(1, 200.0), b: worker(3, 100.0)},
+        # b was replaced within the same clock tick: its count went down.
+        {a: worker(4, 200.0), b: worker(0, 100.0)},
+        {a: worker(4, 200.0), b: worker(2, 100.0)},
+    ]
+    totals = [sum_stats(carried.documents(answers)) for answers in scrapes]
+    batches = [value(t, "octoplex_batches", "octoplex_batches_total") for t in totals]
+    assert batches == [7, 8, 9, 12, 14]
+    # The histograms carry too; the in-flight gauge is the answering workers' alone.
+    counts = [value(t, "octoplex_batch_seconds", "octoplex_batch_seconds_count") for t in totals]
+    assert counts == batches
+    in_flight = [value(t, "octoplex_items_in_flight", "octoplex_items_in_flight") for t in totals]
+    assert in_flight == [6, 3, 6, 6, 6]
