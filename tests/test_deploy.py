@@ -25,6 +25,7 @@ built or run there.  These tests tie them to what CI does run instead:
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import ipaddress
 import json
@@ -371,10 +372,21 @@ def test_logrotate_rotates_the_units_logs() -> None:
     """logrotate rotates the files the unit logs to, and signals the unit's main process."""
     text = LOGROTATE.read_text(encoding="utf-8")
     lines = [line.strip() for line in text.splitlines() if not line.strip().startswith("#")]
-    head = the_one([line for line in lines if line.endswith("{")], "log file block")
+    start = the_one([i for i, line in enumerate(lines) if line.endswith("{")], "log file block")
+    # The block's paths may run over several lines before its "{".
+    first = max(i for i in range(start) if not lines[i]) + 1 if "" in lines[:start] else 0
+    paths = " ".join(lines[first : start + 1])[:-1].split()
     command = unit_command()
     logs = {option_value(command, "--log-file"), option_value(command, "--access-log")}
-    assert set(head[:-1].split()) == logs
+    # The master's files, and each worker's (the path suffixed .worker-I):
+    # every worker number of up to three digits, and never a rotated file.
+    assert logs <= set(paths)
+    for worker in ("0", "7", "15", "127"):
+        for log in logs:
+            assert any(fnmatch.fnmatchcase(f"{log}.worker-{worker}", p) for p in paths), worker
+    for rotated in (".worker-0-20261207", ".worker-0.1", ".worker-12.gz", ".1", "-20261207"):
+        for log in logs:
+            assert not any(fnmatch.fnmatchcase(log + rotated, p) for p in paths), rotated
     assert "copytruncate" not in lines
     script = text[text.index("postrotate") : text.index("endscript")]
     assert "kill -USR1" in script
