@@ -1,0 +1,426 @@
+"""
+Circuit breaking per upstream (``--circuit-breaking``): the state machine on
+a ``Clock`` (closed, open, half-open; what counts, the window, the probes,
+the back-off, the bounded table), then over real sockets through Octoplex's
+HTTP API and its gRPC API: a refused port opens its circuit and is then
+never dialled during the cool-down, a probe closes or reopens it, the rest
+of a batch is untouched, and the metrics and log events say so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attr
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from octoplex import circuits as circuits_module
+from octoplex.circuits import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    CircuitOpen,
+    Circuits,
+    CircuitSettings,
+    Ticket,
+)
+from octoplex.metrics import Metrics, render_text
+
+KEY = ("http", "127.0.0.1", 8081)
+OTHER = ("http", "127.0.0.1", 8082)
+
+#: Settings small enough to reason about: opens at 3 of 4 failing, or more.
+SMALL = CircuitSettings(
+    enabled=True,
+    failure_ratio=0.5,
+    min_requests=4,
+    window=10.0,
+    cooldown=5.0,
+    max_cooldown=20.0,
+    probes=1,
+)
+
+
+class Counted(Exception):
+    """A failure the test's judge counts against the upstream."""
+
+
+def judge(failure: Failure) -> str | None:
+    """Count :class:`Counted` only, by its message."""
+    return str(failure.value) if failure.check(Counted) else None
+
+
+def refused() -> Failure:
+    return Failure(Counted("connection refused by upstream"))
+
+
+def uncounted() -> Failure:
+    return Failure(ValueError("not the upstream's fault"))
+
+
+def make(settings: CircuitSettings = SMALL) -> tuple[Circuits, Clock, Metrics]:
+    clock = Clock()
+    metrics = Metrics()
+    return Circuits(clock, settings, metrics, judge), clock, metrics
+
+
+def fail_times(table: Circuits, count: int, key: Any = KEY) -> None:
+    for _ in range(count):
+        table.admit(key).failed(refused())
+
+
+def succeed_times(table: Circuits, count: int, key: Any = KEY) -> None:
+    for _ in range(count):
+        table.admit(key).answered(200)
+
+
+def rejected(table: Circuits, key: Any = KEY) -> CircuitOpen:
+    with pytest.raises(CircuitOpen) as caught:
+        table.admit(key)
+    return caught.value
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(render_text(metrics).decode()):
+        for sample in family.samples:
+            found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def test_opens_when_enough_requests_mostly_fail() -> None:
+    """The failure that brings the window to min_requests at the ratio opens the circuit."""
+    table, clock, _ = make()
+    fail_times(table, 3)
+    assert table.state(KEY) == CLOSED
+    fail_times(table, 1)
+    assert table.state(KEY) == OPEN
+    clock.advance(0.8)
+    error = rejected(table)
+    assert str(error) == (
+        "circuit to http://127.0.0.1:8081 is open: 4 of the 4 requests in the last 10 s "
+        "failed (connection refused by upstream); next probe in 4.2 s (--circuit-cooldown)"
+    )
+    assert error.upstream == "http://127.0.0.1:8081"
+
+
+def test_a_minority_of_failures_never_opens() -> None:
+    """Failures under the ratio keep it closed, however many there are."""
+    table, clock, _ = make()
+    for _ in range(50):
+        succeed_times(table, 2)
+        fail_times(table, 1)
+        clock.advance(0.05)
+    assert table.state(KEY) == CLOSED
+
+
+def test_too_few_requests_never_open() -> None:
+    """Every request failing is not enough below min_requests in the window."""
+    table, clock, _ = make()
+    for _ in range(10):
+        fail_times(table, 3)
+        # Past the window: the three are forgotten.
+        clock.advance(10.0)
+    assert table.state(KEY) == CLOSED
+
+
+def test_the_window_forgets_old_outcomes() -> None:
+    """Successes older than the window no longer dilute the failures."""
+    table, clock, _ = make()
+    succeed_times(table, 20)
+    clock.advance(5.0)
+    fail_times(table, 10)
+    assert table.state(KEY) == CLOSED
+    # The successes' bucket leaves the window; the failures' does not.
+    clock.advance(5.5)
+    fail_times(table, 1)
+    assert table.state(KEY) == OPEN
+
+
+def test_uncounted_failures_say_nothing() -> None:
+    """A failure the judge does not count, and a neutral end, count neither way."""
+    table, _, _ = make()
+    for _ in range(20):
+        table.admit(KEY).failed(uncounted())
+        table.admit(KEY).neutral()
+    fail_times(table, 4)
+    assert table.state(KEY) == OPEN
+
+
+def test_5xx_counts_only_when_asked() -> None:
+    """A 5xx answer is a success by default, a failure with count_5xx."""
+    table, _, _ = make()
+    for _ in range(10):
+        table.admit(KEY).answered(503)
+    assert table.state(KEY) == CLOSED
+    table, _, _ = make(attr.evolve(SMALL, count_5xx=True))
+    for _ in range(4):
+        table.admit(KEY).answered(503)
+    assert table.state(KEY) == OPEN
+    assert "failed (status 503)" in str(rejected(table))
+
+
+def test_half_open_lets_one_probe_through_and_its_success_closes() -> None:
+    """After the cool-down one probe goes; the rest fail at once; its success closes."""
+    table, clock, _ = make()
+    fail_times(table, 4)
+    clock.advance(4.9)
+    rejected(table)
+    clock.advance(0.1)
+    probe = table.admit(KEY)
+    assert table.state(KEY) == HALF_OPEN
+    error = rejected(table)
+    assert str(error).startswith(
+        "circuit to http://127.0.0.1:8081 is half-open: waiting for its probe request "
+        "(--circuit-probes 1); it opened because 4 of the 4 requests"
+    )
+    probe.answered(200)
+    assert table.state(KEY) == CLOSED
+    succeed_times(table, 5)
+    # The window starts empty: three failures are not enough again.
+    fail_times(table, 3)
+    assert table.state(KEY) == CLOSED
+
+
+def test_a_failed_probe_reopens_with_a_doubled_cooldown_up_to_the_most() -> None:
+    """Each failed probe doubles the cool-down, capped; closing resets it."""
+    table, clock, _ = make()
+    fail_times(table, 4)
+    waits = []
+    for _ in range(4):
+        clock.advance(30)
+        table.admit(KEY).failed(refused())
+        assert table.state(KEY) == OPEN
+        error = str(rejected(table))
+        waits.append(error.split("next probe in ")[1].split(" s")[0])
+    assert waits == ["10.0", "20.0", "20.0", "20.0"]
+    assert "is open: its probe request failed (connection refused by upstream)" in error
+    clock.advance(30)
+    table.admit(KEY).answered(200)
+    fail_times(table, 4)
+    assert str(rejected(table)).endswith("next probe in 5.0 s (--circuit-cooldown)")
+
+
+def test_a_probe_that_says_nothing_gives_its_turn_to_the_next() -> None:
+    """A probe cut short (neutral) lets the next request probe; the circuit stays half-open."""
+    table, clock, _ = make()
+    fail_times(table, 4)
+    clock.advance(5)
+    table.admit(KEY).neutral()
+    assert table.state(KEY) == HALF_OPEN
+    probe = table.admit(KEY)
+    rejected(table)
+    probe.answered(200)
+    assert table.state(KEY) == CLOSED
+
+
+def test_a_probe_out_for_a_whole_window_is_given_up() -> None:
+    """A probe that never ends stops blocking after a window; its late outcome is ignored."""
+    table, clock, _ = make()
+    fail_times(table, 4)
+    clock.advance(5)
+    lost = table.admit(KEY)
+    clock.advance(9.9)
+    rejected(table)
+    clock.advance(0.1)
+    probe = table.admit(KEY)
+    lost.failed(refused())
+    assert table.state(KEY) == HALF_OPEN
+    probe.answered(200)
+    assert table.state(KEY) == CLOSED
+
+
+def test_several_probes_must_all_succeed() -> None:
+    """With probes=3, three go through, a fourth waits, and all three must succeed."""
+    table, clock, _ = make(attr.evolve(SMALL, probes=3))
+    fail_times(table, 4)
+    clock.advance(5)
+    probes = [table.admit(KEY) for _ in range(3)]
+    rejected(table)
+    probes[0].answered(200)
+    probes[1].answered(200)
+    assert table.state(KEY) == HALF_OPEN
+    rejected(table)
+    probes[2].failed(refused())
+    assert table.state(KEY) == OPEN
+
+
+def test_outcomes_of_an_earlier_state_are_ignored() -> None:
+    """Requests let through while closed and ending after it opened change nothing."""
+    table, clock, _ = make()
+    late = [table.admit(KEY) for _ in range(5)]
+    fail_times(table, 4)
+    assert table.state(KEY) == OPEN
+    clock.advance(5)
+    probe = table.admit(KEY)
+    for ticket in late:
+        ticket.failed(refused())
+    assert table.state(KEY) == HALF_OPEN
+    probe.answered(200)
+    assert table.state(KEY) == CLOSED
+
+
+def test_a_ticket_counts_once() -> None:
+    """Only a ticket's first outcome counts."""
+    table, _, _ = make()
+    ticket = table.admit(KEY)
+    ticket.answered(200)
+    for _ in range(4):
+        ticket.failed(refused())
+    fail_times(table, 3)
+    # 3 failures of 4 outcomes: at the ratio, and at min_requests.
+    assert table.state(KEY) == OPEN
+
+
+def test_a_connection_finished_in_the_background_decides() -> None:
+    """Cut short while connecting: the connection's fate counts, not the cancellation."""
+    table, _, _ = make()
+    for _ in range(4):
+        ticket = table.admit(KEY)
+        ticket.connecting()
+        ticket.neutral()
+        ticket.failed(Failure(Counted("ignored: the connection decides")))
+        ticket.connect_given_up("connecting did not finish")
+    assert table.state(KEY) == OPEN
+    assert "failed (connecting did not finish)" in str(rejected(table))
+
+    table, _, _ = make()
+    for _ in range(4):
+        ticket = table.admit(KEY)
+        ticket.connecting()
+        ticket.connect_failed(refused())
+    assert table.state(KEY) == OPEN
+
+    table, _, _ = make()
+    for _ in range(8):
+        ticket = table.admit(KEY)
+        ticket.connecting()
+        ticket.connected()
+    fail_times(table, 3)
+    assert table.state(KEY) == CLOSED
+    for _ in range(8):
+        ticket = table.admit(KEY)
+        ticket.connecting()
+        ticket.connect_given_up(None)
+    fail_times(table, 4)
+    assert table.state(KEY) == CLOSED
+
+
+def test_hosts_are_judged_apart() -> None:
+    """One host's failures leave another's circuit closed."""
+    table, _, _ = make()
+    fail_times(table, 4)
+    succeed_times(table, 1, OTHER)
+    assert (table.state(KEY), table.state(OTHER)) == (OPEN, CLOSED)
+
+
+def test_the_table_is_bounded_and_forgets_idle_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the cap the least recently used closed circuit goes; prune drops idle hosts."""
+    monkeypatch.setattr(circuits_module, "MAX_CIRCUITS", 3)
+    table, clock, _ = make()
+    fail_times(table, 4)
+    for port in range(9000, 9005):
+        succeed_times(table, 1, ("http", "127.0.0.1", port))
+    assert len(table) == 3
+    # The open circuit was kept over the closed ones.
+    assert table.state(KEY) == OPEN
+    clock.advance(10)
+    assert table.prune() == 2
+    assert len(table) == 1
+    clock.advance(SMALL.max_cooldown)
+    assert table.prune() == 1
+    assert len(table) == 0
+
+
+def test_reconfigure_keeps_states_and_applies_thresholds() -> None:
+    """New settings keep an open circuit open; a new window empties the windows."""
+    table, _, _ = make()
+    fail_times(table, 4)
+    fail_times(table, 3, OTHER)
+    table.reconfigure(attr.evolve(SMALL, min_requests=3))
+    assert table.state(KEY) == OPEN
+    fail_times(table, 1, OTHER)
+    assert table.state(OTHER) == OPEN
+    third = ("http", "127.0.0.1", 8083)
+    fail_times(table, 2, third)
+    table.reconfigure(attr.evolve(SMALL, min_requests=3, window=20.0))
+    fail_times(table, 2, third)
+    assert table.state(third) == CLOSED
+    fail_times(table, 1, third)
+    assert table.state(third) == OPEN
+
+
+def test_metrics_count_openings_rejections_and_states() -> None:
+    """octoplex_circuit_state is one-hot per host; opened and rejected count per host."""
+    table, clock, metrics = make()
+    metrics.circuit_source = table.states
+    fail_times(table, 4)
+    succeed_times(table, 1, OTHER)
+    rejected(table)
+    rejected(table)
+    clock.advance(5)
+    table.admit(KEY).failed(refused())
+    found = samples(metrics)
+    host, other = "http://127.0.0.1:8081", "http://127.0.0.1:8082"
+
+    def value(name: str, **labels: str) -> float:
+        return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("octoplex_circuit_opened_total", host=host) == 2
+    assert value("octoplex_circuit_rejected_total", host=host) == 2
+    assert value("octoplex_circuit_rejected_total", host=other) == 0
+    states = {
+        (labels["host"], labels["state"]): v
+        for (name, pairs), v in found.items()
+        if name == "octoplex_circuit_state"
+        for labels in [dict(pairs)]
+    }
+    assert states == {
+        (host, "closed"): 0,
+        (host, "open"): 1,
+        (host, "half_open"): 0,
+        (other, "closed"): 1,
+        (other, "open"): 0,
+        (other, "half_open"): 0,
+    }
+
+
+def test_log_events_name_the_upstream_and_what_happened(log_events: list[dict[str, Any]]) -> None:
+    """Opened, half-open, reopened and closed are each one structured event."""
+    table, clock, _ = make()
+    fail_times(table, 4)
+    clock.advance(5)
+    table.admit(KEY).failed(refused())
+    clock.advance(10)
+    table.admit(KEY).answered(200)
+    events = [e for e in log_events if "circuit" in e and "upstream" in e]
+    assert [(e["circuit"], e["log_level"].name) for e in events] == [
+        ("opened", "warn"),
+        ("half_open", "info"),
+        ("reopened", "warn"),
+        ("half_open", "info"),
+        ("closed", "info"),
+    ]
+    assert all(e["upstream"] == "http://127.0.0.1:8081" for e in events)
+    opened = events[0]
+    assert (opened["failed"], opened["requests"], opened["cooldown"]) == (4, 4, 5.0)
+    assert opened["reason"] == "connection refused by upstream"
+    assert events[2]["cooldown"] == 10.0
+
+
+def test_ipv6_hosts_are_bracketed() -> None:
+    """An IPv6 upstream is named as in a URI."""
+    table, _, _ = make()
+    fail_times(table, 4, ("https", "::1", 8443))
+    assert str(rejected(table, ("https", "::1", 8443))).startswith("circuit to https://[::1]:8443 ")
+
+
+def test_tickets_are_small() -> None:
+    """A ticket holds four slots and no dict."""
+    table, _, _ = make()
+    ticket = table.admit(KEY)
+    assert isinstance(ticket, Ticket)
+    assert not hasattr(ticket, "__dict__")
