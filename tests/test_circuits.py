@@ -9,12 +9,19 @@ of a batch is untouched, and the metrics and log events say so.
 
 from __future__ import annotations
 
+import re
+import socket
+from pathlib import Path
 from typing import Any
 
 import attr
 import pytest
+import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.python import usage
 from twisted.python.failure import Failure
 
 from octoplex import circuits as circuits_module
@@ -27,7 +34,19 @@ from octoplex.circuits import (
     CircuitSettings,
     Ticket,
 )
+from octoplex.client import PoolSettings
 from octoplex.metrics import Metrics, render_text
+from octoplex.tap import Options, circuits_of, makeService
+
+from .servers import (
+    Caller,
+    Octoplex,
+    Upstream,
+    full_backlog,
+    start_octoplex,
+    start_upstream,
+    wait_until,
+)
 
 KEY = ("http", "127.0.0.1", 8081)
 OTHER = ("http", "127.0.0.1", 8082)
@@ -424,3 +443,326 @@ def test_tickets_are_small() -> None:
     ticket = table.admit(KEY)
     assert isinstance(ticket, Ticket)
     assert not hasattr(ticket, "__dict__")
+
+
+# Over real sockets: Octoplex's HTTP API, wired as the tap wires it.
+
+#: Seconds of the cool-down in the tests over sockets: far longer than a
+#: batch of failed-fast items takes, even on a loaded machine.
+COOLDOWN = 3.0
+
+LIVE = attr.evolve(SMALL, cooldown=COOLDOWN, max_cooldown=4 * COOLDOWN)
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 with nothing listening on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def batch(uris: list[str], timeout_msec: int = 3000) -> dict[str, Any]:
+    return {"timeout_msec": timeout_msec, "requests": [{"uri": uri} for uri in uris]}
+
+
+async def outcomes(
+    caller: Caller, server: Octoplex, uris: list[str], timeout_msec: int = 3000
+) -> list[dict[str, Any]]:
+    """Run a batch of GETs; each outcome's Success or Failure object, in order."""
+    status, _, body = await caller.post(server.url + "/multiplex", batch(uris, timeout_msec))
+    assert status == 200, body
+    return [outcome.get("Success") or outcome["Failure"] for outcome in body["responses"]]
+
+
+def kinds(items: list[dict[str, Any]]) -> list[str]:
+    return [item.get("kind", "success") for item in items]
+
+
+def key_of(url: str) -> tuple[str, str, int]:
+    host, port = url.removeprefix("http://").split("/")[0].rsplit(":", 1)
+    return ("http", host, int(port))
+
+
+def state_of(server: Octoplex, url: str) -> str:
+    circuits = server.client.circuits
+    assert circuits is not None
+    return circuits.state(key_of(url))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_port_opens_and_is_not_dialled_until_a_probe_closes_it(
+    upstream: Upstream, caller: Caller, log_events: list[dict[str, Any]]
+) -> None:
+    """
+    Refused requests open the circuit; then requests to the port fail at
+    once, none reaching the listener opened there meanwhile, the rest of
+    the batch untouched; after the cool-down exactly one probe goes, and
+    its success closes the circuit: traffic flows.  The metrics and the log
+    event say so.
+    """
+    port = closed_port()
+    dead = f"http://127.0.0.1:{port}/hello"
+    metrics = Metrics()
+    server = start_octoplex(metrics=metrics, circuits=LIVE)
+    listener = None
+    try:
+        assert kinds(await outcomes(caller, server, [dead] * 4)) == ["connect"] * 4
+        opened = reactor.seconds()
+        assert state_of(server, dead) == OPEN
+
+        # A listener that counts the connections it accepts, on that port.
+        listener = start_upstream(port)
+        items = await outcomes(caller, server, [dead, dead, upstream.url + "/hello", dead])
+        assert kinds(items) == ["circuit_open", "circuit_open", "success", "circuit_open"]
+        assert items[2]["content"] == "Hello world!"
+        for item in items[:2] + items[3:]:
+            assert item["error"].startswith(
+                f"circuit to http://127.0.0.1:{port} is open: 4 of the 4 requests in the "
+                "last 10 s failed (connection refused by upstream); next probe in "
+            ), item
+            assert item["error"].endswith(" s (--circuit-cooldown)")
+            assert item["duration_msec"] < 100
+        assert listener.site.connections == []
+        status, _, text = await caller.get(server.url + "/metrics")
+        assert status == 200
+
+        # After the cool-down, one probe: the first item; the rest wait.
+        await wait_until(lambda: reactor.seconds() >= opened + COOLDOWN, "the cool-down")
+        items = await outcomes(caller, server, [dead] * 3)
+        assert kinds(items) == ["success", "circuit_open", "circuit_open"]
+        assert items[1]["error"].startswith(
+            f"circuit to http://127.0.0.1:{port} is half-open: waiting for its probe request"
+        )
+        assert len(listener.site.connections) == 1
+        assert listener.resource.arrivals == ["/hello"]
+        assert state_of(server, dead) == CLOSED
+        assert kinds(await outcomes(caller, server, [dead] * 3)) == ["success"] * 3
+    finally:
+        await server.stop()
+        if listener is not None:
+            await listener.stop()
+
+    found = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    host = f"http://127.0.0.1:{port}"
+    assert found["octoplex_circuit_state", (("host", host), ("state", "open"))] == 1
+    assert found["octoplex_circuit_state", (("host", host), ("state", "closed"))] == 0
+    assert found["octoplex_circuit_opened_total", (("host", host),)] == 1
+    assert found["octoplex_circuit_rejected_total", (("host", host),)] == 3
+    items_key = ("octoplex_items_total", (("cause", "circuit_open"), ("outcome", "failure")))
+    assert found[items_key] == 3
+    events = [e for e in log_events if e.get("upstream") == host and "circuit" in e]
+    assert [e["circuit"] for e in events] == ["opened", "half_open", "closed"]
+    assert events[0]["reason"] == "connection refused by upstream"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_probe_reopens_for_longer(
+    caller: Caller, log_events: list[dict[str, Any]]
+) -> None:
+    """A probe that is refused again reopens the circuit, its cool-down doubled."""
+    dead = f"http://127.0.0.1:{closed_port()}/"
+    server = start_octoplex(circuits=LIVE)
+    try:
+        await outcomes(caller, server, [dead] * 4)
+        opened = reactor.seconds()
+        await wait_until(lambda: reactor.seconds() >= opened + COOLDOWN, "the cool-down")
+        items = await outcomes(caller, server, [dead] * 2)
+        assert kinds(items) == ["connect", "circuit_open"]
+        assert state_of(server, dead) == OPEN
+        (item,) = await outcomes(caller, server, [dead])
+    finally:
+        await server.stop()
+    assert item["kind"] == "circuit_open"
+    assert "is open: its probe request failed (connection refused by upstream)" in item["error"]
+    wait = float(item["error"].split("next probe in ")[1].split(" s")[0])
+    assert COOLDOWN < wait <= 2 * COOLDOWN
+    assert [e["circuit"] for e in log_events if "circuit" in e and "upstream" in e] == [
+        "opened",
+        "half_open",
+        "reopened",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_timeouts_open_it_and_then_cost_nothing(
+    upstream: Upstream, caller: Caller
+) -> None:
+    """
+    A port that never answers a SYN: its requests each wait out the connect
+    timeout, then, once the circuit is open, fail in no time while the
+    rest of the batch is answered.
+    """
+    server = start_octoplex(pool=PoolSettings(connect_timeout=0.3), circuits=LIVE)
+    try:
+        with full_backlog() as port:
+            hole = f"http://127.0.0.1:{port}/"
+            slow = await outcomes(caller, server, [hole] * 4)
+            fast = await outcomes(caller, server, [hole, hole, upstream.url + "/hello"])
+    finally:
+        await server.stop()
+    assert kinds(slow) == ["connect"] * 4
+    assert all(item["duration_msec"] >= 300 for item in slow), slow
+    assert kinds(fast) == ["circuit_open", "circuit_open", "success"]
+    assert "failed (connecting to upstream timed out)" in fast[0]["error"]
+    assert all(item["duration_msec"] < 100 for item in fast[:2]), fast
+
+
+@pytest_twisted.ensureDeferred
+async def test_connects_that_outlast_the_deadline_open_it(caller: Caller) -> None:
+    """
+    Requests cut short by their deadline while connecting say nothing
+    themselves; their connections, given up after --pool-connect-grace,
+    open the circuit.
+    """
+    server = start_octoplex(pool=PoolSettings(connect_grace=0.3), circuits=LIVE)
+    try:
+        with full_backlog() as port:
+            hole = f"http://127.0.0.1:{port}/"
+            cut = await outcomes(caller, server, [hole] * 4, timeout_msec=200)
+            assert state_of(server, hole) == CLOSED
+            await wait_until(lambda: state_of(server, hole) == OPEN, "the circuit to open")
+            (item,) = await outcomes(caller, server, [hole])
+    finally:
+        await server.stop()
+    assert kinds(cut) == ["timeout"] * 4
+    assert item["kind"] == "circuit_open"
+    assert (
+        "4 of the 4 requests in the last 10 s failed (connecting did not finish within the "
+        "deadline and 0.3 s more (--pool-connect-grace))"
+    ) in item["error"]
+
+
+class _Choosy(Protocol):
+    """
+    An upstream that answers ``/ok`` with 200 and resets the connection of
+    any other request, one request per connection.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        if data.startswith(b"GET /ok "):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n")
+            self.transport.write(b"\r\nok")
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_failing_a_minority_of_requests_never_opens(caller: Caller) -> None:
+    """One request in three reset, over and over: the circuit stays closed."""
+    factory = Factory.forProtocol(_Choosy)
+    factory.noisy = False
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    base = f"http://127.0.0.1:{port.getHost().port}"
+    server = start_octoplex(circuits=LIVE)
+    try:
+        seen = []
+        for _ in range(10):
+            seen += kinds(await outcomes(caller, server, [base + "/ok"] * 2))
+            seen += kinds(await outcomes(caller, server, [base + "/reset"]))
+        assert state_of(server, base) == CLOSED
+    finally:
+        await server.stop()
+        await port.stopListening()
+    assert seen == ["success", "success", "connection"] * 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_callers_deadline_cutting_slow_answers_does_not_open_it(
+    upstream: Upstream, caller: Caller
+) -> None:
+    """Requests cut short by their deadline while the upstream thinks count for nothing."""
+    server = start_octoplex(circuits=LIVE)
+    try:
+        for _ in range(3):
+            items = await outcomes(caller, server, [upstream.url + "/delay/3000"] * 4, 150)
+            assert kinds(items) == ["timeout"] * 4
+        assert state_of(server, upstream.url) == CLOSED
+        assert kinds(await outcomes(caller, server, [upstream.url + "/hello"])) == ["success"]
+    finally:
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_off_by_default(caller: Caller) -> None:
+    """With the default settings nothing is ever circuit_open, and the tap leaves it off."""
+    dead = f"http://127.0.0.1:{closed_port()}/"
+    server = start_octoplex()
+    try:
+        assert server.client.circuits is None
+        for _ in range(3):
+            assert kinds(await outcomes(caller, server, [dead] * 6)) == ["connect"] * 6
+    finally:
+        await server.stop()
+    options = Options(list)
+    options.parseOptions([])
+    assert circuits_of(options) == CircuitSettings()
+    assert not CircuitSettings().enabled
+
+
+def test_a_reload_turns_it_on_and_off(tmp_path: Path) -> None:
+    """SIGHUP's reload applies the [circuit] keys to the running client."""
+    config = tmp_path / "octoplex.toml"
+    config.write_text("[circuit]\nbreaking = 'on'\nmin_requests = 3\ncooldown = 2.5\n")
+    options = Options(list)
+    options.parseOptions(["--workers", "1", "--listen", "tcp:0", "--config", str(config)])
+    root: Any = makeService(options)
+    circuits = root.client.circuits
+    assert circuits is not None
+    assert (circuits.settings.min_requests, circuits.settings.cooldown) == (3, 2.5)
+    config.write_text("[circuit]\nbreaking = 'on'\nmin_requests = 7\n")
+    root.reload()
+    assert root.client.circuits is circuits
+    assert (circuits.settings.min_requests, circuits.settings.cooldown) == (7, 5.0)
+    config.write_text("")
+    root.reload()
+    assert root.client.circuits is None
+
+
+def test_bad_circuit_settings_are_usage_errors() -> None:
+    """A ratio out of range, a cool-down above its maximum, or not on/off stop start-up."""
+    for argv, message in [
+        (["--circuit-failure-ratio", "1.5"], "'1.5' must be above 0 and at most 1"),
+        (["--circuit-failure-ratio", "0"], "'0' must be above 0 and at most 1"),
+        (["--circuit-breaking", "yes"], "'yes' is neither on nor off"),
+        (["--circuit-cooldown", "90"], "--circuit-cooldown 90.0 is above --circuit-max-cooldown"),
+    ]:
+        with pytest.raises(usage.UsageError, match=re.escape(message)):
+            Options(list).parseOptions(argv)
+
+
+@pytest_twisted.ensureDeferred
+async def test_grpc_answers_kind_circuit_open(tmp_path: Path) -> None:
+    """Through the gRPC frontend, a request failed at once is KIND_CIRCUIT_OPEN."""
+    import grpc
+
+    from octoplex.v1 import multiplexer_pb2 as pb
+    from octoplex.v1 import multiplexer_pb2_grpc as pb_grpc
+
+    from .test_grpc import Daemon, call, wait_serving
+
+    dead = f"http://127.0.0.1:{closed_port()}/"
+    options = ["--circuit-breaking", "on", "--circuit-min-requests", "2"]
+    options += ["--circuit-cooldown", "60", "--circuit-max-cooldown", "60"]
+    daemon = Daemon(tmp_path, options, plain=True, tls=False)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{daemon.grpc_port}") as channel:
+            wait_serving(daemon, channel)
+            stub = pb_grpc.MultiplexerStub(channel)
+            request = pb.Batch(timeout_msec=3000, requests=[pb.Request(uri=dead)] * 2)
+            first = await call(stub.Multiplex, request, metadata=())
+            second = await call(stub.Multiplex, request, metadata=())
+    finally:
+        daemon.stop()
+    assert daemon.errors() == []
+    assert [o.failure.kind for o in first.outcomes] == [pb.KIND_CONNECT] * 2
+    assert [o.failure.kind for o in second.outcomes] == [pb.KIND_CIRCUIT_OPEN] * 2
+    assert second.outcomes[0].failure.error.startswith(
+        f"circuit to {dead.rstrip('/')} is open: 2 of the 2 requests"
+    )
+    opened = [e for e in daemon.events() if e.get("circuit") == "opened"]
+    assert [e["upstream"] for e in opened] == [dead.rstrip("/")]
