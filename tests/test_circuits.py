@@ -688,6 +688,27 @@ async def test_the_callers_deadline_cutting_slow_answers_does_not_open_it(
 
 
 @pytest_twisted.ensureDeferred
+async def test_requests_queued_for_a_connection_slot_count_too(
+    upstream: Upstream, caller: Caller
+) -> None:
+    """
+    Behind --pool-max-per-host 1, the queued requests' refusals count (the
+    circuit opens), and those still queued at their deadline count for
+    nothing.
+    """
+    dead = f"http://127.0.0.1:{closed_port()}/"
+    server = start_octoplex(pool=PoolSettings(max_per_host=1), circuits=LIVE)
+    try:
+        slow = await outcomes(caller, server, [upstream.url + "/delay/3000"] * 4, 150)
+        assert kinds(slow) == ["timeout"] + ["queue_timeout"] * 3
+        assert state_of(server, upstream.url) == CLOSED
+        assert kinds(await outcomes(caller, server, [dead] * 4)) == ["connect"] * 4
+        assert state_of(server, dead) == OPEN
+    finally:
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_off_by_default(caller: Caller) -> None:
     """With the default settings nothing is ever circuit_open, and the tap leaves it off."""
     dead = f"http://127.0.0.1:{closed_port()}/"
