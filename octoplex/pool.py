@@ -28,7 +28,8 @@ tests/test_private_api.py):
 - a connection still being opened (DNS, TCP, TLS) when its request is
   cancelled, by a batch deadline say, is finished in the background within
   ``connect_grace`` seconds and pooled for the next request, where Twisted
-  throws that work away;
+  throws that work away; how it went is told to the request's circuit
+  (:mod:`octoplex.circuits`), if circuit breaking is on;
 - its connections speak :class:`octoplex.http11.UpstreamProtocol` (one
   write per request, responses parsed by httptools) rather than Twisted's
   ``HTTP11ClientProtocol``, and each response head is held to
