@@ -12,7 +12,11 @@ What a multiplexer needs that treq does not give by default:
   replays it on later requests of *other callers*;
 - no redirects: a 3xx is the caller's answer, as in the original;
 - a body reader with a size cap that a deadline can cancel (:mod:`body`);
-- request bodies written in one go rather than through a cooperator.
+- request bodies written in one go rather than through a cooperator;
+- circuit breaking per upstream, when asked for (:mod:`circuits`): a
+  request to an upstream whose circuit is open fails at once, before any
+  queue, DNS lookup or connect, and every request let through tells its
+  circuit how it went.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ from zope.interface import implementer
 
 from octoplex.agent import UpstreamAgent
 from octoplex.body import BodyReader, ResponseBudget, reading
+from octoplex.circuits import COUNTED_CAUSES, CircuitOpen, Circuits, CircuitSettings, Ticket
 from octoplex.dns import CachingResolver, DNSSettings, nameservers
 from octoplex.egress import EgressPolicy
 from octoplex.endpoints import UpstreamEndpointFactory
+from octoplex.errors import cause, describe
 from octoplex.limits import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_COUNT
 from octoplex.metrics import Metrics
 from octoplex.pool import OctoplexPool
@@ -68,7 +74,8 @@ class QueueTimeout(Exception):
         )
 
 
-#: Seconds between the log events that count new connections per address.
+#: Seconds between the log events that count new connections per address
+#: (and between the passes that forget idle hosts' circuits).
 CONNECTION_REPORT_INTERVAL = 60.0
 
 #: Upstream hosts whose TLS context is kept.
@@ -273,6 +280,57 @@ def _cancel_fetch(fetch: Deferred[Any]) -> None:
     cast(_Fetch, fetch)._cancelled()
 
 
+class _GuardedFetch(_Fetch):
+    """
+    A :class:`_Fetch` let through its upstream's circuit: it tells its
+    circuit ticket how it went.
+    """
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        host: DeferredSemaphore,
+        key: Any,
+        overall: DeferredSemaphore,
+        budget: ResponseBudget | None,
+        timings: Timings | None,
+        ticket: Ticket,
+    ) -> None:
+        super().__init__(client, host, key, overall, budget, timings)
+        self._ticket = ticket
+
+    def _end(self, result: UpstreamResponse | Failure) -> None:
+        if isinstance(result, Failure):
+            self._ticket.failed(result)
+        else:
+            self._ticket.answered(result.status)
+        super()._end(result)
+
+    def _cancelled(self) -> None:
+        super()._cancelled()
+        # Cut short (a deadline, or the caller left): it says nothing of the
+        # upstream, unless the pool is finishing its connection, which then
+        # tells the ticket (the ticket ignores this).
+        self._ticket.neutral()
+
+
+def _judge(failure: Failure) -> str | None:
+    """
+    Why a request's failure counts against its upstream's circuit (a few
+    words, as its caller reads them), or ``None`` if it says nothing of the
+    upstream: a cancellation (the caller's deadline or departure), or a
+    cause outside :data:`~octoplex.circuits.COUNTED_CAUSES`.
+    """
+    if failure.check(CancelledError, QueueTimeout):
+        return None
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons and any(reason.check(CancelledError) for reason in reasons):
+        return None
+    if cause(failure) not in COUNTED_CAUSES:
+        return None
+    return describe(failure)
+
+
 class UpstreamClient(Service):
     """
     The service that owns the shared pool and client.
@@ -294,6 +352,7 @@ class UpstreamClient(Service):
     :param max_header_bytes: bytes allowed in its status line and headers.
     :param metrics: counts connections, the wait for one, egress refusals
         and body bytes; a fresh :class:`~octoplex.metrics.Metrics` by default.
+    :param circuits: circuit breaking per upstream; off by default.
     """
 
     name = "upstream-client"
@@ -310,6 +369,7 @@ class UpstreamClient(Service):
         max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         metrics: Metrics | None = None,
+        circuits: CircuitSettings | None = None,
     ) -> None:
         self._reactor = reactor
         self._metrics = metrics = Metrics() if metrics is None else metrics
@@ -346,7 +406,7 @@ class UpstreamClient(Service):
             EgressPolicy() if egress is None else egress,
             metrics,
         )
-        self._report = LoopingCall(self._report_connections)
+        self._report = LoopingCall(self._every_minute)
         self._report.clock = reactor
         self._agent = UpstreamAgent(self._pool, endpoints)
         self._http = HTTPClient(
@@ -356,6 +416,33 @@ class UpstreamClient(Service):
         )
         self._all = DeferredSemaphore(settings.max_total)
         self._hosts: dict[tuple[str, str, int | None], DeferredSemaphore] = {}
+        #: The circuits, if circuit breaking is on.
+        self._circuits: Circuits | None = None
+        self._circuit_settings = CircuitSettings()
+        self._set_circuits(CircuitSettings() if circuits is None else circuits)
+        metrics.circuit_source = self._circuit_states
+
+    def _set_circuits(self, settings: CircuitSettings) -> None:
+        """
+        Turn circuit breaking on or off, or change its settings; the
+        circuits' states stand while it stays on.
+        """
+        if not settings.enabled:
+            self._circuits = None
+        elif self._circuits is None:
+            self._circuits = Circuits(self._reactor, settings, self._metrics, _judge)
+        else:
+            self._circuits.reconfigure(settings)
+        self._circuit_settings = settings
+
+    def _circuit_states(self) -> Any:
+        circuits = self._circuits
+        return () if circuits is None else circuits.states()
+
+    @property
+    def circuits(self) -> Circuits | None:
+        """The circuits, if circuit breaking is on."""
+        return self._circuits
 
     def reconfigure(
         self,
@@ -363,12 +450,17 @@ class UpstreamClient(Service):
         max_header_count: int,
         max_header_bytes: int,
         egress: EgressPolicy,
+        circuits: CircuitSettings | None = None,
     ) -> None:
         """
-        Change the limits and the egress policy for the requests and
-        connections to come (a reload).  A new egress policy retires every
-        pooled connection, since each was checked when it was opened.
+        Change the limits, the egress policy and, if given, the circuit
+        breaking settings, for the requests and connections to come (a
+        reload).  A new egress policy retires every pooled connection, since
+        each was checked when it was opened.  Circuits keep their states
+        while circuit breaking stays on.
         """
+        if circuits is not None and circuits != self._circuit_settings:
+            self._set_circuits(circuits)
         self._max_response_bytes = max_response_bytes
         self._pool.head_limits = (max_header_count, max_header_bytes)
         if egress != self._endpoints.egress:
@@ -392,27 +484,43 @@ class UpstreamClient(Service):
         :return: a Deferred that fires with the response, or fails with why
             it could not be had.  Cancelling it closes the connection, at
             whatever stage the exchange is; cancelling it while it waits for
-            a connection fails it with :class:`QueueTimeout`.
+            a connection fails it with :class:`QueueTimeout`.  With circuit
+            breaking on, a request to an upstream whose circuit is open
+            fails at once with :class:`~octoplex.circuits.CircuitOpen`.
         """
         url = request.url
         key = (url.scheme, url.host, url.port)
+        ticket = None
+        if self._circuits is not None:
+            try:
+                ticket = self._circuits.admit(key)
+            except CircuitOpen as e:
+                return fail(e)
         host = self._hosts.get(key)
         if host is None:
             host = self._hosts[key] = DeferredSemaphore(self._settings.max_per_host)
         overall = self._all
         if not (host.tokens and not host.waiting and overall.tokens and not overall.waiting):
             # A cap is reached: wait in its queue, which a deadline cancels.
-            return Deferred.fromCoroutine(self._fetch(request, budget, host, key, timings))
+            return Deferred.fromCoroutine(self._fetch(request, budget, host, key, timings, ticket))
         # Both slots are free: take them at once, as acquire() would, without
         # a coroutine and its Deferreds (the usual case).
         host.tokens -= 1
         overall.tokens -= 1
         self._metrics.connection_wait.observe(0.0)
-        fetch = _Fetch(self, host, key, overall, budget, timings)
-        try:
-            sent = self._send(request, timings)
-        except Exception:
-            sent = fail()
+        fetch: _Fetch
+        if ticket is None:
+            fetch = _Fetch(self, host, key, overall, budget, timings)
+            try:
+                sent = self._send(request, timings)
+            except Exception:
+                sent = fail()
+        else:
+            fetch = _GuardedFetch(self, host, key, overall, budget, timings, ticket)
+            try:
+                sent = self._send_guarded(request, timings, ticket)
+            except Exception:
+                sent = fail()
         fetch.start(sent)
         return fetch
 
@@ -438,21 +546,33 @@ class UpstreamClient(Service):
         host: DeferredSemaphore,
         key: Any,
         timings: Timings | None,
+        ticket: Ticket | None = None,
     ) -> UpstreamResponse:
         url = request.url
         # A request queued here holds nothing; the holder's release later
         # forgets the host's entry once nothing is in flight or queued.
         queued = self._reactor.seconds()
-        await self._wait(host, f"{url.host}:{url.port}", self._settings.max_per_host)
-        overall = None
         try:
-            await self._wait(self._all, "any upstream", self._settings.max_total)
-            overall = self._all
-            self._metrics.connection_wait.observe(self._reactor.seconds() - queued)
-            response = await self._send(request, timings)
-            return await self._read(response, budget, timings)
-        finally:
-            self._release(host, key, overall)
+            await self._wait(host, f"{url.host}:{url.port}", self._settings.max_per_host)
+            overall = None
+            try:
+                await self._wait(self._all, "any upstream", self._settings.max_total)
+                overall = self._all
+                self._metrics.connection_wait.observe(self._reactor.seconds() - queued)
+                if ticket is None:
+                    response = await self._send(request, timings)
+                else:
+                    response = await self._send_guarded(request, timings, ticket)
+                result = await self._read(response, budget, timings)
+            finally:
+                self._release(host, key, overall)
+        except BaseException:
+            if ticket is not None:
+                ticket.failed(Failure())
+            raise
+        if ticket is not None:
+            ticket.answered(result.status)
+        return result
 
     def _released(
         self, host: DeferredSemaphore, key: Any, overall: DeferredSemaphore | None
@@ -486,6 +606,20 @@ class UpstreamClient(Service):
             return self._request(request)
         finally:
             self._agent.next_timings = None
+
+    def _send_guarded(
+        self, request: UpstreamRequest, timings: Timings | None, ticket: Ticket
+    ) -> Deferred[Any]:
+        """
+        :meth:`_send`, with the request's circuit ticket handed to the pool
+        for the connection it may open (treq passes nothing else along).
+        """
+        pool = self._pool
+        pool.ticket = ticket
+        try:
+            return self._send(request, timings)
+        finally:
+            pool.ticket = None
 
     def _request(self, request: UpstreamRequest) -> Deferred[Any]:
         return self._http.request(
@@ -556,6 +690,11 @@ class UpstreamClient(Service):
     def startService(self) -> None:
         super().startService()
         self._report.start(CONNECTION_REPORT_INTERVAL, now=False)
+
+    def _every_minute(self) -> None:
+        self._report_connections()
+        if self._circuits is not None:
+            self._circuits.prune()
 
     def _report_connections(self) -> None:
         opened = self._endpoints.take_opened()

@@ -119,6 +119,17 @@ KEYS: tuple[Key, ...] = tuple(
             "access_log", "access-log", "level", "log-level",
         ),
         *_keys("logging", "int", "max_bytes", "log-max-bytes", "keep", "log-keep"),
+        *_keys(
+            "circuit", "string", "breaking", "circuit-breaking", "count_5xx", "circuit-count-5xx",
+        ),
+        *_keys(
+            "circuit", "number", "failure_ratio", "circuit-failure-ratio",
+            "window", "circuit-window", "cooldown", "circuit-cooldown",
+            "max_cooldown", "circuit-max-cooldown",
+        ),
+        *_keys(
+            "circuit", "int", "min_requests", "circuit-min-requests", "probes", "circuit-probes",
+        ),
         *_keys("metrics", "string", "listen", "metrics-listen"),
         *_keys("grpc", "strings", "listen", "grpc-listen", "listen_tls", "grpc-listen-tls"),
     ]
@@ -138,7 +149,7 @@ RELOADABLE = frozenset(
         "log-level",
         "drain-delay",
         "drain-timeout",
-        *(key.option for key in KEYS if key.section == "limits"),
+        *(key.option for key in KEYS if key.section in ("limits", "circuit")),
     }
 )
 

@@ -24,6 +24,7 @@ from twisted.web.http import _MalformedChunkedDataError
 
 from octoplex.body import BadGzip, BodyTooLarge
 from octoplex.buffers import BuffersExhausted
+from octoplex.circuits import CircuitOpen
 from octoplex.egress import EgressRefused
 from octoplex.http11 import HeadTooLarge
 from octoplex.tls import CertificateRejected
@@ -93,7 +94,7 @@ def describe(failure: Failure) -> str:
     :return: a human-readable message.
     """
     value = failure.value
-    if isinstance(value, (BodyTooLarge, BuffersExhausted, BadGzip, EgressRefused)):
+    if isinstance(value, (BodyTooLarge, BuffersExhausted, BadGzip, EgressRefused, CircuitOpen)):
         return str(value)
     if isinstance(value, ResponseNeverReceived):
         return _lost(_cause(value.reasons), "before sending a response")
@@ -139,6 +140,8 @@ def cause(failure: Failure) -> str:
     value = failure.value
     if isinstance(value, EgressRefused):
         return "forbidden"
+    if isinstance(value, CircuitOpen):
+        return "circuit_open"
     if isinstance(value, (BodyTooLarge, BuffersExhausted)):
         return "too_large"
     if isinstance(value, BadGzip):
@@ -176,6 +179,7 @@ KINDS = (
     "protocol",
     "too_large",
     "internal",
+    "circuit_open",
 )
 
 # The statistics' causes that the wire names differently.

@@ -42,6 +42,7 @@ from prometheus_client.utils import floatToGoString
 
 __all__ = [
     "CAUSES",
+    "CIRCUIT_STATES",
     "LATENCY_BUCKETS",
     "MAX_HOSTS",
     "TEXT_CONTENT_TYPE",
@@ -79,8 +80,12 @@ CAUSES: dict[str, tuple[str, ...]] = {
         "cancelled",
         "internal",
         "other",
+        "circuit_open",
     ),
 }
+
+#: The ``state`` label of ``octoplex_circuit_state``.
+CIRCUIT_STATES = ("closed", "open", "half_open")
 
 TEXT_CONTENT_TYPE = CONTENT_TYPE_LATEST.encode("ascii")
 
@@ -239,6 +244,41 @@ class UpstreamMetrics:
         self.opened = metrics.connections_opened.labels(host)
         self.reused = metrics.connections_reused.labels(host)
         self.retired = metrics.connections_retired.labels(host)
+
+
+class _CircuitStates(Collector):
+    """
+    ``octoplex_circuit_state``, per host and state, read from the circuits
+    (``--circuit-breaking``) when the registry is collected: 1 for the state
+    a host's circuit is in, 0 for the others.  One series per state rather
+    than one gauge holding a state's number, so that the master's sum over
+    its workers (``--workers``) counts the workers whose circuit to a host
+    is in each state; under ``other``, the circuits in each state.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "octoplex_circuit_state",
+            "Circuits (--circuit-breaking) by upstream host and state: 1 for the state "
+            "each is in (closed, open, half_open), 0 for the others.",
+            labels=["host", "state"],
+        )
+        counts: dict[str, dict[str, int]] = {}
+        for host, state in self._metrics.circuit_source():
+            by_state = counts.get(host)
+            if by_state is None:
+                by_state = counts[host] = dict.fromkeys(CIRCUIT_STATES, 0)
+            by_state[state] += 1
+        for host, by_state in sorted(counts.items()):
+            for state, count in by_state.items():
+                family.add_metric([host, state], count)
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
 
 class _IdleConnections(Collector):
@@ -413,9 +453,27 @@ class Metrics:
             "Lookups sent to name servers (a miss answered from /etc/hosts sends none).",
             registry=registry,
         )
+        self.circuit_opened = LocklessCounter(
+            "octoplex_circuit_opened",
+            "Times a circuit (--circuit-breaking) opened, reopening after a failed probe "
+            "included, by upstream host.",
+            ["host"],
+            registry=registry,
+        )
+        self.circuit_rejected = LocklessCounter(
+            "octoplex_circuit_rejected",
+            "Requests failed at once (kind circuit_open) because their upstream's circuit "
+            "was open, by upstream host.",
+            ["host"],
+            registry=registry,
+        )
         #: Where the idle connections per pool key are read; the pool sets it.
         self.idle_source: Callable[[], Iterable[tuple[Hashable, int]]] = lambda: ()
         registry.register(_IdleConnections(self))
+        #: Where each circuit's host label and state are read; the upstream
+        #: client sets it.
+        self.circuit_source: Callable[[], Iterable[tuple[str, str]]] = lambda: ()
+        registry.register(_CircuitStates(self))
 
         # Bound once: the hot path only increments.
         self._batch_status: dict[int, Any] = {}

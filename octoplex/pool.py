@@ -28,7 +28,8 @@ tests/test_private_api.py):
 - a connection still being opened (DNS, TCP, TLS) when its request is
   cancelled, by a batch deadline say, is finished in the background within
   ``connect_grace`` seconds and pooled for the next request, where Twisted
-  throws that work away;
+  throws that work away; how it went is told to the request's circuit
+  (:mod:`octoplex.circuits`), if circuit breaking is on;
 - its connections speak :class:`octoplex.http11.UpstreamProtocol` (one
   write per request, responses parsed by httptools) rather than Twisted's
   ``HTTP11ClientProtocol``, and each response head is held to
@@ -43,6 +44,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.web._newclient import (
     RequestNotSent,
@@ -51,6 +53,7 @@ from twisted.web._newclient import (
 )
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
+from octoplex.circuits import Ticket
 from octoplex.http11 import HeadTooLarge, UpstreamProtocol
 from octoplex.metrics import Metrics
 
@@ -115,15 +118,19 @@ class _Opening:
     open, cancelling it cancels the request on the connection.
     """
 
-    __slots__ = ("_connecting", "_key", "_pool", "_protocol", "_request", "_wanted")
+    __slots__ = ("_connecting", "_key", "_pool", "_protocol", "_request", "_ticket", "_wanted")
 
-    def __init__(self, pool: OctoplexPool, key: Hashable, request: Any) -> None:
+    def __init__(
+        self, pool: OctoplexPool, key: Hashable, request: Any, ticket: Ticket | None
+    ) -> None:
         self._pool = pool
         self._key = key
         self._request = request
         self._connecting: Deferred[Any] | None = None
         self._protocol: Any = None
         self._wanted: Deferred[Any] | None = Deferred(self)
+        #: The circuit ticket of the request it opens for, if any.
+        self._ticket = ticket
 
     def __call__(self, wanted: Deferred[Any]) -> None:
         # The canceller of ``wanted``.
@@ -131,13 +138,18 @@ class _Opening:
             # What cancelling the request's Deferred on the connection does.
             self._protocol._cancel(wanted)
         elif self._connecting is not None:
+            if self._ticket is not None:
+                # The connection, finished in the background, will say how
+                # the upstream is.
+                self._ticket.connecting()
             self._pool._finish_unwanted(self._key, self._connecting)
 
     def opened(self, protocol: Any) -> None:
         pool, key, wanted, request = self._pool, self._key, self._wanted, self._request
+        ticket = self._ticket
         # It no longer needs the connect, and ``wanted`` (which holds this
         # as its canceller) no longer needs to be reached from here.
-        self._connecting = self._wanted = self._request = None
+        self._connecting = self._wanted = self._request = self._ticket = None
         assert wanted is not None
         protocol.key = key
         pool.opened += 1
@@ -146,6 +158,8 @@ class _Opening:
         protocol.generation = pool._generation
         if wanted.called:
             # Its request was cancelled while it opened: keep it warm.
+            if ticket is not None:
+                ticket.connected()
             if pool._closed:
                 protocol.transport.loseConnection()
                 return
@@ -162,10 +176,16 @@ class _Opening:
                     wanted.errback()
 
     def failed(self, failure: Any) -> None:
-        wanted = self._wanted
-        self._connecting = self._wanted = self._request = None
+        wanted, ticket = self._wanted, self._ticket
+        self._connecting = self._wanted = self._request = self._ticket = None
         if wanted is not None and not wanted.called:
             wanted.errback(failure)
+        elif ticket is not None:
+            # Its request was cancelled while it opened.
+            if failure.check(CancelledError, ConnectingCancelledError):
+                ticket.connect_given_up(self._pool._given_up())
+            else:
+                ticket.connect_failed(failure)
 
 
 class OctoplexPool(HTTPConnectionPool):
@@ -230,6 +250,12 @@ class OctoplexPool(HTTPConnectionPool):
         self.warmed = 0
         self._warming: set[Deferred[Any]] = set()
         self._closed = False
+        #: The circuit ticket (octoplex.circuits) of the request being sent,
+        #: set by the upstream client around its call to :meth:`request`
+        #: (treq passes nothing else along): a connection opened for that
+        #: request tells the ticket how it went if the request is cancelled
+        #: while it opens.
+        self.ticket: Ticket | None = None
         #: Idle connections, by key, least recently used first.
         self._connections: dict[Hashable, list[Any]] = {}
         #: The one timer that closes connections idle too long.
@@ -247,19 +273,41 @@ class OctoplexPool(HTTPConnectionPool):
         """
         return self._open(key, endpoint, None)
 
-    def _open(self, key: Hashable, endpoint: IStreamClientEndpoint, request: Any) -> Deferred[Any]:
+    def _open(
+        self,
+        key: Hashable,
+        endpoint: IStreamClientEndpoint,
+        request: Any,
+        ticket: Ticket | None = None,
+    ) -> Deferred[Any]:
         """
         Open a new connection for ``key`` through ``endpoint``: a Deferred
         that fires with its protocol, or, given a ``request``, with the
-        response to the request sent on it (see :class:`_Opening`).
+        response to the request sent on it (see :class:`_Opening`), telling
+        the request's circuit ``ticket``, if any, how the connection went
+        should the request be cancelled while it opens.
         """
-        opening = _Opening(self, key, request)
+        opening = _Opening(self, key, request, ticket)
         wanted = opening._wanted
         assert wanted is not None
         connecting: Deferred[Any] = endpoint.connect(self._shared_factory)
         opening._connecting = connecting
         connecting.addCallbacks(opening.opened, opening.failed)
         return wanted
+
+    def _given_up(self) -> str | None:
+        """
+        What a connection whose request was cancelled while it opened, and
+        which the pool then gave up on, says of its upstream (for circuit
+        breaking): that it did not open within the grace; nothing if the
+        pool gave it no grace, or gave it up on closing.
+        """
+        if self._closed or not self._connect_grace:
+            return None
+        return (
+            "connecting did not finish within the deadline and "
+            f"{self._connect_grace:g} s more (--pool-connect-grace)"
+        )
 
     def _finish_unwanted(self, key: Hashable, connecting: Deferred[Any]) -> None:
         """
@@ -310,7 +358,7 @@ class OctoplexPool(HTTPConnectionPool):
         """
         connection = self._take_idle(key)
         if connection is None:
-            return self._open(key, endpoint, request)
+            return self._open(key, endpoint, request, self.ticket)
         d: Deferred[Any] = connection.request(request)
         d.addErrback(self.retry, key, endpoint, request)
         return d

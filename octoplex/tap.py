@@ -37,6 +37,7 @@ from octoplex import __version__
 from octoplex.admission import Admission
 from octoplex.auth import TokenError, load_tokens
 from octoplex.buffers import BufferBudget, MemoryReturner, return_large_blocks
+from octoplex.circuits import CircuitSettings
 from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.config import RELOADABLE, ConfigError, read_config
 from octoplex.dns import CachingResolver, DNSSettings, nameservers, parse_nameserver
@@ -127,8 +128,31 @@ def _deny_or_allow(text: str) -> str:
 
 _deny_or_allow.coerceDoc = "deny or allow."  # type: ignore[attr-defined]
 
+
+def _on_off(text: str) -> str:
+    if text not in ("on", "off"):
+        raise ValueError(f"{text!r} is neither on nor off")
+    return text
+
+
+_on_off.coerceDoc = "on or off."  # type: ignore[attr-defined]
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"{text!r} must be above 0 and at most 1")
+    return value
+
+
+_ratio.coerceDoc = "Must be above 0 and at most 1."  # type: ignore[attr-defined]
+
 _whole_id.coerceDoc = "Must be a whole number, 0 or more."  # type: ignore[attr-defined]
 _LIMITS = Limits()
+_CIRCUITS = CircuitSettings()
 _seconds = _positive(float, "a number of seconds")
 
 
@@ -342,6 +366,63 @@ class Options(LogOptions):
             PoolSettings().connect_timeout,
             "Seconds a connection to an upstream may take to open.",
             _seconds,
+        ],
+        [
+            "circuit-breaking",
+            None,
+            "off",
+            "on: a request to an upstream that failed most of its recent requests "
+            "fails at once (circuit_open) for a cool-down, then a probe decides.",
+            _on_off,
+        ],
+        [
+            "circuit-failure-ratio",
+            None,
+            _CIRCUITS.failure_ratio,
+            "The share of failed requests in --circuit-window that opens a circuit.",
+            _ratio,
+        ],
+        [
+            "circuit-min-requests",
+            None,
+            _CIRCUITS.min_requests,
+            "Requests to an upstream in --circuit-window before its circuit can open.",
+            _count,
+        ],
+        [
+            "circuit-window",
+            None,
+            _CIRCUITS.window,
+            "Seconds of an upstream's recent outcomes that its circuit judges.",
+            _seconds,
+        ],
+        [
+            "circuit-cooldown",
+            None,
+            _CIRCUITS.cooldown,
+            "Seconds an opened circuit fails requests at once before a probe goes through.",
+            _seconds,
+        ],
+        [
+            "circuit-max-cooldown",
+            None,
+            _CIRCUITS.max_cooldown,
+            "The longest cool-down, which doubles after each failed probe.",
+            _seconds,
+        ],
+        [
+            "circuit-probes",
+            None,
+            _CIRCUITS.probes,
+            "Probe requests let through a half-open circuit; all must succeed to close it.",
+            _count,
+        ],
+        [
+            "circuit-count-5xx",
+            None,
+            "off",
+            "on: a 5xx answer counts as a failure of its upstream too.",
+            _on_off,
         ],
         [
             "dns-min-ttl",
@@ -787,6 +868,11 @@ class Options(LogOptions):
                 f"--max-client-requests-in-flight {self['max-client-requests-in-flight']}: "
                 "a full batch could never run"
             )
+        if self["circuit-cooldown"] > self["circuit-max-cooldown"]:
+            raise usage.UsageError(
+                f"--circuit-cooldown {self['circuit-cooldown']} is above "
+                f"--circuit-max-cooldown {self['circuit-max-cooldown']}"
+            )
         if self["dns-min-ttl"] > self["dns-max-ttl"]:
             raise usage.UsageError(
                 f"--dns-min-ttl {self['dns-min-ttl']} is above --dns-max-ttl {self['dns-max-ttl']}"
@@ -946,8 +1032,8 @@ class _Octoplex(MultiService):
     def reload(self) -> None:
         """
         Read the ``--config`` file (and the command line) again, and apply
-        what can change safely: limits, tokens, the egress policy, the log
-        level and the drain settings.  Other changed settings are logged as
+        what can change safely: limits, tokens, the egress policy, circuit
+        breaking, the log level and the drain settings.  Other changed settings are logged as
         needing a restart.  A file that does not check out changes nothing.
         """
         path = self.options["config"]
@@ -995,6 +1081,7 @@ class _Octoplex(MultiService):
             limits.max_header_count,
             limits.max_header_bytes,
             options["egress"],
+            circuits_of(options),
         )
         self.drain_timeout, self.drain_delay = options["drain-timeout"], options["drain-delay"]
         if self.logs is not None:
@@ -1101,6 +1188,22 @@ def limits_of(options: Options) -> Limits:
     )
 
 
+def circuits_of(options: Options) -> CircuitSettings:
+    """
+    The circuit breaking settings ``options`` set.
+    """
+    return CircuitSettings(
+        enabled=options["circuit-breaking"] == "on",
+        failure_ratio=options["circuit-failure-ratio"],
+        min_requests=options["circuit-min-requests"],
+        window=options["circuit-window"],
+        cooldown=options["circuit-cooldown"],
+        max_cooldown=options["circuit-max-cooldown"],
+        probes=options["circuit-probes"],
+        count_5xx=options["circuit-count-5xx"] == "on",
+    )
+
+
 def makeService(options: Options, reactor: Any | None = None) -> IService:
     """
     Build the daemon: the upstream client, the multiplexer, the app and its
@@ -1158,6 +1261,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         limits.max_header_count,
         limits.max_header_bytes,
         metrics,
+        circuits_of(options),
     )
     client.setServiceParent(root)
     buffers = BufferBudget(limits.max_buffered_bytes)

@@ -29,6 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from octoplex.auth import Tokens
+from octoplex.circuits import CircuitSettings
 from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.dns import CachingResolver, DNSSettings
 from octoplex.egress import EgressPolicy
@@ -247,13 +248,13 @@ class Upstream:
         return self.port.stopListening()
 
 
-def start_upstream() -> Upstream:
+def start_upstream(port_number: int = 0) -> Upstream:
     """
-    Start the scriptable upstream on 127.0.0.1.
+    Start the scriptable upstream on 127.0.0.1, on ``port_number`` if given.
     """
     resource = _Upstream()
     site = _CountingSite(resource)
-    port = global_reactor.listenTCP(0, site, interface="127.0.0.1")
+    port = global_reactor.listenTCP(port_number, site, interface="127.0.0.1")
     return Upstream(f"http://127.0.0.1:{port.getHost().port}", site, resource, port)
 
 
@@ -333,11 +334,13 @@ def start_octoplex(
     metrics: Metrics | None = None,
     tokens: Tokens | None = None,
     resolver: CachingResolver | None = None,
+    circuits: CircuitSettings | None = None,
 ) -> Octoplex:
     """
     Start Octoplex on 127.0.0.1, wired as the tap wires it; with
     ``metrics``, every piece counts in it; host names are dialled through
-    ``resolver``, by default one that answers only from /etc/hosts.
+    ``resolver``, by default one that answers only from /etc/hosts; with
+    ``circuits``, circuit breaking as they say (off by default).
     """
     limits = limits or Limits()
     metrics = Metrics() if metrics is None else metrics
@@ -351,6 +354,7 @@ def start_octoplex(
         limits.max_header_count,
         limits.max_header_bytes,
         metrics,
+        circuits,
     )
     client.startService()
     multiplexer = Multiplexer(global_reactor, client, limits.max_batch_response_bytes, metrics)

@@ -89,7 +89,7 @@ def test_command_line_wins(tmp_path: Path) -> None:
         ("[egress]\nallow = [10]\n", "[egress] allow must be an array of strings, got [10]"),
         ("[limits]\nmax_batch_size = 0\n", "max_batch_size = 0: '0' must be a finite number"),
         ("[pool]\nmax_age = -1\n", "[pool] max_age = -1: '-1' must be a finite number"),
-        ("[limitz]\nx = 1\n", "unknown section [limitz]; expected one of auth, dns, egress"),
+        ("[limitz]\nx = 1\n", "unknown section [limitz]; expected one of auth, circuit, dns"),
         ("[limits]\nmax_batch = 1\n", "unknown key 'max_batch' in [limits]; expected one of"),
         ("limits = 1\n", "limits must be a table ([limits])"),
         ("[egress]\nallow = ['nope']\n", "[egress] allow: 'nope' is not a CIDR"),

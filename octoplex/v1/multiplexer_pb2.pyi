@@ -22,6 +22,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KIND_PROTOCOL: _ClassVar[Kind]
     KIND_TOO_LARGE: _ClassVar[Kind]
     KIND_INTERNAL: _ClassVar[Kind]
+    KIND_CIRCUIT_OPEN: _ClassVar[Kind]
 KIND_UNSPECIFIED: Kind
 KIND_TIMEOUT: Kind
 KIND_QUEUE_TIMEOUT: Kind
@@ -35,6 +36,7 @@ KIND_CONNECTION: Kind
 KIND_PROTOCOL: Kind
 KIND_TOO_LARGE: Kind
 KIND_INTERNAL: Kind
+KIND_CIRCUIT_OPEN: Kind
 
 class Header(_message.Message):
     __slots__ = ("name", "value")
