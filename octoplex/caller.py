@@ -79,7 +79,7 @@ MAX_ID_LENGTH = 256
 #: The most retries one request may ask for (``octoplex.wire.MAX_RETRIES``).
 MAX_RETRIES = 5
 
-#: Every ``Failure.kind`` the README lists (``octoplex.errors.KINDS``).  The
+#: Every ``Failure.kind`` docs/api.md lists (``octoplex.errors.KINDS``).  The
 #: set is stable, but a newer daemon may announce another kind, so a kind
 #: outside it is kept as it came, not refused.
 KINDS = (
@@ -95,11 +95,13 @@ KINDS = (
     "protocol",
     "too_large",
     "internal",
+    "circuit_open",
 )
 
 #: The kinds after which nothing reached the upstream, so that sending the
-#: request again is safe (README, "Error kinds").
-RETRY_SAFE_KINDS = frozenset({"connect", "dns", "queue_timeout"})
+#: request again is safe (docs/api.md, "Error kinds"); after
+#: ``circuit_open``, safe but pointless before the time its error names.
+RETRY_SAFE_KINDS = frozenset({"connect", "dns", "queue_timeout", "circuit_open"})
 
 #: Seconds added to a batch's deadline for the default client-side timeout:
 #: the daemon answers by the deadline at the latest, and this leaves room
