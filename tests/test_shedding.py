@@ -14,7 +14,7 @@ from twisted.internet.defer import ensureDeferred
 
 from octoplex.limits import Limits
 
-from .servers import Caller, Upstream, start_octoplex
+from .servers import Caller, Upstream, start_octoplex, wait_until
 
 
 def _batch(uris: list[str]) -> dict[str, Any]:
@@ -31,12 +31,12 @@ async def test_batches_past_the_caps_are_shed_at_once(
     )
     url = server.url + "/multiplex"
     # Slow enough to stay in flight through the checks on a loaded machine.
-    slow = upstream.url + "/delay/2000"
+    slow = upstream.url + "/delay/3000"
     try:
         first = ensureDeferred(caller.post(url, _batch([slow, slow])))
         second = ensureDeferred(caller.post(url, _batch([slow])))
-        # Let both arrive and start.
-        await ensureDeferred(caller.get(server.url + "/healthz"))
+        # Both admitted: their requests are at the upstream.
+        await wait_until(lambda: upstream.resource.active == 3, "3 requests at the upstream")
         # 3 requests in flight: 3 more would pass the cap of 5.
         started = time.monotonic()
         status, headers, body = await caller.post(url, _batch([slow] * 3))
@@ -50,7 +50,7 @@ async def test_batches_past_the_caps_are_shed_at_once(
         )
         # 2 more fit; then a fourth batch passes the cap of 3 batches.
         third = ensureDeferred(caller.post(url, _batch([slow] * 2)))
-        await ensureDeferred(caller.get(server.url + "/healthz"))
+        await wait_until(lambda: upstream.resource.active == 5, "5 requests at the upstream")
         status, _, body = await caller.post(url, _batch([upstream.url + "/hello"]))
         assert status == 503
         assert body["error"].startswith("overloaded: 3 batches with 5 requests in flight")
@@ -58,7 +58,7 @@ async def test_batches_past_the_caps_are_shed_at_once(
         for answer, count in ((await first, 2), (await second, 1), (await third, 2)):
             assert answer[0] == 200
             assert [o["Success"]["content"] for o in answer[2]["responses"]] == [
-                "delayed 2000"
+                "delayed 3000"
             ] * count
         # With room again, batches run.
         status, _, body = await caller.post(url, _batch([upstream.url + "/hello"] * 5))
