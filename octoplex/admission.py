@@ -15,7 +15,7 @@ from __future__ import annotations
 from octoplex.limits import Limits
 from octoplex.metrics import Metrics
 
-__all__ = ["DRAINING", "Admission", "client_key"]
+__all__ = ["DRAINING", "Admission", "Hold", "client_key"]
 
 #: The error of a batch refused while the daemon shuts down.
 DRAINING = "shutting down: this instance takes no new batches; retry on another"
@@ -123,3 +123,59 @@ class Admission:
         else:
             held[0] -= 1
             held[1] -= size
+
+    def hold(self, client: str) -> Hold:
+        """
+        The hold of a batch from ``client``, just entered, on the in-flight
+        counts, for the requests it sends beyond its size (hedges).
+        """
+        return Hold(self, client)
+
+
+class Hold:
+    """
+    A running batch's extra requests in flight (hedges): each is one more
+    request in flight, for its client and over all, while it runs.
+
+    :ivar extra: those it holds now.
+    """
+
+    __slots__ = ("_admission", "_client", "extra")
+
+    def __init__(self, admission: Admission, client: str) -> None:
+        self._admission = admission
+        self._client = client
+        self.extra = 0
+
+    def take(self) -> bool:
+        """
+        One more request in flight, if its client's share and the daemon's
+        cap have room for it; ``False`` (and nothing taken) if not.
+        """
+        admission = self._admission
+        limits = admission.limits
+        held = admission.clients.get(self._client)
+        if (
+            held is None
+            or held[1] >= limits.max_client_requests_in_flight
+            or admission.requests_in_flight >= limits.max_requests_in_flight
+        ):
+            return False
+        held[1] += 1
+        admission.requests_in_flight += 1
+        self.extra += 1
+        return True
+
+    def give_back(self) -> None:
+        """One extra request is over."""
+        if self.extra:
+            self.extra -= 1
+            self._admission.requests_in_flight -= 1
+            held = self._admission.clients.get(self._client)
+            if held is not None:
+                held[1] -= 1
+
+    def close(self) -> None:
+        """The batch is over: give back what it still holds (before it leaves)."""
+        while self.extra:
+            self.give_back()

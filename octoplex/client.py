@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from octoplex.agent import UpstreamAgent
 from octoplex.body import BodyReader, ResponseBudget, reading
-from octoplex.circuits import COUNTED_CAUSES, CircuitOpen, Circuits, CircuitSettings, Ticket
+from octoplex.circuits import CLOSED, COUNTED_CAUSES, CircuitOpen, Circuits, CircuitSettings, Ticket
 from octoplex.dns import CachingResolver, DNSSettings, nameservers
 from octoplex.egress import EgressPolicy
 from octoplex.endpoints import UpstreamEndpointFactory
@@ -222,6 +222,8 @@ class _Fetch(Deferred[UpstreamResponse]):
         timings: Timings | None,
     ) -> None:
         super().__init__(_cancel_fetch)
+        #: Called once the response's head is in, if set (a hedged request).
+        self.on_head: Callable[[], None] | None = None
         self._client = client
         self._slots: tuple[DeferredSemaphore, Any, DeferredSemaphore] | None = (
             host,
@@ -243,6 +245,8 @@ class _Fetch(Deferred[UpstreamResponse]):
         if isinstance(result, Failure):
             self._end(result)
             return
+        if self.on_head is not None:
+            self.on_head()
         try:
             self._body = self._client._reader(result, self._budget, self._timings, self._end)
         except Exception:
@@ -473,6 +477,7 @@ class UpstreamClient(Service):
         request: UpstreamRequest,
         budget: ResponseBudget | None = None,
         timings: Timings | None = None,
+        on_head: Callable[[], None] | None = None,
     ) -> Deferred[UpstreamResponse]:
         """
         Send one request and read its whole response.
@@ -481,6 +486,9 @@ class UpstreamClient(Service):
         :param budget: the body bytes its batch may still read, if limited.
         :param timings: marked as the request goes, if its caller wants to
             know where its time went.
+        :param on_head: called once the response's head is in, before its
+            body is read (a hedged request's attempts race to it); it may
+            cancel other fetches, not this one.
         :return: a Deferred that fires with the response, or fails with why
             it could not be had.  Cancelling it closes the connection, at
             whatever stage the exchange is; cancelling it while it waits for
@@ -502,7 +510,9 @@ class UpstreamClient(Service):
         overall = self._all
         if not (host.tokens and not host.waiting and overall.tokens and not overall.waiting):
             # A cap is reached: wait in its queue, which a deadline cancels.
-            return Deferred.fromCoroutine(self._fetch(request, budget, host, key, timings, ticket))
+            return Deferred.fromCoroutine(
+                self._fetch(request, budget, host, key, timings, ticket, on_head)
+            )
         # Both slots are free: take them at once, as acquire() would, without
         # a coroutine and its Deferreds (the usual case).
         host.tokens -= 1
@@ -521,8 +531,21 @@ class UpstreamClient(Service):
                 sent = self._send_guarded(request, timings, ticket)
             except Exception:
                 sent = fail()
+        if on_head is not None:
+            fetch.on_head = on_head
         fetch.start(sent)
         return fetch
+
+    def may_hedge(self, request: UpstreamRequest) -> bool:
+        """
+        Whether a hedge of ``request`` may be sent as far as its upstream's
+        circuit goes: not while it is half-open (its probes decide) or open.
+        """
+        circuits = self._circuits
+        if circuits is None:
+            return True
+        url = request.url
+        return circuits.state((url.scheme, url.host, url.port)) == CLOSED
 
     def _release(
         self, host: DeferredSemaphore, key: Any, overall: DeferredSemaphore | None
@@ -547,6 +570,7 @@ class UpstreamClient(Service):
         key: Any,
         timings: Timings | None,
         ticket: Ticket | None = None,
+        on_head: Callable[[], None] | None = None,
     ) -> UpstreamResponse:
         url = request.url
         # A request queued here holds nothing; the holder's release later
@@ -563,6 +587,8 @@ class UpstreamClient(Service):
                     response = await self._send(request, timings)
                 else:
                     response = await self._send_guarded(request, timings, ticket)
+                if on_head is not None:
+                    on_head()
                 result = await self._read(response, budget, timings)
             finally:
                 self._release(host, key, overall)

@@ -44,8 +44,11 @@ def answered(
 def batch_answered(
     metrics: Metrics, elapsed: float, sent: int, result: BatchResult
 ) -> dict[str, Any]:
-    """:func:`answered` for a batch that ran: ``200`` and its counts."""
-    return answered(
+    """
+    :func:`answered` for a batch that ran: ``200`` and its counts, and
+    ``hedged``, the requests that sent a hedge, when there were any.
+    """
+    fields = answered(
         metrics,
         elapsed,
         200,
@@ -55,3 +58,6 @@ def batch_answered(
         failed=result.failed,
         timed_out=result.timed_out,
     )
+    if result.hedged:
+        fields["hedged"] = result.hedged
+    return fields

@@ -46,7 +46,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from octoplex.admission import DRAINING, Admission, client_key
+from octoplex.admission import DRAINING, Admission, Hold, client_key
 from octoplex.auth import Tokens
 from octoplex.events import answered, batch_answered
 from octoplex.grpc_wire import GRPC_OUTCOMES, batch_of, batch_result
@@ -174,6 +174,8 @@ class _Call:
     who: dict[str, Any]
     #: Whose share of the in-flight caps it counts against.
     share: str
+    #: Its hedges' hold on the in-flight counts.
+    hold: Hold
 
 
 class MultiplexerServicer:
@@ -211,7 +213,7 @@ class MultiplexerServicer:
         """Every outcome, in request order, by the batch's deadline."""
         call = await self._admit(request, context, "Multiplex")
         running = self._multiplexer.run(
-            call.batch, call.batch_id, call.started, outcomes=GRPC_OUTCOMES
+            call.batch, call.batch_id, call.started, outcomes=GRPC_OUTCOMES, extra=call.hold
         )
         future = running.asFuture(asyncio.get_running_loop())
         try:
@@ -235,7 +237,7 @@ class MultiplexerServicer:
             queue.put_nowait(outcome)
 
         running = self._multiplexer.run(
-            call.batch, call.batch_id, call.started, emit, GRPC_OUTCOMES
+            call.batch, call.batch_id, call.started, emit, GRPC_OUTCOMES, call.hold
         )
         future = running.asFuture(asyncio.get_running_loop())
         # Every outcome is handed to emit before the result fires.
@@ -300,6 +302,7 @@ class MultiplexerServicer:
         """
         if not future.done():
             future.cancel()
+        call.hold.close()
         self._admission.leave(len(call.batch.requests), call.share)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -396,7 +399,7 @@ class MultiplexerServicer:
                 shed_total=self._admission.shed,
             )
         self._admission.enter(size, share)
-        return _Call(batch, batch_id, started, who, share)
+        return _Call(batch, batch_id, started, who, share, self._admission.hold(share))
 
     async def _refuse(
         self,

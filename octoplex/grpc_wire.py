@@ -12,6 +12,8 @@ encoded on the way.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from twisted.web.http_headers import Headers
@@ -22,6 +24,7 @@ from octoplex.v1 import multiplexer_pb2 as pb
 from octoplex.wire import (
     Batch,
     BatchError,
+    Hedge,
     InvalidRequest,
     Options,
     OutcomeFormat,
@@ -33,6 +36,7 @@ from octoplex.wire import (
     check_size,
     check_timeout,
     check_unique_ids,
+    hedge_policy,
     resolve,
     retry_policy,
 )
@@ -126,13 +130,47 @@ def _request(
             source = defaults
     body = source.body if content == "body" else None
     text = source.text if content == "text" else None
-    return build_request(uri, method or "GET", pairs, body, text, limits, id_, timeout, retry)
+    method = method or "GET"
+    hedge = _hedge(item, defaults, method, limits)
+    return build_request(uri, method, pairs, body, text, limits, id_, timeout, retry, hedge)
+
+
+def _hedge(
+    item: pb.Request, defaults: pb.Defaults | None, method: str, limits: Limits
+) -> Callable[[], Hedge] | None:
+    """
+    What checks and gives the request's hedge (its own, else the
+    defaults'), as :func:`~octoplex.wire.hedge_policy` does for JSON.
+    """
+    source: Any = item
+    if not item.HasField("hedge"):
+        if defaults is None or not defaults.HasField("hedge"):
+            return None
+        source = defaults
+    hedge = source.hedge
+    if item.HasField("hedge_unsafe"):
+        unsafe = item.hedge_unsafe
+    else:
+        unsafe = defaults is not None and defaults.hedge_unsafe
+    which = hedge.WhichOneof("after")
+    after = hedge.after_msec if which == "after_msec" else None
+    percentile = hedge.after_percentile if which == "after_percentile" else None
+    return functools.partial(hedge_policy, after, percentile, unsafe, method, limits)
 
 
 def _tagged(
-    outcome: pb.Outcome, id: str | None, attempts: int | None, timings: dict[str, Any] | None
+    outcome: pb.Outcome,
+    id: str | None,
+    attempts: int | None,
+    timings: dict[str, Any] | None,
+    hedged: bool | None = None,
+    hedge_won: bool | None = None,
 ) -> pb.Outcome:
     # What either kind of outcome echoes of its request, when there is any.
+    if hedged:
+        outcome.hedged = True
+        if hedge_won is not None:
+            outcome.hedge_won = hedge_won
     if id is not None:
         outcome.id = id
     if attempts is not None:
@@ -156,6 +194,8 @@ def success(
     raw_headers: list[tuple[bytes, bytes]] | None = None,
     attempts: int | None = None,
     timings: dict[str, Any] | None = None,
+    hedged: bool | None = None,
+    hedge_won: bool | None = None,
 ) -> pb.Outcome:
     """
     A ``Success`` outcome: the body as it came (decoded, if the upstream
@@ -178,7 +218,7 @@ def success(
     result.duration_msec = duration_msec
     if content_encoding is not None:
         result.content_encoding = content_encoding
-    return _tagged(outcome, id, attempts, timings)
+    return _tagged(outcome, id, attempts, timings, hedged, hedge_won)
 
 
 def failure(
@@ -189,6 +229,8 @@ def failure(
     id: str | None = None,
     attempts: int | None = None,
     timings: dict[str, Any] | None = None,
+    hedged: bool | None = None,
+    hedge_won: bool | None = None,
 ) -> pb.Outcome:
     """
     A ``Failure`` outcome, its kind the ``Kind`` of the JSON kind.
@@ -198,7 +240,7 @@ def failure(
     result.error = error
     result.kind = KIND_VALUES[kind]
     result.duration_msec = duration_msec
-    return _tagged(outcome, id, attempts, timings)
+    return _tagged(outcome, id, attempts, timings, hedged, hedge_won)
 
 
 def _varint(value: int) -> bytes:

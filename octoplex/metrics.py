@@ -467,6 +467,30 @@ class Metrics:
             ["host"],
             registry=registry,
         )
+        self.hedges_sent = Counter(
+            "octoplex_hedges_sent",
+            "Hedges sent: second attempts of hedged requests whose first had no response "
+            "head in time.",
+            registry=registry,
+        )
+        self.hedges_won = Counter(
+            "octoplex_hedges_won",
+            "Hedges whose response head came before the first attempt's.",
+            registry=registry,
+        )
+        self.hedge_attempts_cancelled = Counter(
+            "octoplex_hedge_attempts_cancelled",
+            "Attempts of hedged requests cancelled because the other attempt's head came first.",
+            registry=registry,
+        )
+        self.hedges_skipped = Counter(
+            "octoplex_hedges_skipped",
+            "Hedges not sent when due: the caller's share or the in-flight cap was full "
+            "(share), the upstream's circuit was not closed (circuit); or not armed, the "
+            "upstream having too few samples for after_percentile (samples).",
+            ["reason"],
+            registry=registry,
+        )
         #: Where the idle connections per pool key are read; the pool sets it.
         self.idle_source: Callable[[], Iterable[tuple[Hashable, int]]] = lambda: ()
         registry.register(_IdleConnections(self))

@@ -28,6 +28,7 @@ from octoplex.body import ResponseBudget
 from octoplex.buffers import BufferBudget
 from octoplex.client import QueueTimeout, UpstreamResponse
 from octoplex.errors import TIMEOUT_ELAPSED, cause, describe, kind_of
+from octoplex.hedging import MIN_DELAY, HedgedFetch, Latencies
 from octoplex.limits import DEFAULT_MAX_BATCH_RESPONSE_BYTES
 from octoplex.metrics import Metrics
 from octoplex.timings import Timings
@@ -99,11 +100,28 @@ class Fetcher(Protocol):
         request: UpstreamRequest,
         budget: ResponseBudget | None = None,
         timings: Timings | None = None,
+        on_head: Callable[[], None] | None = None,
     ) -> Deferred[UpstreamResponse]:
         """
         Send ``request``, reading no more body than ``budget`` has left,
-        marking ``timings`` if given; cancelling the result must abandon it.
+        marking ``timings`` if given, calling ``on_head`` (if given) once
+        the response's head is in; cancelling the result must abandon it.
+        A client may also have ``may_hedge(request)``, which says whether
+        a hedge of ``request`` may go (:mod:`octoplex.hedging`).
         """
+
+
+class ExtraSlots(Protocol):
+    """
+    A running batch's hold on the in-flight counts, for the requests it
+    sends beyond its size (hedges): :class:`octoplex.admission.Hold`.
+    """
+
+    def take(self) -> bool:
+        """One more request in flight, if there is room."""
+
+    def give_back(self) -> None:
+        """One extra request is over."""
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -117,12 +135,14 @@ class BatchResult:
     :ivar succeeded: requests that got an HTTP response (of any status).
     :ivar failed: requests that failed for a reason other than the deadline.
     :ivar timed_out: requests cut off by the deadline.
+    :ivar hedged: requests that sent a hedge (:mod:`octoplex.hedging`).
     """
 
     outcomes: list[Any]
     succeeded: int = 0
     failed: int = 0
     timed_out: int = 0
+    hedged: int = 0
 
 
 class Multiplexer:
@@ -157,6 +177,9 @@ class Multiplexer:
         self._clock = clock
         self._metrics = Metrics() if metrics is None else metrics
         self._client = client
+        #: Recent times to a response head per upstream, for hedges after a
+        #: percentile.
+        self.latencies = Latencies()
         #: Settable: a reload changes it for the batches to come.
         self.max_batch_response_bytes = max_batch_response_bytes
         self._runs: set[_BatchRun] = set()
@@ -169,6 +192,7 @@ class Multiplexer:
         started: float | None = None,
         on_outcome: Callable[[int, Any], None] | None = None,
         outcomes: OutcomeFormat = JSON_OUTCOMES,
+        extra: ExtraSlots | None = None,
     ) -> Deferred[BatchResult]:
         """
         Send every request of ``batch`` at once and gather the outcomes.
@@ -181,6 +205,9 @@ class Multiplexer:
             as it has one (for a streamed answer), unless the caller left.
         :param outcomes: how the frontend wants each outcome built; the
             JSON of the wire format by default.
+        :param extra: the batch's hold on the in-flight counts, which each
+            hedge takes a slot of while it runs (no hedge is sent when it
+            has none left); hedges are not held back without it.
         :return: a Deferred that fires with the result no later than the
             batch's deadline (plus the time to cancel what is left).
             Cancelling it, as Klein does when the caller disconnects,
@@ -199,6 +226,8 @@ class Multiplexer:
             self._rng,
             on_outcome,
             outcomes,
+            self.latencies,
+            extra,
         )
         self._runs.add(run)
         return run.start(self._clock.seconds() if started is None else started)
@@ -236,6 +265,68 @@ class Multiplexer:
             run.cut_short()
 
 
+class _Hooks:
+    """
+    What one try of a hedged request (:class:`~octoplex.hedging.HedgedFetch`)
+    asks of its batch and tells it: the hedge's slot in the batch's share,
+    the upstream's circuit, the counts, the outcome's tags and timings, the
+    upstream's latency samples.
+    """
+
+    __slots__ = ("_index", "_key", "_request", "_run")
+
+    def __init__(self, run: _BatchRun, index: int, request: UpstreamRequest, key: Any) -> None:
+        self._run = run
+        self._index = index
+        self._request = request
+        self._key = key
+
+    def send(self, attempt: int, on_head: Callable[[], None]) -> tuple[Deferred[Any], Any]:
+        run = self._run
+        timings = None
+        if run._batch.options.timings:
+            timings = Timings(run._clock)
+            if attempt == 0:
+                run._timings[self._index] = timings
+        return run._client.fetch(self._request, run._budget, timings, on_head), timings
+
+    def may_hedge(self) -> bool:
+        run = self._run
+        allowed = getattr(run._client, "may_hedge", None)
+        if allowed is not None and not allowed(self._request):
+            run._metrics.hedges_skipped.labels("circuit").inc()
+            return False
+        if run._extra is not None and not run._extra.take():
+            run._metrics.hedges_skipped.labels("share").inc()
+            return False
+        return True
+
+    def sent(self) -> None:
+        run = self._run
+        run._metrics.hedges_sent.inc()
+        run._hedges[self._index] = None
+        run._result.hedged += 1
+
+    def over(self) -> None:
+        if self._run._extra is not None:
+            self._run._extra.give_back()
+
+    def won(self, hedge: bool, timings: Any) -> None:
+        run = self._run
+        if self._index in run._hedges:
+            run._hedges[self._index] = hedge
+        if hedge:
+            run._metrics.hedges_won.inc()
+            if timings is not None:
+                run._timings[self._index] = timings
+
+    def cancelled(self) -> None:
+        self._run._metrics.hedge_attempts_cancelled.inc()
+
+    def observe(self, seconds: float) -> None:
+        self._run._latencies.observe(self._key, seconds)
+
+
 class _BatchRun:
     """
     The state of one batch while it runs.
@@ -254,7 +345,14 @@ class _BatchRun:
         rng: Callable[[], float],
         on_outcome: Callable[[int, Any], None] | None,
         outcomes: OutcomeFormat,
+        latencies: Latencies,
+        extra: ExtraSlots | None,
     ) -> None:
+        self._latencies = latencies
+        self._extra = extra
+        #: The requests whose (latest) try sent a hedge: whether the hedge
+        #: won, or None while no attempt has won.
+        self._hedges: dict[int, bool | None] = {}
         self._on_outcome = on_outcome
         self._success = outcomes.success
         self._failure = outcomes.failure
@@ -345,26 +443,60 @@ class _BatchRun:
         if isinstance(request, UpstreamRequest) and request.retry is not None:
             attempts = self._attempts.get(index, 1)
         timings = self._timings.get(index)
-        return {
+        tags = {
             "id": request.id,
             "attempts": attempts,
             "timings": None if timings is None else timings.report(),
         }
+        if index in self._hedges:
+            tags["hedged"] = True
+            tags["hedge_won"] = self._hedges[index]
+        return tags
 
     def _attempt(self, index: int, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
         """
         Send the request once, with fresh timings if the batch asked for
-        them (a client that is not asked for them need not take them).
+        them (a client that is not asked for them need not take them);
+        with both attempts if it is hedged.
         """
+        if request.hedge is not None:
+            return self._hedged(index, request)
         if not self._batch.options.timings:
             return self._client.fetch(request, self._budget)
         timings = self._timings[index] = Timings(self._clock)
         return self._client.fetch(request, self._budget, timings)
 
+    def _hedged(self, index: int, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
+        """
+        One try of a hedged request (:class:`~octoplex.hedging.HedgedFetch`),
+        its hedge armed if it is due before the request's deadline.
+        """
+        hedge = request.hedge
+        assert hedge is not None
+        url = request.url
+        key = (url.scheme, url.host, url.port)
+        delay: float | None
+        if hedge.after_msec is not None:
+            delay = hedge.after_msec / 1000.0
+        else:
+            assert hedge.after_percentile is not None
+            delay = self._latencies.percentile(key, hedge.after_percentile)
+            if delay is None:
+                self._metrics.hedges_skipped.labels("samples").inc()
+            else:
+                delay = max(delay, MIN_DELAY)
+        if delay is not None and not self._room_for(index, delay):
+            # Due at or after its deadline: it would never go.
+            delay = None
+        # What an earlier try said is not this try's.
+        self._hedges.pop(index, None)
+        hooks = _Hooks(self, index, request, key)
+        return HedgedFetch(self._clock, hooks.send, delay, hooks)
+
     def _fetch(self, index: int, request: UpstreamRequest) -> Deferred[None]:
         try:
-            if request.retry is None and not self._batch.options.timings:
-                # Neither feature asked for: straight to the client.
+            if request.retry is None and request.hedge is None and not self._batch.options.timings:
+                # None of these features asked for: straight to the client.
                 d = self._client.fetch(request, self._budget)
             else:
                 d = self._attempt(index, request)
@@ -541,7 +673,12 @@ class _BatchRun:
         if self._result.outcomes[index] is not None:
             return
         request = self._batch.requests[index]
-        if request.id is None and not self._timings and getattr(request, "retry", None) is None:
+        if (
+            request.id is None
+            and not self._timings
+            and not self._hedges
+            and getattr(request, "retry", None) is None
+        ):
             # Nothing to echo (the usual case): no tags to gather.
             tags: dict[str, Any] = _NO_TAGS
         else:

@@ -50,6 +50,27 @@ _RETRY = {
     "description": "send the request again on these statuses or connect failures, after a "
     "jittered backoff or the upstream's Retry-After, while its deadline leaves room",
 }
+_HEDGE = {
+    "type": ["object", "null"],
+    "additionalProperties": False,
+    "properties": {
+        "after_msec": {"type": "integer", "minimum": 1},
+        "after_percentile": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100},
+    },
+    "oneOf": [{"required": ["after_msec"]}, {"required": ["after_percentile"]}],
+    "description": "send a second, identical attempt if the first has no response head "
+    "after after_msec milliseconds, or after the after_percentile percentile of the "
+    "upstream's recent times to a head; the first head wins (docs/hedging.md)",
+}
+_HEDGE_UNSAFE = {
+    "type": ["boolean", "null"],
+    "description": "let a method that is not idempotent be hedged (a second copy may act twice)",
+}
+_HEDGED = {"type": "boolean", "const": True, "description": "only when a hedge was sent"}
+_HEDGE_WON = {
+    "type": "boolean",
+    "description": "whether the hedge's response head came first; only when hedged",
+}
 _ATTEMPTS = {"type": "integer", "minimum": 1, "description": "only for a request with retry"}
 _PHASE = {"type": ["number", "null"], "minimum": 0}
 _TIMINGS = {
@@ -121,6 +142,8 @@ SCHEMA: dict[str, Any] = {
                     "description": "this request's own deadline; the batch's caps it",
                 },
                 "retry": _RETRY,
+                "hedge": _HEDGE,
+                "hedge_unsafe": _HEDGE_UNSAFE,
             },
         },
         "Defaults": {
@@ -133,6 +156,8 @@ SCHEMA: dict[str, Any] = {
                 "body_base64": _BODY_BASE64,
                 "base_uri": {"type": ["string", "null"]},
                 "retry": _RETRY,
+                "hedge": _HEDGE,
+                "hedge_unsafe": _HEDGE_UNSAFE,
             },
         },
         "Answer": {
@@ -176,6 +201,8 @@ SCHEMA: dict[str, Any] = {
                 "content_encoding": {"enum": ["gzip"]},
                 "attempts": _ATTEMPTS,
                 "timings": _TIMINGS,
+                "hedged": _HEDGED,
+                "hedge_won": _HEDGE_WON,
                 "id": {"type": "string"},
             },
         },
@@ -189,6 +216,8 @@ SCHEMA: dict[str, Any] = {
                 "duration_msec": _MSEC,
                 "attempts": _ATTEMPTS,
                 "timings": _TIMINGS,
+                "hedged": _HEDGED,
+                "hedge_won": _HEDGE_WON,
                 "id": {"type": "string"},
             },
         },

@@ -30,7 +30,7 @@ from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
-from octoplex.admission import DRAINING, Admission, client_key
+from octoplex.admission import DRAINING, Admission, Hold, client_key
 from octoplex.auth import Tokens
 from octoplex.buffers import BufferBudget
 from octoplex.endpoints import set_tcp_nodelay
@@ -329,19 +329,27 @@ class OctoplexApp:
         if overload is not None:
             return self._shed(request, who, size, started, overload)
         self.admission.enter(size, share)
+        hold = self.admission.hold(share)
 
         def done(result: Any) -> Any:
+            hold.close()
             self.admission.leave(size, share)
             return result
 
         if _wants_stream(request):
-            return self._stream(request, batch, batch_id, who, started).addBoth(done)
-        d = self.multiplexer.run(batch, batch_id, started).addBoth(done)
+            return self._stream(request, batch, batch_id, who, started, hold).addBoth(done)
+        d = self.multiplexer.run(batch, batch_id, started, extra=hold).addBoth(done)
         d.addCallback(self._answer, request, who, started)
         return d
 
     def _stream(
-        self, request: IRequest, batch: Batch, batch_id: str, who: dict[str, Any], started: float
+        self,
+        request: IRequest,
+        batch: Batch,
+        batch_id: str,
+        who: dict[str, Any],
+        started: float,
+        hold: Hold,
     ) -> Deferred[bytes]:
         """
         Answer as NDJSON: each outcome on its own line as soon as it is
@@ -383,7 +391,9 @@ class OctoplexApp:
             self._log_batch(result, who, started, written[0], " (streamed)")
             return last
 
-        return self.multiplexer.run(batch, batch_id, started, on_outcome=emit).addCallback(summary)
+        return self.multiplexer.run(
+            batch, batch_id, started, on_outcome=emit, extra=hold
+        ).addCallback(summary)
 
     def _answered(
         self,

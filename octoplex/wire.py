@@ -57,15 +57,41 @@ JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
 _OPTION_FIELDS = ("content_base64", "header_list", "content_encoding", "timings")
 _BATCH_FIELDS = ("timeout_msec", "requests", *_OPTION_FIELDS, "defaults", "max_parallel")
-_DEFAULT_FIELDS = ("method", "headers", "body", "body_base64", "base_uri", "retry")
+_DEFAULT_FIELDS = (
+    "method",
+    "headers",
+    "body",
+    "body_base64",
+    "base_uri",
+    "retry",
+    "hedge",
+    "hedge_unsafe",
+)
 _RETRY_FIELDS = ("times", "statuses", "connect_errors")
-_REQUEST_FIELDS = ("id", "method", "uri", "headers", "body", "body_base64", "timeout_msec", "retry")
+_HEDGE_FIELDS = ("after_msec", "after_percentile")
+_REQUEST_FIELDS = (
+    "id",
+    "method",
+    "uri",
+    "headers",
+    "body",
+    "body_base64",
+    "timeout_msec",
+    "retry",
+    "hedge",
+    "hedge_unsafe",
+)
 
 #: The longest request ``id``, in characters.
 MAX_ID_LENGTH = 256
 
 #: The most retries one request may ask for.
 MAX_RETRIES = 5
+
+#: The methods a request may be hedged with unless it says
+#: ``hedge_unsafe``: RFC 9110 section 9.2.2's idempotent methods, which
+#: have the effect of one request however many times they are sent.
+HEDGE_SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # RFC 9110 section 5.6.2: token = 1*tchar.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -116,6 +142,8 @@ class UpstreamRequest:
     :ivar timeout_msec: its own deadline, counted like the batch's, if
         given; the batch's deadline still caps it.
     :ivar retry: when to send it again, if it asked to be.
+    :ivar hedge: when to send a second, identical attempt alongside the
+        first, if it asked for one (:mod:`octoplex.hedging`).
     """
 
     method: bytes
@@ -126,6 +154,20 @@ class UpstreamRequest:
     id: str | None = None
     timeout_msec: int | None = None
     retry: Retry | None = None
+    hedge: Hedge | None = None
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class Hedge:
+    """
+    When a request sends a second, identical attempt: once the first has
+    had no response head for ``after_msec`` milliseconds, or for the
+    ``after_percentile`` percentile of its host's recent times to a
+    response head.  Exactly one of the two is set.
+    """
+
+    after_msec: int | None = None
+    after_percentile: float | None = None
 
 
 @attr.s(slots=True, frozen=True, auto_attribs=True)
@@ -418,6 +460,7 @@ def _check_defaults(defaults: Any) -> dict[str, Any]:
     _header_pairs(defaults.get("headers"), "defaults")
     _body_fields(defaults, "defaults")
     _retry(defaults.get("retry"), "defaults")
+    _hedge_fields(defaults, "defaults")
     base = defaults.get("base_uri")
     if base is not None:
         if not isinstance(base, str):
@@ -451,8 +494,9 @@ def _with_defaults(item: Any, defaults: dict[str, Any]) -> Any:
         for field in ("body", "body_base64"):
             if defaults.get(field) is not None:
                 merged[field] = defaults[field]
-    if merged.get("retry") is None and defaults.get("retry") is not None:
-        merged["retry"] = defaults["retry"]
+    for field in ("retry", "hedge", "hedge_unsafe"):
+        if merged.get(field) is None and defaults.get(field) is not None:
+            merged[field] = defaults[field]
     base = defaults.get("base_uri")
     uri = merged.get("uri")
     if base is not None and isinstance(uri, str):
@@ -525,6 +569,72 @@ def retry_policy(times: int, statuses: list[int], connect_errors: bool, where: s
     return Retry(times=times, statuses=frozenset(statuses), connect_errors=connect_errors)
 
 
+def _hedge_fields(item: dict[str, Any], where: str) -> tuple[Any, bool]:
+    """
+    A request's (or the defaults') ``hedge`` and ``hedge_unsafe``, their
+    types checked (a wrong type fails the batch, as for ``retry``); their
+    values are checked by :func:`hedge_policy`, for the request alone.
+    """
+    hedge = item.get("hedge")
+    if hedge is not None:
+        if not isinstance(hedge, dict):
+            raise BatchError(f"{where}.hedge must be a JSON object, got {_quote(hedge)}")
+        _check_fields(hedge, _HEDGE_FIELDS, f"{where}.hedge")
+        after = hedge.get("after_msec")
+        if after is not None and type(after) is not int:
+            raise BatchError(
+                f"{where}.hedge.after_msec must be a whole number of milliseconds, "
+                f"got {_quote(after)}"
+            )
+        percentile = hedge.get("after_percentile")
+        if percentile is not None and type(percentile) not in (int, float):
+            raise BatchError(
+                f"{where}.hedge.after_percentile must be a number, got {_quote(percentile)}"
+            )
+    unsafe = item.get("hedge_unsafe")
+    if unsafe is not None and type(unsafe) is not bool:
+        raise BatchError(f"{where}.hedge_unsafe must be true or false, got {_quote(unsafe)}")
+    return hedge, bool(unsafe)
+
+
+def hedge_policy(
+    after_msec: int | None,
+    after_percentile: float | None,
+    unsafe: bool,
+    method: str,
+    limits: Limits,
+) -> Hedge:
+    """
+    A request's ``hedge``, its values checked.
+
+    :raises _InvalidValue: (the request fails alone, kind ``invalid``) for
+        neither or both of ``after_msec`` and ``after_percentile``, a value
+        out of its range, or a method that is not idempotent without
+        ``hedge_unsafe``: a POST sent twice may act twice.
+    """
+    if (after_msec is None) == (after_percentile is None):
+        raise _InvalidValue(
+            "hedge needs exactly one of after_msec and after_percentile, "
+            f"got {'both' if after_msec is not None else 'neither'}"
+        )
+    if after_msec is not None and not 1 <= after_msec <= limits.max_timeout_msec:
+        raise _InvalidValue(
+            f"hedge.after_msec is {after_msec}; it must be from 1 to "
+            f"{limits.max_timeout_msec} (--max-timeout-msec)"
+        )
+    if after_percentile is not None and not 0 < after_percentile < 100:
+        raise _InvalidValue(
+            f"hedge.after_percentile is {_quote(after_percentile)}; "
+            "it must be above 0 and below 100"
+        )
+    if not unsafe and method.upper().encode("ascii", "replace") not in HEDGE_SAFE_METHODS:
+        raise _InvalidValue(
+            f"method {_quote(method)} is not idempotent, so it is not hedged unless the "
+            "request says hedge_unsafe: true (a second copy may act a second time)"
+        )
+    return Hedge(after_msec=after_msec, after_percentile=after_percentile)
+
+
 def _header_pairs(headers: Any, where: str) -> list[tuple[str, str]]:
     """
     An item's (or the defaults') headers as (name, value) pairs, a list
@@ -588,6 +698,7 @@ def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | I
             )
         check_timeout(timeout, limits, f"{where}.")
     retry = _retry(item.get("retry"), where)
+    hedge, unsafe = _hedge_fields(item, where)
     method = item.get("method", "GET")
     if not isinstance(method, str):
         raise BatchError(f"{where}.method must be a string, got {_quote(method)}")
@@ -598,13 +709,17 @@ def _parse_request(item: Any, index: int, limits: Limits) -> UpstreamRequest | I
         raise BatchError(f"{where}.uri must be a string, got {_quote(uri)}")
     pairs = _header_pairs(item.get("headers"), where)
     body, body_base64 = _body_fields(item, where)
+    hedging: Callable[[], Hedge] | None = None
+    if hedge is not None:
+        after, percentile = hedge.get("after_msec"), hedge.get("after_percentile")
+        hedging = functools.partial(hedge_policy, after, percentile, unsafe, method, limits)
     if body_base64 is None:
-        return build_request(uri, method, pairs, None, body, limits, id_, timeout, retry)
+        return build_request(uri, method, pairs, None, body, limits, id_, timeout, retry, hedging)
     try:
         decoded = _from_base64(body_base64)
     except _InvalidValue as e:
         return InvalidRequest(uri=uri, error=str(e), id=id_)
-    return build_request(uri, method, pairs, decoded, None, limits, id_, timeout, retry)
+    return build_request(uri, method, pairs, decoded, None, limits, id_, timeout, retry, hedging)
 
 
 def build_request(
@@ -617,9 +732,13 @@ def build_request(
     id_: str | None = None,
     timeout: int | None = None,
     retry: Retry | None = None,
+    hedge: Callable[[], Hedge] | None = None,
 ) -> UpstreamRequest | InvalidRequest:
     """
     One request, its values checked: a bad one fails this request alone.
+
+    :param hedge: checks the request's ``hedge`` and gives it (see
+        :func:`hedge_policy`), if it has one.
 
     :param body: a body sent as given (JSON's ``body_base64``), or ``None``.
     :param text: a text body (JSON's ``body``), sent as UTF-8 and gzipped
@@ -643,6 +762,7 @@ def build_request(
             id=id_,
             timeout_msec=timeout,
             retry=retry,
+            hedge=None if hedge is None else hedge(),
         )
     except _InvalidValue as e:
         return InvalidRequest(uri=uri, error=str(e), id=id_)
@@ -923,6 +1043,8 @@ def success_outcome(
     raw_headers: list[tuple[bytes, bytes]] | None = None,
     attempts: int | None = None,
     timings: dict[str, Any] | None = None,
+    hedged: bool | None = None,
+    hedge_won: bool | None = None,
 ) -> dict[str, Any]:
     """
     The ``Success`` outcome of the original format, and what the batch
@@ -957,6 +1079,8 @@ def success_outcome(
     if content_encoding is not None and options.content_encoding:
         success["content_encoding"] = content_encoding
     _tag(success, attempts, timings, id)
+    if hedged:
+        _tag_hedge(success, hedge_won)
     return {"Success": success}
 
 
@@ -968,15 +1092,27 @@ def failure_outcome(
     id: str | None = None,
     attempts: int | None = None,
     timings: dict[str, Any] | None = None,
+    hedged: bool | None = None,
+    hedge_won: bool | None = None,
 ) -> dict[str, Any]:
     """
     The ``Failure`` outcome of the original format, with its ``kind``
     (:data:`octoplex.errors.KINDS`), the attempts made if the request could
-    be retried, and its ``id`` if it had one.
+    be retried, whether it was hedged, and its ``id`` if it had one.
     """
     failure: dict[str, Any] = {"error": error, "kind": kind, "duration_msec": duration_msec}
     _tag(failure, attempts, timings, id)
+    if hedged:
+        _tag_hedge(failure, hedge_won)
     return {"Failure": failure}
+
+
+def _tag_hedge(outcome: dict[str, Any], hedge_won: bool | None) -> None:
+    # A request whose hedge was sent says so, and, once an attempt's head
+    # came first, whether that was the hedge's.
+    outcome["hedged"] = True
+    if hedge_won is not None:
+        outcome["hedge_won"] = hedge_won
 
 
 def _tag(

@@ -56,8 +56,16 @@ class Retry(_message.Message):
     connect_errors: bool
     def __init__(self, times: _Optional[int] = ..., statuses: _Optional[_Iterable[int]] = ..., connect_errors: _Optional[bool] = ...) -> None: ...
 
+class Hedge(_message.Message):
+    __slots__ = ("after_msec", "after_percentile")
+    AFTER_MSEC_FIELD_NUMBER: _ClassVar[int]
+    AFTER_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    after_msec: int
+    after_percentile: float
+    def __init__(self, after_msec: _Optional[int] = ..., after_percentile: _Optional[float] = ...) -> None: ...
+
 class Request(_message.Message):
-    __slots__ = ("id", "method", "uri", "headers", "body", "text", "timeout_msec", "retry")
+    __slots__ = ("id", "method", "uri", "headers", "body", "text", "timeout_msec", "retry", "hedge", "hedge_unsafe")
     ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +74,8 @@ class Request(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MSEC_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
+    HEDGE_FIELD_NUMBER: _ClassVar[int]
+    HEDGE_UNSAFE_FIELD_NUMBER: _ClassVar[int]
     id: str
     method: str
     uri: str
@@ -74,23 +84,29 @@ class Request(_message.Message):
     text: str
     timeout_msec: int
     retry: Retry
-    def __init__(self, id: _Optional[str] = ..., method: _Optional[str] = ..., uri: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., text: _Optional[str] = ..., timeout_msec: _Optional[int] = ..., retry: _Optional[_Union[Retry, _Mapping]] = ...) -> None: ...
+    hedge: Hedge
+    hedge_unsafe: bool
+    def __init__(self, id: _Optional[str] = ..., method: _Optional[str] = ..., uri: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., text: _Optional[str] = ..., timeout_msec: _Optional[int] = ..., retry: _Optional[_Union[Retry, _Mapping]] = ..., hedge: _Optional[_Union[Hedge, _Mapping]] = ..., hedge_unsafe: _Optional[bool] = ...) -> None: ...
 
 class Defaults(_message.Message):
-    __slots__ = ("method", "headers", "body", "text", "base_uri", "retry")
+    __slots__ = ("method", "headers", "body", "text", "base_uri", "retry", "hedge", "hedge_unsafe")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     BASE_URI_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
+    HEDGE_FIELD_NUMBER: _ClassVar[int]
+    HEDGE_UNSAFE_FIELD_NUMBER: _ClassVar[int]
     method: str
     headers: _containers.RepeatedCompositeFieldContainer[Header]
     body: bytes
     text: str
     base_uri: str
     retry: Retry
-    def __init__(self, method: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., text: _Optional[str] = ..., base_uri: _Optional[str] = ..., retry: _Optional[_Union[Retry, _Mapping]] = ...) -> None: ...
+    hedge: Hedge
+    hedge_unsafe: bool
+    def __init__(self, method: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., text: _Optional[str] = ..., base_uri: _Optional[str] = ..., retry: _Optional[_Union[Retry, _Mapping]] = ..., hedge: _Optional[_Union[Hedge, _Mapping]] = ..., hedge_unsafe: _Optional[bool] = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("timeout_msec", "requests", "defaults", "max_parallel", "timings")
@@ -151,20 +167,24 @@ class Failure(_message.Message):
     def __init__(self, error: _Optional[str] = ..., kind: _Optional[_Union[Kind, str]] = ..., duration_msec: _Optional[int] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("index", "id", "success", "failure", "attempts", "timings")
+    __slots__ = ("index", "id", "success", "failure", "attempts", "timings", "hedged", "hedge_won")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    HEDGED_FIELD_NUMBER: _ClassVar[int]
+    HEDGE_WON_FIELD_NUMBER: _ClassVar[int]
     index: int
     id: str
     success: Success
     failure: Failure
     attempts: int
     timings: Timings
-    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., success: _Optional[_Union[Success, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., attempts: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    hedged: bool
+    hedge_won: bool
+    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., success: _Optional[_Union[Success, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., attempts: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., hedged: _Optional[bool] = ..., hedge_won: _Optional[bool] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("outcomes",)
