@@ -85,7 +85,10 @@ class _Upstream(Resource):
     - ``/bytes/<n>``: ``n`` bytes of ``x``;
     - ``/binary``: bytes that are not UTF-8;
     - ``/repeat-header``: two ``Set-Cookie`` and two ``X-Multi`` lines;
-    - ``/stall``: headers and half a body, then nothing.
+    - ``/stall``: headers and half a body, then nothing;
+    - ``/first-slow/<key>/<ms>``: the first request for ``key`` answers
+      ``slow`` after ``ms`` milliseconds, every later one ``fast`` at once
+      (a hedge's upstream).
     """
 
     isLeaf = True
@@ -100,9 +103,15 @@ class _Upstream(Resource):
         self.most_active = 0
         #: Requests seen per /flaky key, with when each arrived.
         self.flaky: dict[str, list[float]] = {}
+        #: Every request's path, when it arrived (by the reactor's clock),
+        #: and the connection it came on.
+        self.timed: list[tuple[str, float, Any]] = []
+        #: Requests seen per /first-slow key.
+        self.first_slow: dict[str, int] = {}
 
     def render(self, request: Request) -> Any:
         self.arrivals.append(request.uri.decode())
+        self.timed.append((request.uri.decode(), global_reactor.seconds(), request.channel))
         self.active += 1
         self.most_active = max(self.most_active, self.active)
 
@@ -215,6 +224,25 @@ class _Upstream(Resource):
         request.responseHeaders.setRawHeaders(b"set-cookie", [b"a=1", b"b=2"])
         request.responseHeaders.setRawHeaders(b"x-multi", [b"first", b"last"])
         return b"repeated"
+
+    def route_first_slow(self, request: Request, key: str, msec: str) -> Any:
+        seen = self.first_slow[key] = self.first_slow.get(key, 0) + 1
+        if seen > 1:
+            return b"fast"
+        call = global_reactor.callLater(int(msec) / 1000.0, self._slow, request)
+
+        def gone(_: Any) -> None:
+            if call.active():
+                call.cancel()
+                self.finished_early.append(request.path.decode())
+
+        request.notifyFinish().addErrback(gone)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _slow(request: Request) -> None:
+        request.write(b"slow")
+        request.finish()
 
     def route_stall(self, request: Request) -> Any:
         request.setHeader(b"content-length", b"100")

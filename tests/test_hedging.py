@@ -1,0 +1,474 @@
+"""
+Hedged requests (docs/hedging.md): the estimator and the two-attempt race
+in memory, then the behaviour over real sockets, through the JSON API and
+the gRPC frontend.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+import pytest_twisted
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+
+from octoplex.hedging import MIN_SAMPLES, SAMPLES, HedgedFetch, Latencies
+from octoplex.limits import Limits
+from octoplex.metrics import Metrics
+from octoplex.v1 import multiplexer_pb2 as pb
+from octoplex.v1 import multiplexer_pb2_grpc as pb_grpc
+
+from .schema import check_batch
+from .servers import Caller, Octoplex, Upstream, start_octoplex, wait_until
+from .test_grpc import Daemon, _serving, call
+
+# --- The estimator ----------------------------------------------------------
+
+
+def test_percentile_needs_enough_samples_then_ranks_the_recent_ones() -> None:
+    """Too few samples give no delay; then the nearest-rank percentile of the last ones."""
+    latencies = Latencies()
+    for n in range(MIN_SAMPLES - 1):
+        latencies.observe("a", n / 1000)
+    assert latencies.percentile("a", 50) is None
+    latencies = Latencies()
+    for n in range(1, 101):
+        latencies.observe("a", n / 1000)
+    assert latencies.percentile("a", 50) == 0.050
+    assert latencies.percentile("a", 95) == 0.095
+    assert latencies.percentile("a", 99.5) == 0.100
+    assert latencies.percentile("b", 50) is None
+    # Only the last SAMPLES count: old slow ones are forgotten.
+    for _ in range(SAMPLES):
+        latencies.observe("a", 0.002)
+    assert latencies.percentile("a", 99) == 0.002
+
+
+def test_hosts_are_bounded_least_recently_used_first() -> None:
+    """Past its bound the table forgets the upstream used least recently."""
+    latencies = Latencies(max_hosts=2)
+    for key in ("a", "b", "a", "c"):
+        for _ in range(MIN_SAMPLES):
+            latencies.observe(key, 0.01)
+    assert len(latencies) == 2
+    assert latencies.percentile("b", 50) is None
+    assert latencies.percentile("a", 50) == 0.01
+
+
+# --- The race, in memory ------------------------------------------------------
+
+
+class _Hooks:
+    def __init__(self, allow: bool = True) -> None:
+        self.allow = allow
+        self.events: list[Any] = []
+        self.attempts: list[Deferred[Any]] = []
+        self.heads: list[Any] = []
+        self.cancelled_attempts: list[int] = []
+
+    def send(self, attempt: int, on_head: Any) -> tuple[Deferred[Any], Any]:
+        d: Deferred[Any] = Deferred(lambda _: self.cancelled_attempts.append(attempt))
+        self.attempts.append(d)
+        self.heads.append(on_head)
+        return d, f"timings {attempt}"
+
+    def may_hedge(self) -> bool:
+        self.events.append("may")
+        return self.allow
+
+    def sent(self) -> None:
+        self.events.append("sent")
+
+    def over(self) -> None:
+        self.events.append("over")
+
+    def won(self, hedge: bool, timings: Any) -> None:
+        self.events.append(("won", hedge, timings))
+
+    def cancelled(self) -> None:
+        self.events.append("cancelled")
+
+    def observe(self, seconds: float) -> None:
+        self.events.append(("observe", round(seconds, 3)))
+
+
+def test_the_hedge_goes_at_its_time_and_the_first_head_wins() -> None:
+    """Not before the delay; the hedge's head first wins and the first attempt is cancelled."""
+    clock, hooks = Clock(), _Hooks()
+    fetch = HedgedFetch(clock, hooks.send, 0.2, hooks)
+    clock.advance(0.199)
+    assert len(hooks.attempts) == 1
+    clock.advance(0.001)
+    assert len(hooks.attempts) == 2 and hooks.events == ["may", "sent"]
+    clock.advance(0.05)
+    hooks.heads[1]()
+    assert hooks.cancelled_attempts == [0]
+    hooks.attempts[1].callback("response")
+    assert fetch.result == "response"
+    assert ("won", True, "timings 1") in hooks.events
+    # The winner's time from its own start, and the loser's wait so far.
+    assert ("observe", 0.05) in hooks.events and ("observe", 0.25) in hooks.events
+    assert hooks.events.count("over") == 1 and "cancelled" in hooks.events
+
+
+def test_no_hedge_when_the_first_head_comes_in_time_or_the_share_is_full() -> None:
+    """A first head before the delay disarms the hedge; a refused slot sends none."""
+    clock, hooks = Clock(), _Hooks()
+    fetch = HedgedFetch(clock, hooks.send, 0.2, hooks)
+    clock.advance(0.1)
+    hooks.heads[0]()
+    hooks.attempts[0].callback("first")
+    clock.advance(1)
+    assert len(hooks.attempts) == 1 and fetch.result == "first"
+    assert ("won", False, "timings 0") in hooks.events and "sent" not in hooks.events
+    clock, hooks = Clock(), _Hooks(allow=False)
+    fetch = HedgedFetch(clock, hooks.send, 0.2, hooks)
+    clock.advance(0.3)
+    assert len(hooks.attempts) == 1 and hooks.events == ["may"]
+    hooks.attempts[0].callback("first")
+    assert fetch.result == "first"
+
+
+def test_cancelling_stops_both_attempts_and_fails_as_the_first() -> None:
+    """A deadline cancels the hedge and the first attempt; the outcome is the first's."""
+    clock, hooks = Clock(), _Hooks()
+    fetch = HedgedFetch(clock, hooks.send, 0.2, hooks)
+    clock.advance(0.3)
+    fetch.cancel()
+    assert sorted(hooks.cancelled_attempts) == [0, 1]
+    assert fetch.called
+    failures: list[Any] = []
+    fetch.addErrback(failures.append)
+    assert failures[0].check(CancelledError)
+    assert "over" in hooks.events and not clock.getDelayedCalls()
+
+
+def test_a_failed_attempt_leaves_the_other_to_answer() -> None:
+    """The first attempt failing after the hedge went does not fail the try."""
+    clock, hooks = Clock(), _Hooks()
+    fetch = HedgedFetch(clock, hooks.send, 0.2, hooks)
+    clock.advance(0.2)
+    hooks.attempts[0].errback(ConnectionError("reset"))
+    assert not fetch.called
+    hooks.heads[1]()
+    hooks.attempts[1].callback("hedge")
+    assert fetch.result == "hedge"
+
+
+# --- Over real sockets --------------------------------------------------------
+
+
+def _count(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def hedging(metrics: Metrics) -> Iterator[Octoplex]:
+    server = start_octoplex(metrics=metrics)
+    yield server
+    pytest_twisted.blockon(server.stop())
+
+
+def _key() -> str:
+    return f"k{time.monotonic_ns()}"
+
+
+def _arrivals(upstream: Upstream, path: str) -> list[tuple[float, Any]]:
+    return [(at, channel) for uri, at, channel in upstream.resource.timed if uri == path]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_hedge_fires_at_its_time_wins_and_the_loser_is_closed_at_the_upstream(
+    hedging: Octoplex, upstream: Upstream, caller: Caller, metrics: Metrics
+) -> None:
+    """A slow first attempt gets a hedge after after_msec; its head wins; the first is closed."""
+    path = f"/first-slow/{_key()}/5000"
+    status, _, answer = await caller.post(
+        hedging.url + "/multiplex",
+        {
+            "timeout_msec": 4000,
+            "requests": [{"uri": upstream.url + path, "hedge": {"after_msec": 300}}],
+        },
+    )
+    assert status == 200
+    success = answer["responses"][0]["Success"]
+    assert (success["content"], success["hedged"], success["hedge_won"]) == ("fast", True, True)
+    (first, first_channel), (second, second_channel) = _arrivals(upstream, path)
+    # Not before after_msec (a millisecond of clock granularity allowed), and
+    # not long after it even on a loaded machine.
+    assert 0.299 <= second - first < 0.3 + 2.0, second - first
+    assert first_channel is not second_channel
+    await wait_until(lambda: path in upstream.resource.finished_early, "the loser's close")
+    assert _count(metrics, "octoplex_hedges_sent_total") == 1
+    assert _count(metrics, "octoplex_hedges_won_total") == 1
+    assert _count(metrics, "octoplex_hedge_attempts_cancelled_total") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_first_answer_in_time_sends_no_hedge(
+    hedging: Octoplex, upstream: Upstream, caller: Caller, metrics: Metrics
+) -> None:
+    """A request answered before after_msec is sent once and says nothing of hedging."""
+    _, _, answer = await caller.post(
+        hedging.url + "/multiplex",
+        {
+            "timeout_msec": 4000,
+            "requests": [{"uri": upstream.url + "/hello", "hedge": {"after_msec": 2000}}],
+        },
+    )
+    success = answer["responses"][0]["Success"]
+    assert success["content"] == "Hello world!"
+    assert "hedged" not in success and "hedge_won" not in success
+    assert upstream.resource.arrivals == ["/hello"]
+    assert _count(metrics, "octoplex_hedges_sent_total") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_post_is_hedged_only_with_hedge_unsafe(
+    hedging: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """POST with a hedge is invalid unless hedge_unsafe; with it (from defaults too), hedged."""
+    slow = f"/first-slow/{_key()}/5000"
+    _, _, answer = await caller.post(
+        hedging.url + "/multiplex",
+        {
+            "timeout_msec": 4000,
+            "defaults": {"method": "POST", "body": "bid", "hedge": {"after_msec": 100}},
+            "requests": [
+                {"uri": upstream.url + "/first-slow/never/1"},
+                {"uri": upstream.url + slow, "hedge_unsafe": True},
+                {"uri": upstream.url + "/hello", "method": "GET"},
+            ],
+        },
+    )
+    refused, hedged, plain = answer["responses"]
+    assert refused["Failure"]["kind"] == "invalid"
+    assert refused["Failure"]["duration_msec"] == 0
+    assert '"POST"' in refused["Failure"]["error"] and "hedge_unsafe" in refused["Failure"]["error"]
+    assert (hedged["Success"]["hedged"], hedged["Success"]["hedge_won"]) == (True, True)
+    assert "hedged" not in plain["Success"]
+    assert "/first-slow/never/1" not in upstream.resource.arrivals
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_hedge_values_fail_the_item_and_bad_types_the_batch(
+    hedging: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """Each bad value fails its item, naming it and the limit; a wrong type is a 400."""
+    hedges = [
+        {},
+        {"after_msec": 10, "after_percentile": 50},
+        {"after_msec": 0},
+        {"after_msec": 3_600_001},
+        {"after_percentile": 100},
+        {"after_percentile": 0},
+    ]
+    _, _, answer = await caller.post(
+        hedging.url + "/multiplex",
+        {
+            "timeout_msec": 1000,
+            "requests": [{"uri": upstream.url + "/hello", "hedge": h} for h in hedges],
+        },
+    )
+    errors = [outcome["Failure"]["error"] for outcome in answer["responses"]]
+    assert all(o["Failure"]["kind"] == "invalid" for o in answer["responses"])
+    assert "exactly one of after_msec and after_percentile, got neither" in errors[0]
+    assert "got both" in errors[1]
+    assert "after_msec is 0; it must be from 1 to 3600000 (--max-timeout-msec)" in errors[2]
+    assert "after_msec is 3600001" in errors[3]
+    assert "after_percentile is 100; it must be above 0 and below 100" in errors[4]
+    assert "after_percentile is 0" in errors[5]
+    assert upstream.resource.arrivals == []
+    for bad, says in (
+        ({"after_msec": "10"}, "hedge.after_msec must be a whole number"),
+        ({"after_ms": 10}, 'unknown field "after_ms" in requests[0].hedge'),
+        (5, "hedge must be a JSON object"),
+    ):
+        status, _, answer = await caller.post(
+            hedging.url + "/multiplex",
+            {"timeout_msec": 1000, "requests": [{"uri": upstream.url + "/hello", "hedge": bad}]},
+        )
+        assert status == 400 and says in answer["error"], answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_hedge_is_cut_at_the_deadline(
+    hedging: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """Both attempts still out at the batch's deadline are cancelled; the item times out."""
+    path = "/delay/5000"
+    started = time.monotonic()
+    _, _, answer = await caller.post(
+        hedging.url + "/multiplex",
+        {
+            "timeout_msec": 600,
+            "requests": [{"uri": upstream.url + path, "hedge": {"after_msec": 100}}],
+        },
+    )
+    assert time.monotonic() - started < 3.0
+    failure = answer["responses"][0]["Failure"]
+    assert (failure["kind"], failure["hedged"]) == ("timeout", True)
+    assert "hedge_won" not in failure
+    assert len(_arrivals(upstream, path)) == 2
+    await wait_until(
+        lambda: upstream.resource.finished_early.count(path) == 2, "both attempts closed"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hedge_due_after_the_items_own_timeout_is_never_sent(
+    hedging: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """A hedge due past the request's timeout_msec never goes; the item times out alone."""
+    path = "/delay/5000"
+    _, _, answer = await caller.post(
+        hedging.url + "/multiplex",
+        {
+            "timeout_msec": 3000,
+            "requests": [
+                {"uri": upstream.url + path, "timeout_msec": 300, "hedge": {"after_msec": 1000}}
+            ],
+        },
+    )
+    failure = answer["responses"][0]["Failure"]
+    assert failure["kind"] == "timeout" and "hedged" not in failure
+    assert len(_arrivals(upstream, path)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hedge_counts_against_the_callers_share(
+    upstream: Upstream, caller: Caller, metrics: Metrics
+) -> None:
+    """With the client's share full, the hedge is not sent (and counted); with room, it is."""
+    for share, hedged in ((1, False), (2, True)):
+        server = start_octoplex(limits=Limits(max_client_requests_in_flight=share), metrics=metrics)
+        try:
+            # Both attempts slow: the hedge is in flight for a while.
+            path = f"/delay/{600 + share}"
+            batch = {
+                "timeout_msec": 4000,
+                "requests": [{"uri": upstream.url + path, "hedge": {"after_msec": 100}}],
+            }
+            answering = Deferred.fromCoroutine(caller.post(server.url + "/multiplex", batch))
+            if hedged:
+                # While the hedge runs, it is one more request in flight.
+                await wait_until(lambda p=path: len(_arrivals(upstream, p)) == 2, "the hedge")
+                assert _count(metrics, "octoplex_items_in_flight") == 2
+            _, _, answer = await answering
+            success = answer["responses"][0]["Success"]
+            assert ("hedged" in success) is hedged
+            assert len(_arrivals(upstream, path)) == 1 + hedged
+            assert _count(metrics, "octoplex_hedges_skipped_total", reason="share") == 1
+            # Everything it took is given back.
+            assert _count(metrics, "octoplex_items_in_flight") == 0
+        finally:
+            await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_percentile_waits_for_samples_then_hedges_at_the_hosts_latency(
+    hedging: Octoplex, upstream: Upstream, caller: Caller, metrics: Metrics
+) -> None:
+    """Without samples no hedge; after MIN_SAMPLES quick answers, a slow one is hedged soon."""
+    hedge = {"after_percentile": 90}
+    slow = f"/first-slow/{_key()}/3000"
+    _, _, answer = await caller.post(
+        hedging.url + "/multiplex",
+        {"timeout_msec": 1000, "requests": [{"uri": upstream.url + slow, "hedge": hedge}]},
+    )
+    assert "hedged" not in answer["responses"][0]["Failure"]
+    assert _count(metrics, "octoplex_hedges_skipped_total", reason="samples") == 1
+    quick = [{"uri": upstream.url + "/hello", "hedge": hedge} for _ in range(MIN_SAMPLES)]
+    await caller.post(hedging.url + "/multiplex", {"timeout_msec": 4000, "requests": quick})
+    slow = f"/first-slow/{_key()}/3000"
+    _, _, answer = await caller.post(
+        hedging.url + "/multiplex",
+        {"timeout_msec": 4000, "requests": [{"uri": upstream.url + slow, "hedge": hedge}]},
+    )
+    success = answer["responses"][0]["Success"]
+    assert (success["content"], success["hedged"], success["hedge_won"]) == ("fast", True, True)
+    (first, _), (second, _) = _arrivals(upstream, slow)
+    # The 90th percentile of local /hello answers: well under a second.
+    assert second - first < 1.0
+
+
+def test_the_schema_takes_hedges_and_refuses_bad_ones() -> None:
+    """The JSON Schema accepts the hedge fields and rejects malformed ones."""
+    from jsonschema import ValidationError
+
+    check_batch(
+        {
+            "timeout_msec": 100,
+            "defaults": {"hedge": {"after_percentile": 95}, "hedge_unsafe": False},
+            "requests": [{"uri": "http://a/", "hedge": {"after_msec": 20}, "hedge_unsafe": True}],
+        }
+    )
+    for bad in (
+        {"after_msec": 20, "after_percentile": 5},
+        {},
+        {"after_percentile": 100},
+        {"after_msec": 0},
+        {"after_ms": 5},
+    ):
+        with pytest.raises(ValidationError):
+            check_batch({"timeout_msec": 100, "requests": [{"uri": "http://a/", "hedge": bad}]})
+
+
+# --- Through the gRPC frontend --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grpc_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon with a plain gRPC listener."""
+    running = Daemon(tmp_path_factory.mktemp("grpc-hedge"), [], plain=True, tls=False)
+    yield from _serving(running, grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}"))
+
+
+@pytest.fixture
+def stub(grpc_daemon: Daemon) -> Iterator[pb_grpc.MultiplexerStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_daemon.grpc_port}") as channel:
+        yield pb_grpc.MultiplexerStub(channel)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hedges_over_grpc(stub: pb_grpc.MultiplexerStub, upstream: Upstream) -> None:
+    """The hedge, its refusal for POST, its absence when not due, and the deadline, over gRPC."""
+    slow = f"/first-slow/{_key()}/5000"
+    after = pb.Hedge(after_msec=200)
+    batch = pb.Batch(
+        timeout_msec=4000,
+        requests=[
+            pb.Request(uri=upstream.url + slow, hedge=after),
+            pb.Request(uri=upstream.url + "/hello", method="POST", hedge=after),
+            pb.Request(uri=upstream.url + "/hello", hedge=pb.Hedge(after_msec=3000)),
+            pb.Request(uri=upstream.url + "/hello", hedge=pb.Hedge()),
+        ],
+    )
+    hedged, post, quick, neither = (await call(stub.Multiplex, batch, metadata=())).outcomes
+    assert hedged.success.content == b"fast"
+    assert hedged.hedged and hedged.HasField("hedge_won") and hedged.hedge_won
+    assert post.failure.kind == pb.KIND_INVALID and "hedge_unsafe" in post.failure.error
+    assert quick.success.status == 200 and not quick.hedged and not quick.HasField("hedge_won")
+    assert neither.failure.kind == pb.KIND_INVALID and "got neither" in neither.failure.error
+    (first, _), (second, _) = _arrivals(upstream, slow)
+    assert 0.199 <= second - first < 2.2
+    await wait_until(lambda: slow in upstream.resource.finished_early, "the loser's close")
+    cut = pb.Batch(
+        timeout_msec=500,
+        requests=[pb.Request(uri=upstream.url + "/delay/5000", hedge=pb.Hedge(after_msec=100))],
+    )
+    (timed_out,) = (await call(stub.Multiplex, cut, metadata=())).outcomes
+    assert timed_out.failure.kind == pb.KIND_TIMEOUT
+    assert timed_out.hedged and not timed_out.HasField("hedge_won")
+    await wait_until(
+        lambda: upstream.resource.finished_early.count("/delay/5000") == 2, "both attempts closed"
+    )
