@@ -96,8 +96,8 @@ MAX_ADDRESSES = 64
 #: Buckets of the latency window.
 BUCKETS = 10
 
-#: Seconds between two latency checks of one host (each costs a pass over
-#: its addresses).
+#: Seconds between two latency checks of one address (each costs a pass
+#: over its siblings).
 LATENCY_CHECK_INTERVAL = 1.0
 
 
@@ -138,7 +138,7 @@ class OutlierSettings:
 class _Host:
     """The tracked addresses of one upstream."""
 
-    __slots__ = ("addresses", "key", "label", "last_used", "name", "next_check", "out", "size")
+    __slots__ = ("addresses", "key", "label", "last_used", "name", "out", "size")
 
     def __init__(self, key: Hashable, name: str, label: str, now: float) -> None:
         self.key = key
@@ -152,7 +152,6 @@ class _Host:
         #: Addresses ejected or probing.
         self.out = 0
         self.last_used = now
-        self.next_check = 0.0
 
 
 class _Address:
@@ -167,6 +166,7 @@ class _Address:
         "failures",
         "fives",
         "host",
+        "next_check",
         "owner",
         "probe_out",
         "probe_since",
@@ -194,6 +194,8 @@ class _Address:
         self.restored_at = 0.0
         self.probe_out = False
         self.probe_since = 0.0
+        #: When its latency may next be judged.
+        self.next_check = 0.0
         #: Latencies in the window: totals, and per bucket.
         self.sum = 0.0
         self.count = 0
@@ -517,9 +519,8 @@ class Outliers:
             address.count += 1
             address.sums[index] += latency
             address.counts[index] += 1
-            if now >= host.next_check and address.count >= settings.latency_min_samples:
-                host.next_check = now + LATENCY_CHECK_INTERVAL
-                self._check_latency(host, tick)
+            if now >= address.next_check and address.count >= settings.latency_min_samples:
+                self._check_latency(address, now, tick)
 
     def _means(self, host: _Host, tick: int, leave_out: _Address | None) -> list[float]:
         """The mean latencies of ``host``'s active addresses with enough samples."""
@@ -552,24 +553,20 @@ class Outliers:
         why = self._too_slow(latency, self._means(address.host, tick, address))
         return None if why is None else f"its answer took {why}"
 
-    def _check_latency(self, host: _Host, tick: int) -> None:
-        """Eject ``host``'s slowest address if its latency is an outlier's."""
-        wanted = self.settings.latency_min_samples
-        worst = None
-        for address in host.addresses.values():
-            if address.state is ACTIVE:
-                address.advance(tick)
-                if address.count >= wanted and (worst is None or address.mean() > worst.mean()):
-                    worst = address
-        if worst is None:
+    def _check_latency(self, address: _Address, now: float, tick: int) -> None:
+        """Eject ``address`` if its mean latency is an outlier's among its siblings'."""
+        siblings = self._means(address.host, tick, address)
+        if not siblings:
             return
-        why = self._too_slow(worst.mean(), self._means(host, tick, worst))
+        # Judged at most once a second, once there is something to judge by.
+        address.next_check = now + LATENCY_CHECK_INTERVAL
+        why = self._too_slow(address.mean(), siblings)
         if why is not None:
             window = self.settings.latency_window
             self._eject(
-                worst,
+                address,
                 "latency",
-                f"mean latency over the last {window:g} s ({worst.count} requests) {why}",
+                f"mean latency over the last {window:g} s ({address.count} requests) {why}",
             )
 
     # Changes of state ---------------------------------------------------
