@@ -495,10 +495,10 @@ class World:
         )
         self.resolver = CachingResolver(reactor, names, DNSSettings(min_ttl=60), hosts=None)
 
-    def start(self, outliers: OutlierSettings | None) -> Octoplex:
-        # One request per connection: every request dials.
+    def start(self, outliers: OutlierSettings | None, keep_alive: bool = False) -> Octoplex:
+        # Without keep_alive, one request per connection: every request dials.
         self.octoplex = start_octoplex(
-            pool=PoolSettings(max_requests=1),
+            pool=PoolSettings() if keep_alive else PoolSettings(max_requests=1),
             metrics=self.metrics,
             resolver=self.resolver,
             outliers=outliers,
@@ -617,20 +617,26 @@ async def test_a_refusing_address_is_ejected_then_probed_then_restored(
 
 @pytest_twisted.ensureDeferred
 async def test_an_address_answering_5xx_is_ejected_when_counted(caller: Caller) -> None:
-    """With consecutive 5xx counted, an address answering 503 is ejected, and the metrics say so."""
+    """
+    With consecutive 5xx counted, an address answering 503 is ejected: its
+    pooled keep-alive connections are not reused, nor is it dialled; the
+    metrics say so.
+    """
     settings = OutlierSettings(**{**_fields(LIVE), "consecutive_5xx": 3})
 
     async def test(world: World) -> None:
         world.answers["127.0.0.3"].status = 503
-        world.start(settings)
+        world.start(settings, keep_alive=True)
         items = await batch(caller, world, [world.url()] * 9)
         # Its answers are the callers' answers: ejection does not retry.
         assert sorted(statuses(items)) == [200] * 6 + [503] * 3
         assert world.state("127.0.0.3") == EJECTED
         before = world.answers["127.0.0.3"].requests
-        items = await batch(caller, world, [world.url()] * 9)
-        assert statuses(items) == [200] * 9
+        # Twice as many as the pool holds: idle connections and new ones.
+        items = await batch(caller, world, [world.url()] * 18)
+        assert statuses(items) == [200] * 18
         assert world.answers["127.0.0.3"].requests == before
+        assert world.accepted("127.0.0.3") == 3
         host = f"http://multi.test:{world.port}"
         found = samples(world.metrics)
         assert (
