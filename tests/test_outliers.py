@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attr
@@ -43,7 +44,7 @@ from octoplex.outliers import (
     TrackedUpstreamProtocol,
     usable,
 )
-from octoplex.tap import Options, outliers_of
+from octoplex.tap import Options, makeService, outliers_of
 
 from .servers import Caller, Octoplex, _CountingSite, serve_dns, start_octoplex, wait_until
 
@@ -423,6 +424,25 @@ def test_options_make_the_settings() -> None:
         Options(list).parseOptions(["--outlier-ejection-time", "400"])
     with pytest.raises(UsageError):
         Options(list).parseOptions(["--outlier-max-ejected-percent", "101"])
+
+
+def test_a_reload_turns_it_on_and_off(tmp_path: Path) -> None:
+    """SIGHUP's reload applies the [outlier] keys to the running client, its states kept."""
+    config = tmp_path / "octoplex.toml"
+    config.write_text("[outlier]\nejection = 'on'\nconsecutive_failures = 3\n")
+    options = Options(list)
+    options.parseOptions(["--workers", "1", "--listen", "tcp:0", "--config", str(config)])
+    root: Any = makeService(options)
+    outliers = root.client.outliers
+    assert outliers is not None
+    assert outliers.settings.consecutive_failures == 3
+    config.write_text("[outlier]\nejection = 'on'\nconsecutive_5xx = 2\n")
+    root.reload()
+    assert root.client.outliers is outliers
+    assert (outliers.settings.consecutive_failures, outliers.settings.consecutive_5xx) == (5, 2)
+    config.write_text("")
+    root.reload()
+    assert root.client.outliers is None
 
 
 # ---------------------------------------------------------------------------
