@@ -15,11 +15,13 @@ from typing import Any
 import attr
 import pytest
 import pytest_twisted
+from OpenSSL import SSL
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent
@@ -31,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from octoplex.client import PoolSettings
 from octoplex.dns import CachingResolver, DNSSettings
@@ -195,6 +198,34 @@ def test_pooled_connections_to_an_ejected_address_are_not_reused() -> None:
     answer(outliers, connection(outliers, "127.0.0.3"))
     assert outliers.state(KEY, "127.0.0.3") == ACTIVE
     assert not usable(old)
+
+
+@implementer(ISSLTransport)
+class _TLSTransport(StringTransport):
+    """A transport that says it is TLS."""
+
+
+def test_tls_handshake_failures_count_as_connect_failures() -> None:
+    """A TLS connection lost before its handshake is a connect failure; a handshake resets them."""
+    outliers, clock, _ = make()
+    outliers.choose(KEY, THREE)
+
+    def tls_connection() -> TrackedUpstreamProtocol:
+        protocol = TrackedUpstreamProtocol()
+        protocol.clock = clock
+        protocol.transport = _TLSTransport(peerAddress=IPv4Address("TCP", "127.0.0.3", 443))
+        outliers.attach(protocol, KEY)
+        assert protocol.tls_pending
+        return protocol
+
+    for _ in range(2):
+        tls_connection().connectionLost(Failure(SSL.Error("handshake failure")))
+    tls_connection().handshakeCompleted()
+    for _ in range(2):
+        tls_connection().connectionLost(Failure(SSL.Error("handshake failure")))
+    assert outliers.state(KEY, "127.0.0.3") == ACTIVE
+    tls_connection().connectionLost(Failure(SSL.Error("handshake failure")))
+    assert outliers.state(KEY, "127.0.0.3") == EJECTED
 
 
 def test_5xx_ejects_only_when_counted() -> None:
