@@ -42,8 +42,9 @@ connection to its address (:meth:`Outliers.attach`), and builds it as a
 :class:`TrackedUpstreamProtocol`, which reports its TLS handshake, its
 answers' status and latency, and a connection lost before an answer; the
 pool retires a connection whose address was ejected since it opened
-(:func:`usable`).  With ejection off, none of it runs: the pool and the
-dialler each check one attribute.
+(:func:`usable`).  With ejection off, none of it runs: a new connection
+costs three attribute checks (one in the dialler, two in the pool), a
+reused one one.
 
 Memory is bounded: :data:`MAX_HOSTS` hosts (least recently used evicted
 first), :data:`MAX_ADDRESSES` addresses each (more are not tracked, and
