@@ -16,7 +16,10 @@ What a multiplexer needs that treq does not give by default:
 - circuit breaking per upstream, when asked for (:mod:`circuits`): a
   request to an upstream whose circuit is open fails at once, before any
   queue, DNS lookup or connect, and every request let through tells its
-  circuit how it went.
+  circuit how it went;
+- outlier ejection across a host's addresses, when asked for
+  (:mod:`outliers`): the pool and the dialler leave out an address that
+  misbehaves while its siblings do not.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from octoplex.endpoints import UpstreamEndpointFactory
 from octoplex.errors import cause, describe
 from octoplex.limits import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_COUNT
 from octoplex.metrics import Metrics
+from octoplex.outliers import Outliers, OutlierSettings
 from octoplex.pool import OctoplexPool
 from octoplex.timings import Timings
 from octoplex.tls import UpstreamTLSPolicy
@@ -75,7 +79,7 @@ class QueueTimeout(Exception):
 
 
 #: Seconds between the log events that count new connections per address
-#: (and between the passes that forget idle hosts' circuits).
+#: (and between the passes that forget idle hosts' circuits and outliers).
 CONNECTION_REPORT_INTERVAL = 60.0
 
 #: Upstream hosts whose TLS context is kept.
@@ -357,6 +361,8 @@ class UpstreamClient(Service):
     :param metrics: counts connections, the wait for one, egress refusals
         and body bytes; a fresh :class:`~octoplex.metrics.Metrics` by default.
     :param circuits: circuit breaking per upstream; off by default.
+    :param outliers: outlier ejection across a host's addresses; off by
+        default.
     """
 
     name = "upstream-client"
@@ -374,6 +380,7 @@ class UpstreamClient(Service):
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         metrics: Metrics | None = None,
         circuits: CircuitSettings | None = None,
+        outliers: OutlierSettings | None = None,
     ) -> None:
         self._reactor = reactor
         self._metrics = metrics = Metrics() if metrics is None else metrics
@@ -425,6 +432,34 @@ class UpstreamClient(Service):
         self._circuit_settings = CircuitSettings()
         self._set_circuits(CircuitSettings() if circuits is None else circuits)
         metrics.circuit_source = self._circuit_states
+        self._outlier_settings = OutlierSettings()
+        self._set_outliers(OutlierSettings() if outliers is None else outliers)
+        metrics.ejected_source = self._ejected
+
+    def _set_outliers(self, settings: OutlierSettings) -> None:
+        """
+        Turn outlier ejection on or off, or change its settings; the
+        addresses' states stand while it stays on.
+        """
+        outliers = self._pool.outliers
+        if not settings.enabled:
+            outliers = None
+        elif outliers is None:
+            outliers = Outliers(self._reactor, settings, self._metrics)
+        else:
+            outliers.reconfigure(settings)
+        # The dialler and the pool share it.
+        self._pool.outliers = self._endpoints.outliers = outliers
+        self._outlier_settings = settings
+
+    def _ejected(self) -> Any:
+        outliers = self._pool.outliers
+        return () if outliers is None else outliers.ejected()
+
+    @property
+    def outliers(self) -> Outliers | None:
+        """The addresses' states, if outlier ejection is on."""
+        return self._pool.outliers
 
     def _set_circuits(self, settings: CircuitSettings) -> None:
         """
@@ -455,16 +490,19 @@ class UpstreamClient(Service):
         max_header_bytes: int,
         egress: EgressPolicy,
         circuits: CircuitSettings | None = None,
+        outliers: OutlierSettings | None = None,
     ) -> None:
         """
         Change the limits, the egress policy and, if given, the circuit
-        breaking settings, for the requests and connections to come (a
+        breaking and outlier ejection settings, for the requests and connections to come (a
         reload).  A new egress policy retires every pooled connection, since
         each was checked when it was opened.  Circuits keep their states
         while circuit breaking stays on.
         """
         if circuits is not None and circuits != self._circuit_settings:
             self._set_circuits(circuits)
+        if outliers is not None and outliers != self._outlier_settings:
+            self._set_outliers(outliers)
         self._max_response_bytes = max_response_bytes
         self._pool.head_limits = (max_header_count, max_header_bytes)
         if egress != self._endpoints.egress:
@@ -721,6 +759,8 @@ class UpstreamClient(Service):
         self._report_connections()
         if self._circuits is not None:
             self._circuits.prune()
+        if self._pool.outliers is not None:
+            self._pool.outliers.prune()
 
     def _report_connections(self) -> None:
         opened = self._endpoints.take_opened()

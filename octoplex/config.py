@@ -130,6 +130,24 @@ KEYS: tuple[Key, ...] = tuple(
         *_keys(
             "circuit", "int", "min_requests", "circuit-min-requests", "probes", "circuit-probes",
         ),
+        *_keys(
+            "outlier", "string", "ejection", "outlier-ejection",
+        ),
+        *_keys(
+            "outlier", "int",
+            "consecutive_failures", "outlier-consecutive-failures",
+            "consecutive_5xx", "outlier-consecutive-5xx",
+            "latency_min_samples", "outlier-latency-min-samples",
+            "max_ejected_percent", "outlier-max-ejected-percent",
+        ),
+        *_keys(
+            "outlier", "number",
+            "latency_factor", "outlier-latency-factor",
+            "latency_floor", "outlier-latency-floor",
+            "latency_window", "outlier-latency-window",
+            "ejection_time", "outlier-ejection-time",
+            "max_ejection_time", "outlier-max-ejection-time",
+        ),
         *_keys("metrics", "string", "listen", "metrics-listen"),
         *_keys("grpc", "strings", "listen", "grpc-listen", "listen_tls", "grpc-listen-tls"),
     ]
@@ -149,7 +167,7 @@ RELOADABLE = frozenset(
         "log-level",
         "drain-delay",
         "drain-timeout",
-        *(key.option for key in KEYS if key.section in ("limits", "circuit")),
+        *(key.option for key in KEYS if key.section in ("limits", "circuit", "outlier")),
     }
 )
 

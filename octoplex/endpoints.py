@@ -37,6 +37,7 @@ from zope.interface import implementer
 from octoplex.dns import CachingResolver
 from octoplex.egress import EgressPolicy, EgressRefused
 from octoplex.metrics import Metrics
+from octoplex.outliers import Outliers
 from octoplex.timings import Timings
 
 __all__ = ["UpstreamEndpointFactory", "set_tcp_nodelay"]
@@ -103,6 +104,11 @@ class _NameEndpoint:
     fails), the first to connect winning.  An address that refuses is
     reported to the resolver, which leaves it out for a while.
 
+    With outlier ejection on (``outliers``), the addresses ejected are left
+    out too, an address due a probe is tried first, and every failed
+    attempt is reported to the outliers, which then stand in for the
+    resolver's leaving out of refusing addresses.
+
     If the policy allows none of the addresses, the connection fails with
     :class:`~octoplex.egress.EgressRefused` and nothing is sent.
     """
@@ -119,8 +125,13 @@ class _NameEndpoint:
         timeout: float,
         metrics: Metrics,
         timings: Timings | None = None,
+        key: Any = None,
+        outliers: Outliers | None = None,
     ) -> None:
         self._timings = timings
+        #: The pool's key of the upstream, under which outliers track it.
+        self.key = key
+        self.outliers = outliers
         self._metrics = metrics
         self._reactor = reactor
         self._resolver = resolver
@@ -160,7 +171,11 @@ class _NameEndpoint:
         if not allowed:
             assert refusal is not None
             return self._refused(refusal)
-        return _Race(self, self._resolver.usable(allowed), factory).winner
+        usable = self._resolver.usable(allowed)
+        probe = None
+        if self.outliers is not None:
+            usable, probe = self.outliers.choose(self.key, usable)
+        return _Race(self, usable, factory, probe).winner
 
     def _refused(self, refusal: EgressRefused) -> Deferred[IProtocol]:
         self._metrics.egress_refused.inc()
@@ -184,9 +199,15 @@ class _Race:
     """
 
     def __init__(
-        self, endpoint: _NameEndpoint, addresses: list[str], factory: IProtocolFactory
+        self,
+        endpoint: _NameEndpoint,
+        addresses: list[str],
+        factory: IProtocolFactory,
+        probe: str | None = None,
     ) -> None:
         self._endpoint = endpoint
+        #: The address due a probe (octoplex.outliers), tried first.
+        self._probe = probe
         self._waiting = list(addresses)
         self._factory = factory
         self._attempts: dict[str, Deferred[IProtocol]] = {}
@@ -220,9 +241,14 @@ class _Race:
 
     def _failed(self, failure: Failure, address: str) -> None:
         del self._attempts[address]
+        outliers = self._endpoint.outliers
         if failure.check(CancelledError, ConnectingCancelledError):
+            if address == self._probe and outliers is not None:
+                outliers.probe_dropped(self._endpoint.key, address)
             return
-        if failure.check(ConnectionRefusedError):
+        if outliers is not None:
+            outliers.connect_failed(self._endpoint.key, address, failure)
+        elif failure.check(ConnectionRefusedError):
             self._endpoint._resolver.refused(address)
         self._failure = failure
         if self.winner.called:
@@ -280,6 +306,8 @@ class UpstreamEndpointFactory:
         self._connect_timeout = connect_timeout
         self._resolver = resolver
         self.egress = egress
+        #: The addresses' states, while outlier ejection is on.
+        self.outliers: Outliers | None = None
         #: Connections opened per upstream address ("ip:port") since the
         #: last :meth:`take_opened`, so the spread across a name's
         #: addresses can be seen.
@@ -304,7 +332,7 @@ class UpstreamEndpointFactory:
         host = uri.host
         if host.startswith(b"[") and host.endswith(b"]"):
             host = host[1:-1]
-        tcp = self._tcp_endpoint(host, uri.port, timings)
+        tcp = self._tcp_endpoint(host, uri.port, timings, (uri.scheme, uri.host, uri.port))
         if uri.scheme == b"http":
             return _TunedEndpoint(tcp, self._count, timings)
         if uri.scheme == b"https":
@@ -313,7 +341,7 @@ class UpstreamEndpointFactory:
         raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
 
     def _tcp_endpoint(
-        self, host: bytes, port: int, timings: Timings | None = None
+        self, host: bytes, port: int, timings: Timings | None = None, key: Any = None
     ) -> IStreamClientEndpoint:
         # IP literals take the same path as names: the resolver hands a
         # literal back at once, and the egress policy must see it.
@@ -326,4 +354,6 @@ class UpstreamEndpointFactory:
             self._connect_timeout,
             self._metrics,
             timings,
+            key,
+            self.outliers,
         )

@@ -367,6 +367,10 @@ class UpstreamProtocol(Protocol):
     uses = 0
     #: The pool key it was opened for, which the pool sets.
     key: Any = None
+    #: Its address's state, and the address's epoch when it opened, while
+    #: outlier ejection is on (octoplex.outliers); the pool reads them.
+    outlier: Any = None
+    outlier_epoch = 0
     #: When its TLS handshake was done, for a TLS connection, by ``clock``
     #: (which the pool sets).
     tls_done: float | None = None

@@ -281,6 +281,40 @@ class _CircuitStates(Collector):
         return []
 
 
+class _EjectedAddresses(Collector):
+    """
+    ``octoplex_upstream_address_ejected``, per host and address, read from
+    the outlier tracker (``--outlier-ejection``) when the registry is
+    collected: 1 for each address out of rotation (ejected, or probing).
+    Only such addresses are listed.  The hosts past the first
+    :data:`MAX_HOSTS` are counted under ``other`` with address ``other``,
+    so the series stay bounded; the master's sum over its workers counts
+    the workers that leave an address out.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "octoplex_upstream_address_ejected",
+            "Addresses of upstream hosts out of rotation (--outlier-ejection): 1 for each "
+            "ejected or probing address, by host and address.",
+            labels=["host", "address"],
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for host, address in self._metrics.ejected_source():
+            if host == "other":
+                address = "other"
+            counts[host, address] = counts.get((host, address), 0) + 1
+        for (host, address), count in sorted(counts.items()):
+            family.add_metric([host, address], count)
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
 class _IdleConnections(Collector):
     """
     ``octoplex_upstream_connections_idle``, per host, read from the pool
@@ -491,6 +525,14 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.upstream_ejections = LocklessCounter(
+            "octoplex_upstream_ejections",
+            "Times an address of an upstream host was ejected (--outlier-ejection), by host "
+            "and reason: connect (consecutive connect failures), 5xx (consecutive 5xx "
+            "answers), latency, probe (its probe failed).",
+            ["host", "reason"],
+            registry=registry,
+        )
         #: Where the idle connections per pool key are read; the pool sets it.
         self.idle_source: Callable[[], Iterable[tuple[Hashable, int]]] = lambda: ()
         registry.register(_IdleConnections(self))
@@ -498,6 +540,10 @@ class Metrics:
         #: client sets it.
         self.circuit_source: Callable[[], Iterable[tuple[str, str]]] = lambda: ()
         registry.register(_CircuitStates(self))
+        #: Where the host label and address of each address out of rotation
+        #: are read; the upstream client sets it.
+        self.ejected_source: Callable[[], Iterable[tuple[str, str]]] = lambda: ()
+        registry.register(_EjectedAddresses(self))
 
         # Bound once: the hot path only increments.
         self._batch_status: dict[int, Any] = {}

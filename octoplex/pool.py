@@ -35,7 +35,10 @@ tests/test_private_api.py):
   ``HTTP11ClientProtocol``, and each response head is held to
   ``max_header_count`` lines and ``max_header_bytes`` bytes, where
   Twisted's parser takes any number of header lines and closes a
-  connection without a word on a line over 16 KiB.
+  connection without a word on a line over 16 KiB;
+- with outlier ejection on (:mod:`octoplex.outliers`), its connections
+  report how their address does, and a connection to an address ejected
+  since it opened is retired instead of reused.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from octoplex.circuits import Ticket
 from octoplex.http11 import HeadTooLarge, UpstreamProtocol
 from octoplex.metrics import Metrics
+from octoplex.outliers import Outliers, TrackedUpstreamProtocol, usable
 
 __all__ = ["HeadTooLarge", "OctoplexPool"]
 
@@ -152,6 +156,8 @@ class _Opening:
         self._connecting = self._wanted = self._request = self._ticket = None
         assert wanted is not None
         protocol.key = key
+        if pool.outliers is not None:
+            pool.outliers.attach(protocol, key)
         pool.opened += 1
         pool._metrics.upstream(key).opened.inc()
         protocol.born = pool._reactor.seconds()
@@ -226,7 +232,8 @@ class OctoplexPool(HTTPConnectionPool):
             # Twisted's factory is typed to build its own protocol; the pool
             # needs only the same interface (octoplex.http11).
             def buildProtocol(self, addr: Any) -> UpstreamProtocol:  # type: ignore[override]
-                protocol = UpstreamProtocol(self._quiescentCallback)
+                kind = UpstreamProtocol if pool.outliers is None else TrackedUpstreamProtocol
+                protocol = kind(self._quiescentCallback)
                 protocol.head_limits = pool.head_limits
                 protocol.clock = pool._reactor
                 return protocol
@@ -256,6 +263,10 @@ class OctoplexPool(HTTPConnectionPool):
         #: request tells the ticket how it went if the request is cancelled
         #: while it opens.
         self.ticket: Ticket | None = None
+        #: The addresses' states, while outlier ejection is on
+        #: (octoplex.outliers): its connections report to them, and one to
+        #: an address ejected since it opened is retired, not reused.
+        self.outliers: Outliers | None = None
         #: Idle connections, by key, least recently used first.
         self._connections: dict[Hashable, list[Any]] = {}
         #: The one timer that closes connections idle too long.
@@ -414,7 +425,14 @@ class OctoplexPool(HTTPConnectionPool):
         return None
 
     def _too_old(self, connection: Any, now: float) -> bool:
+        """
+        Whether ``connection`` is not to be used again: opened before the
+        last :meth:`retire_all`, ``max_age`` old, or to an address ejected
+        since (octoplex.outliers).
+        """
         if connection.generation != self._generation:
+            return True
+        if connection.outlier is not None and not usable(connection):
             return True
         return bool(now - connection.born >= self._max_age)
 

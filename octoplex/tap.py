@@ -47,6 +47,7 @@ from octoplex.limits import Limits
 from octoplex.logs import LogOptions, Logs
 from octoplex.metrics import Metrics
 from octoplex.multiplexer import Multiplexer
+from octoplex.outliers import OutlierSettings
 from octoplex.tls import (
     TLSConfigError,
     UpstreamTLSPolicy,
@@ -151,8 +152,35 @@ def _ratio(text: str) -> float:
 _ratio.coerceDoc = "Must be above 0 and at most 1."  # type: ignore[attr-defined]
 
 _whole_id.coerceDoc = "Must be a whole number, 0 or more."  # type: ignore[attr-defined]
+
+
+def _non_negative_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{text!r} must be a finite number, 0 or more")
+    return value
+
+
+_non_negative_number.coerceDoc = "Must be a number, 0 or more."  # type: ignore[attr-defined]
+
+
+def _percent(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 100:
+        raise ValueError(f"{text!r} must be from 0 to 100")
+    return value
+
+
+_percent.coerceDoc = "Must be a whole number from 0 to 100."  # type: ignore[attr-defined]
 _LIMITS = Limits()
 _CIRCUITS = CircuitSettings()
+_OUTLIERS = OutlierSettings()
 _seconds = _positive(float, "a number of seconds")
 
 
@@ -423,6 +451,80 @@ class Options(LogOptions):
             "off",
             "on: a 5xx answer counts as a failure of its upstream too.",
             _on_off,
+        ],
+        [
+            "outlier-ejection",
+            None,
+            "off",
+            "on: an address of a host that fails to connect, answers 5xx or is far slower "
+            "than its siblings is left out of rotation for a back-off, then probed.",
+            _on_off,
+        ],
+        [
+            "outlier-consecutive-failures",
+            None,
+            _OUTLIERS.consecutive_failures,
+            "Connect failures in a row (refused, timed out, TLS) that eject an address.",
+            _count,
+        ],
+        [
+            "outlier-consecutive-5xx",
+            None,
+            _OUTLIERS.consecutive_5xx,
+            "5xx answers in a row that eject an address; 0: 5xx answers never eject.",
+            _whole_id,
+        ],
+        [
+            "outlier-latency-factor",
+            None,
+            _OUTLIERS.latency_factor,
+            "Eject an address whose mean latency is above this many times its siblings' "
+            "median; 0: latency never ejects.",
+            _non_negative_number,
+        ],
+        [
+            "outlier-latency-min-samples",
+            None,
+            _OUTLIERS.latency_min_samples,
+            "Answers in --outlier-latency-window an address, and each sibling it is "
+            "compared with, must have.",
+            _count,
+        ],
+        [
+            "outlier-latency-floor",
+            None,
+            _OUTLIERS.latency_floor,
+            "Seconds an address's latency must also be above its siblings' median to eject it.",
+            _non_negative_seconds,
+        ],
+        [
+            "outlier-latency-window",
+            None,
+            _OUTLIERS.latency_window,
+            "Seconds of an address's latencies judged.",
+            _seconds,
+        ],
+        [
+            "outlier-ejection-time",
+            None,
+            _OUTLIERS.ejection_time,
+            "Seconds of an address's first ejection; the n-th lasts n times as long.",
+            _seconds,
+        ],
+        [
+            "outlier-max-ejection-time",
+            None,
+            _OUTLIERS.max_ejection_time,
+            "The longest ejection, in seconds.",
+            _seconds,
+        ],
+        [
+            "outlier-max-ejected-percent",
+            None,
+            _OUTLIERS.max_ejected_percent,
+            "The most of a host's addresses out of rotation at once, in percent, rounded "
+            "down (a host with one address is never ejected).",
+            _percent,
         ],
         [
             "dns-min-ttl",
@@ -873,6 +975,11 @@ class Options(LogOptions):
                 f"--circuit-cooldown {self['circuit-cooldown']} is above "
                 f"--circuit-max-cooldown {self['circuit-max-cooldown']}"
             )
+        if self["outlier-ejection-time"] > self["outlier-max-ejection-time"]:
+            raise usage.UsageError(
+                f"--outlier-ejection-time {self['outlier-ejection-time']} is above "
+                f"--outlier-max-ejection-time {self['outlier-max-ejection-time']}"
+            )
         if self["dns-min-ttl"] > self["dns-max-ttl"]:
             raise usage.UsageError(
                 f"--dns-min-ttl {self['dns-min-ttl']} is above --dns-max-ttl {self['dns-max-ttl']}"
@@ -1033,8 +1140,9 @@ class _Octoplex(MultiService):
         """
         Read the ``--config`` file (and the command line) again, and apply
         what can change safely: limits, tokens, the egress policy, circuit
-        breaking, the log level and the drain settings.  Other changed settings are logged as
-        needing a restart.  A file that does not check out changes nothing.
+        breaking, outlier ejection, the log level and the drain settings.
+        Other changed settings are logged as needing a restart.  A file that
+        does not check out changes nothing.
         """
         path = self.options["config"]
         if path is None:
@@ -1082,6 +1190,7 @@ class _Octoplex(MultiService):
             limits.max_header_bytes,
             options["egress"],
             circuits_of(options),
+            outliers_of(options),
         )
         self.drain_timeout, self.drain_delay = options["drain-timeout"], options["drain-delay"]
         if self.logs is not None:
@@ -1204,6 +1313,24 @@ def circuits_of(options: Options) -> CircuitSettings:
     )
 
 
+def outliers_of(options: Options) -> OutlierSettings:
+    """
+    The outlier ejection settings ``options`` set.
+    """
+    return OutlierSettings(
+        enabled=options["outlier-ejection"] == "on",
+        consecutive_failures=options["outlier-consecutive-failures"],
+        consecutive_5xx=options["outlier-consecutive-5xx"],
+        latency_factor=options["outlier-latency-factor"],
+        latency_min_samples=options["outlier-latency-min-samples"],
+        latency_floor=options["outlier-latency-floor"],
+        latency_window=options["outlier-latency-window"],
+        ejection_time=options["outlier-ejection-time"],
+        max_ejection_time=options["outlier-max-ejection-time"],
+        max_ejected_percent=options["outlier-max-ejected-percent"],
+    )
+
+
 def makeService(options: Options, reactor: Any | None = None) -> IService:
     """
     Build the daemon: the upstream client, the multiplexer, the app and its
@@ -1262,6 +1389,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         limits.max_header_bytes,
         metrics,
         circuits_of(options),
+        outliers_of(options),
     )
     client.setServiceParent(root)
     buffers = BufferBudget(limits.max_buffered_bytes)

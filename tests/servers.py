@@ -36,6 +36,7 @@ from octoplex.egress import EgressPolicy
 from octoplex.limits import Limits
 from octoplex.metrics import Metrics
 from octoplex.multiplexer import Multiplexer
+from octoplex.outliers import OutlierSettings
 from octoplex.web import OctoplexApp, OctoplexSite
 
 from .schema import check_answer
@@ -363,12 +364,14 @@ def start_octoplex(
     tokens: Tokens | None = None,
     resolver: CachingResolver | None = None,
     circuits: CircuitSettings | None = None,
+    outliers: OutlierSettings | None = None,
 ) -> Octoplex:
     """
     Start Octoplex on 127.0.0.1, wired as the tap wires it; with
     ``metrics``, every piece counts in it; host names are dialled through
     ``resolver``, by default one that answers only from /etc/hosts; with
-    ``circuits``, circuit breaking as they say (off by default).
+    ``circuits``, circuit breaking as they say, with ``outliers``, outlier
+    ejection as they say (both off by default).
     """
     limits = limits or Limits()
     metrics = Metrics() if metrics is None else metrics
@@ -383,6 +386,7 @@ def start_octoplex(
         limits.max_header_bytes,
         metrics,
         circuits,
+        outliers,
     )
     client.startService()
     multiplexer = Multiplexer(global_reactor, client, limits.max_batch_response_bytes, metrics)

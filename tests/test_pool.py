@@ -391,6 +391,7 @@ class _Pooled:
     state = "QUIESCENT"
     generation = 0
     uses = 0
+    outlier = None
 
     def __init__(self) -> None:
         self.born = 0.0
