@@ -2,7 +2,9 @@
 Outlier ejection across a host's addresses (:mod:`octoplex.outliers`): the
 state machine against a fake clock; then, over real sockets, Octoplex
 dialling a name that a ``twisted.names`` DNS server on 127.0.0.1 answers
-with three loopback addresses, one of which misbehaves.
+with three loopback addresses, one of which misbehaves: in this process
+behind the JSON frontend, and once as the ``twistd --reactor=asyncio``
+daemon behind its gRPC frontend.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import attr
+import grpc
 import pytest
 import pytest_twisted
 from OpenSSL import SSL
@@ -24,6 +27,7 @@ from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
 from twisted.names import client as names_client
 from twisted.names import dns
@@ -48,8 +52,11 @@ from octoplex.outliers import (
     usable,
 )
 from octoplex.tap import Options, makeService, outliers_of
+from octoplex.v1 import multiplexer_pb2 as pb
+from octoplex.v1 import multiplexer_pb2_grpc as pb_grpc
 
 from .servers import Caller, Octoplex, _CountingSite, serve_dns, start_octoplex, wait_until
+from .test_grpc import Daemon, call, wait_serving
 
 KEY = (b"http", b"multi.test", 8080)
 OTHER = (b"http", b"other.test", 8080)
@@ -99,8 +106,13 @@ def answer(
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return parse_samples(render_text(metrics).decode())
+
+
+def parse_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Each sample of the Prometheus ``text``, by its name and sorted labels."""
     found = {}
-    for family in text_string_to_metric_families(render_text(metrics).decode()):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
     return found
@@ -556,6 +568,11 @@ class World:
         )
         return self.octoplex
 
+    @property
+    def dns_server(self) -> str:
+        """The DNS server's address, as ``--dns-server`` takes it."""
+        return f"127.0.0.1:{self._dns.getHost().port}"
+
     def url(self, name: str = "multi.test", path: str = "/x") -> str:
         return f"http://{name}:{self.port}{path}"
 
@@ -662,6 +679,60 @@ async def test_a_refusing_address_is_ejected_then_probed_then_restored(
         assert world.accepted("127.0.0.3") > 1
         events = [e["outlier"] for e in log_events if "outlier" in e]
         assert events == ["ejected", "probing", "restored"]
+
+    await in_world(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusing_address_is_ejected_behind_the_grpc_frontend(
+    caller: Caller, tmp_path: Path
+) -> None:
+    """
+    The gRPC daemon with --outlier-ejection on ejects an address that
+    refuses, the batch's items all answered by its siblings, and dials it no
+    more during its back-off; its metrics and log say so.
+    """
+    ejection_time = 5.0
+
+    async def test(world: World) -> None:
+        world.close("127.0.0.3")
+        options = ["--outlier-ejection", "on", "--outlier-consecutive-failures", "3"]
+        options += ["--outlier-latency-factor", "0", "--outlier-ejection-time", str(ejection_time)]
+        # One request per connection: every request dials.
+        options += ["--pool-max-requests", "1", "--dns-server", world.dns_server]
+        daemon = Daemon(tmp_path, options, plain=True, tls=False)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{daemon.grpc_port}") as channel:
+                await deferToThread(wait_serving, daemon, channel)
+                stub = pb_grpc.MultiplexerStub(channel)
+                twelve = pb.Batch(timeout_msec=5000, requests=[pb.Request(uri=world.url())] * 12)
+                # The back-off starts after this, when the daemon ejects.
+                sent = reactor.seconds()
+                answered = await call(stub.Multiplex, twelve, metadata=())
+                assert [o.success.status for o in answered.outcomes] == [200] * 12
+                status, _, text = await caller.get(f"http://127.0.0.1:{daemon.http_port}/metrics")
+                assert status == 200
+                host = f"http://multi.test:{world.port}"
+                found = parse_samples(text.decode())
+                ejected = ("address", "127.0.0.3"), ("host", host)
+                assert found.get(("octoplex_upstream_address_ejected", ejected)) == 1
+                connect = ("host", host), ("reason", "connect")
+                assert found["octoplex_upstream_ejections_total", connect] == 1
+
+                # A listener there now counts every connection attempt.
+                world.reopen("127.0.0.3")
+                answered = await call(stub.Multiplex, twelve, metadata=())
+                assert [o.success.status for o in answered.outcomes] == [200] * 12
+                assert reactor.seconds() < sent + ejection_time, "too slow to tell"
+                assert world.accepted("127.0.0.3") == 0
+                siblings = world.answers["127.0.0.1"], world.answers["127.0.0.2"]
+                assert sum(answer.requests for answer in siblings) == 24
+        finally:
+            daemon.stop()
+        assert daemon.errors() == []
+        events = [e for e in daemon.events() if "outlier" in e]
+        assert [(e["outlier"], e["address"]) for e in events] == [("ejected", "127.0.0.3")]
+        assert events[0]["host"] == f"multi.test:{world.port}"
 
     await in_world(test)
 
