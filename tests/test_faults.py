@@ -1041,7 +1041,7 @@ WRONG_TYPES: dict[str, tuple[Any, str]] = {
     "defaults-unknown-field": (
         {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "defaults": {"uri": "x"}},
         'unknown field "uri" in defaults; expected method, headers, body, body_base64, base_uri, '
-        "retry",
+        "retry, hedge, hedge_unsafe",
     ),
     "defaults-header-number": (
         {"timeout_msec": 1000, "requests": [{"uri": "HELLO"}], "defaults": {"headers": {"A": 1}}},
