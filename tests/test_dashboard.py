@@ -253,7 +253,9 @@ async def test_every_name_is_in_a_real_scrape(
                 {"uri": local + "/hello"},
                 {"uri": upstream.url + "/status/503"},
                 {"uri": f"http://127.0.0.1:{free_port()}/"},
-                {"uri": "http://10.255.255.1/"},
+                # Loopback, but outside --allow-egress 127.0.0.0/8: refused before
+                # any packet, and nothing could leave the machine anyway.
+                {"uri": f"http://[::1]:{free_port()}/"},
                 {"uri": upstream.url + "/delay/3000"},
             ],
         }
