@@ -40,6 +40,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from octoplex.hedging import Route
 from octoplex.pool import OctoplexPool
 from octoplex.timings import Timings
 
@@ -55,25 +56,41 @@ class _Endpoint:
     opens one (its ``connect`` is called).
     """
 
-    __slots__ = ("_factory", "_timings", "_uri")
+    __slots__ = ("_factory", "_route", "_timings", "_uri")
 
-    def __init__(self, factory: IAgentEndpointFactory, uri: URI, timings: Timings | None) -> None:
+    def __init__(
+        self,
+        factory: IAgentEndpointFactory,
+        uri: URI,
+        timings: Timings | None,
+        route: Route | None = None,
+    ) -> None:
         self._factory = factory
         self._uri = uri
         self._timings = timings
+        self._route = route
 
     def connect(self, protocolFactory: Any) -> Deferred[Any]:
         try:
-            if self._timings is None:
+            if self._timings is None and self._route is None:
                 endpoint = self._factory.endpointForURI(self._uri)
             else:
                 # octoplex.endpoints' factory marks the DNS lookup and the
-                # connect of a new connection in them.
+                # connect of a new connection in the timings, and notes the
+                # address dialled in the route (dialling its avoided one last).
                 timed: Any = self._factory
-                endpoint = timed.endpointForURI(self._uri, self._timings)
+                endpoint = timed.endpointForURI(self._uri, self._timings, self._route)
             return endpoint.connect(protocolFactory)
         except Exception:
             return fail()
+
+    def elsewhere(self, avoid: str) -> bool:
+        """
+        Whether a new connection could go to another address than
+        ``avoid`` (see :meth:`octoplex.pool.OctoplexPool.request`).
+        """
+        elsewhere = getattr(self._factory, "elsewhere", None)
+        return elsewhere is not None and bool(elsewhere(self._uri, avoid))
 
 
 class _Target:
@@ -111,9 +128,11 @@ class UpstreamAgent:
         self._pool = pool
         self._endpoints = endpoints
         self._targets: OrderedDict[bytes, _Target] = OrderedDict()
-        #: The timings of the request about to come, set by the caller of
-        #: treq around its call (treq passes nothing else along).
+        #: The timings and the route (octoplex.hedging.Route) of the
+        #: request about to come, set by the caller of treq around its call
+        #: (treq passes nothing else along).
         self.next_timings: Timings | None = None
+        self.next_route: Route | None = None
 
     def _target(self, uri: bytes) -> _Target:
         target = self._targets.get(uri)
@@ -131,6 +150,7 @@ class UpstreamAgent:
         bodyProducer: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
         timings, self.next_timings = self.next_timings, None
+        route, self.next_route = self.next_route, None
         try:
             target = self._target(uri)
         except Exception:
@@ -147,5 +167,5 @@ class UpstreamAgent:
         # __dict__ (which would make the request a dict of its own, 64
         # bytes for as long as it is in flight).
         request.timings = timings  # type: ignore[attr-defined]
-        endpoint = _Endpoint(self._endpoints, target.uri, timings)
-        return self._pool.request(target.key, endpoint, request)  # type: ignore[arg-type]
+        endpoint = _Endpoint(self._endpoints, target.uri, timings, route)
+        return self._pool.request(target.key, endpoint, request, route)  # type: ignore[arg-type]

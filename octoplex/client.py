@@ -49,6 +49,7 @@ from octoplex.dns import CachingResolver, DNSSettings, nameservers
 from octoplex.egress import EgressPolicy
 from octoplex.endpoints import UpstreamEndpointFactory
 from octoplex.errors import cause, describe
+from octoplex.hedging import Route
 from octoplex.limits import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_COUNT
 from octoplex.metrics import Metrics
 from octoplex.outliers import Outliers, OutlierSettings
@@ -516,6 +517,7 @@ class UpstreamClient(Service):
         budget: ResponseBudget | None = None,
         timings: Timings | None = None,
         on_head: Callable[[], None] | None = None,
+        route: Route | None = None,
     ) -> Deferred[UpstreamResponse]:
         """
         Send one request and read its whole response.
@@ -527,6 +529,9 @@ class UpstreamClient(Service):
         :param on_head: called once the response's head is in, before its
             body is read (a hedged request's attempts race to it); it may
             cancel other fetches, not this one.
+        :param route: a hedged request's attempt's route: where it went is
+            noted there, and it stays away from the address it avoids if
+            it can (:class:`~octoplex.hedging.Route`).
         :return: a Deferred that fires with the response, or fails with why
             it could not be had.  Cancelling it closes the connection, at
             whatever stage the exchange is; cancelling it while it waits for
@@ -549,7 +554,7 @@ class UpstreamClient(Service):
         if not (host.tokens and not host.waiting and overall.tokens and not overall.waiting):
             # A cap is reached: wait in its queue, which a deadline cancels.
             return Deferred.fromCoroutine(
-                self._fetch(request, budget, host, key, timings, ticket, on_head)
+                self._fetch(request, budget, host, key, timings, ticket, on_head, route)
             )
         # Both slots are free: take them at once, as acquire() would, without
         # a coroutine and its Deferreds (the usual case).
@@ -560,13 +565,13 @@ class UpstreamClient(Service):
         if ticket is None:
             fetch = _Fetch(self, host, key, overall, budget, timings)
             try:
-                sent = self._send(request, timings)
+                sent = self._send(request, timings, route)
             except Exception:
                 sent = fail()
         else:
             fetch = _GuardedFetch(self, host, key, overall, budget, timings, ticket)
             try:
-                sent = self._send_guarded(request, timings, ticket)
+                sent = self._send_guarded(request, timings, ticket, route)
             except Exception:
                 sent = fail()
         if on_head is not None:
@@ -609,6 +614,7 @@ class UpstreamClient(Service):
         timings: Timings | None,
         ticket: Ticket | None = None,
         on_head: Callable[[], None] | None = None,
+        route: Route | None = None,
     ) -> UpstreamResponse:
         url = request.url
         # A request queued here holds nothing; the holder's release later
@@ -622,9 +628,9 @@ class UpstreamClient(Service):
                 overall = self._all
                 self._metrics.connection_wait.observe(self._reactor.seconds() - queued)
                 if ticket is None:
-                    response = await self._send(request, timings)
+                    response = await self._send(request, timings, route)
                 else:
-                    response = await self._send_guarded(request, timings, ticket)
+                    response = await self._send_guarded(request, timings, ticket, route)
                 if on_head is not None:
                     on_head()
                 result = await self._read(response, budget, timings)
@@ -659,20 +665,31 @@ class UpstreamClient(Service):
         except CancelledError:
             raise QueueTimeout(what, cap) from None
 
-    def _send(self, request: UpstreamRequest, timings: Timings | None) -> Deferred[Any]:
-        if timings is None:
+    def _send(
+        self, request: UpstreamRequest, timings: Timings | None, route: Route | None = None
+    ) -> Deferred[Any]:
+        if timings is None and route is None:
             return self._request(request)
-        timings.slot = timings.now()
+        if timings is not None:
+            timings.slot = timings.now()
         # treq calls the agent at once, with no way to pass anything along:
-        # the agent takes the timings for the request it is about to get.
-        self._agent.next_timings = timings
+        # the agent takes the timings and the route for the request it is
+        # about to get.
+        agent = self._agent
+        agent.next_timings = timings
+        agent.next_route = route
         try:
             return self._request(request)
         finally:
-            self._agent.next_timings = None
+            agent.next_timings = None
+            agent.next_route = None
 
     def _send_guarded(
-        self, request: UpstreamRequest, timings: Timings | None, ticket: Ticket
+        self,
+        request: UpstreamRequest,
+        timings: Timings | None,
+        ticket: Ticket,
+        route: Route | None = None,
     ) -> Deferred[Any]:
         """
         :meth:`_send`, with the request's circuit ticket handed to the pool
@@ -681,7 +698,7 @@ class UpstreamClient(Service):
         pool = self._pool
         pool.ticket = ticket
         try:
-            return self._send(request, timings)
+            return self._send(request, timings, route)
         finally:
             pool.ticket = None
 

@@ -286,6 +286,26 @@ class CachingResolver:
                 del self._refusing[address]
         return [a for a in addresses if a not in self._refusing] or addresses
 
+    def known(self, name: str) -> list[str]:
+        """
+        The addresses of ``name`` the cache holds now, current or stale, in
+        no particular order; none if it holds no answer (nothing is asked,
+        nothing counted): a hedge asks whether another address is there to
+        dial (:meth:`octoplex.endpoints.UpstreamEndpointFactory.elsewhere`).
+        """
+        key = name.lower()
+        if key.endswith(".") and len(key) > 1:
+            key = key[:-1]
+        entry = self._cache.get(key)
+        if entry is None or entry.error is not None:
+            return []
+        return entry.ipv4 + entry.ipv6
+
+    def refusing(self, address: str) -> bool:
+        """Whether ``address`` refused a connection lately (see :meth:`refused`)."""
+        until = self._refusing.get(address)
+        return until is not None and until > self._clock.seconds()
+
     def lookup(self, name: str) -> Deferred[list[str]]:
         """
         The addresses of ``name``, in this lookup's turn of rotation.

@@ -36,8 +36,9 @@ from zope.interface import implementer
 
 from octoplex.dns import CachingResolver
 from octoplex.egress import EgressPolicy, EgressRefused
+from octoplex.hedging import Route
 from octoplex.metrics import Metrics
-from octoplex.outliers import Outliers
+from octoplex.outliers import ACTIVE, Outliers
 from octoplex.timings import Timings
 
 __all__ = ["UpstreamEndpointFactory", "set_tcp_nodelay"]
@@ -85,6 +86,10 @@ class _TunedEndpoint:
         transport = protocol.transport  # type: ignore[attr-defined]
         set_tcp_nodelay(transport)
         peer = transport.getPeer()
+        host = getattr(peer, "host", None)
+        if isinstance(host, str):
+            # A hedge prefers a connection to another address (octoplex.pool).
+            protocol.address = host  # type: ignore[attr-defined]
         self._opened(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}")
         return protocol
 
@@ -127,8 +132,11 @@ class _NameEndpoint:
         timings: Timings | None = None,
         key: Any = None,
         outliers: Outliers | None = None,
+        route: Route | None = None,
     ) -> None:
         self._timings = timings
+        #: The route of the hedged request's attempt it dials for, if any.
+        self.route = route
         #: The pool's key of the upstream, under which outliers track it.
         self.key = key
         self.outliers = outliers
@@ -175,6 +183,10 @@ class _NameEndpoint:
         probe = None
         if self.outliers is not None:
             usable, probe = self.outliers.choose(self.key, usable)
+        route = self.route
+        if route is not None and route.avoid in usable and len(usable) > 1:
+            # A hedge: its first attempt's address last.
+            usable = [a for a in usable if a != route.avoid] + [route.avoid]
         return _Race(self, usable, factory, probe).winner
 
     def _refused(self, refusal: EgressRefused) -> Deferred[IProtocol]:
@@ -222,6 +234,9 @@ class _Race:
             self._maybe_lost()
             return
         address = self._waiting.pop(0)
+        route = self._endpoint.route
+        if route is not None:
+            route.address = address
         attempt = self._endpoint._endpoint(address).connect(self._factory)
         self._attempts[address] = attempt
         attempt.addCallbacks(
@@ -236,6 +251,9 @@ class _Race:
             # Another address won first: this connection is not needed.
             protocol.transport.loseConnection()  # type: ignore[attr-defined]
             return
+        route = self._endpoint.route
+        if route is not None:
+            route.address = address
         self.winner.callback(protocol)
         self._stop_others()
 
@@ -324,15 +342,19 @@ class UpstreamEndpointFactory:
         opened, self._opened = self._opened, Counter()
         return opened
 
-    def endpointForURI(self, uri: URI, timings: Timings | None = None) -> IStreamClientEndpoint:
+    def endpointForURI(
+        self, uri: URI, timings: Timings | None = None, route: Route | None = None
+    ) -> IStreamClientEndpoint:
         """
         The endpoint for a new connection to ``uri``'s host and port; with
-        ``timings``, it marks the DNS lookup and the connect in them.
+        ``timings``, it marks the DNS lookup and the connect in them; with a
+        hedged request's ``route``, it notes there the address it dials, and
+        dials the address the route avoids last.
         """
         host = uri.host
         if host.startswith(b"[") and host.endswith(b"]"):
             host = host[1:-1]
-        tcp = self._tcp_endpoint(host, uri.port, timings, (uri.scheme, uri.host, uri.port))
+        tcp = self._tcp_endpoint(host, uri.port, timings, (uri.scheme, uri.host, uri.port), route)
         if uri.scheme == b"http":
             return _TunedEndpoint(tcp, self._count, timings)
         if uri.scheme == b"https":
@@ -340,8 +362,38 @@ class UpstreamEndpointFactory:
             return _TunedEndpoint(wrapClientTLS(creator, tcp), self._count, timings)
         raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
 
+    def elsewhere(self, uri: URI, avoid: str) -> bool:
+        """
+        Whether a new connection to ``uri``'s host could go to another
+        address than ``avoid``, as far as is known now without a lookup:
+        the DNS cache holds one the egress policy allows, that has not
+        refused a connection lately and is not ejected (octoplex.outliers).
+        """
+        host = uri.host
+        if host.startswith(b"[") and host.endswith(b"]"):
+            host = host[1:-1]
+        name = host.decode("ascii")
+        outliers = self.outliers
+        key = (uri.scheme, uri.host, uri.port)
+        for address in self._resolver.known(name):
+            if address == avoid or self._resolver.refusing(address):
+                continue
+            if outliers is not None and outliers.state(key, address) != ACTIVE:
+                continue
+            try:
+                self.egress.check_address(name, address, uri.port)
+            except EgressRefused:
+                continue
+            return True
+        return False
+
     def _tcp_endpoint(
-        self, host: bytes, port: int, timings: Timings | None = None, key: Any = None
+        self,
+        host: bytes,
+        port: int,
+        timings: Timings | None = None,
+        key: Any = None,
+        route: Route | None = None,
     ) -> IStreamClientEndpoint:
         # IP literals take the same path as names: the resolver hands a
         # literal back at once, and the egress policy must see it.
@@ -356,4 +408,5 @@ class UpstreamEndpointFactory:
             timings,
             key,
             self.outliers,
+            route,
         )

@@ -35,6 +35,7 @@ __all__ = [
     "HedgeHooks",
     "HedgedFetch",
     "Latencies",
+    "Route",
 ]
 
 #: The times to a response head kept per upstream: the most recent ones.
@@ -51,6 +52,31 @@ MAX_HOSTS = 1000
 #: The shortest wait, in seconds, before a hedge derived from a percentile
 #: (an upstream that answers in microseconds is not hedged at once).
 MIN_DELAY = 0.001
+
+
+class Route:
+    """
+    Where one attempt of a hedged request went, and the address it is to
+    avoid if it can.
+
+    The multiplexer gives each attempt one (the pool and the dialler read
+    it); the pool, or the dialler of a new connection, fills in
+    :attr:`address`: that of the connection the attempt was sent on, or,
+    while one is being opened for it, of the address being dialled.  The
+    hedge's route avoids its first attempt's address: the pool gives it an
+    idle connection to another address of the host, or opens one to
+    another address (:meth:`octoplex.pool.OctoplexPool.request`), and only
+    when the host has no other usable address does it go to the same one,
+    on another connection.
+    """
+
+    __slots__ = ("address", "avoid")
+
+    def __init__(self, avoid: str | None = None) -> None:
+        #: The address (an IP) the attempt went to, once known.
+        self.address: str | None = None
+        #: The address to stay away from, if the host has another.
+        self.avoid = avoid
 
 
 class _Ring:

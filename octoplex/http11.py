@@ -371,10 +371,17 @@ class UpstreamProtocol(Protocol):
     #: outlier ejection is on (octoplex.outliers); the pool reads them.
     outlier: Any = None
     outlier_epoch = 0
+    #: The address it reached (an IP, no port), which the endpoint sets: a
+    #: hedge prefers a connection to another address than its first
+    #: attempt's (octoplex.pool.Route).
+    address: str | None = None
     #: When its TLS handshake was done, for a TLS connection, by ``clock``
     #: (which the pool sets).
     tls_done: float | None = None
     clock: Any = None
+    #: Called with the protocol if it is lost while idle (the upstream
+    #: closed it), which the pool sets: it drops it from its idle ones.
+    lost_idle: Any = None
 
     def __init__(self, quiescentCallback: Any = lambda c: None) -> None:
         self._quiescentCallback = quiescentCallback
@@ -653,6 +660,8 @@ class UpstreamProtocol(Protocol):
                 finished.errback(Failure(RequestTransmissionFailed([reason])))
         elif state in ("WAITING", "TRANSMITTING", "ABORTING"):
             self._give_up(reason)
+        elif state == "QUIESCENT" and self.lost_idle is not None:
+            self.lost_idle(self)
         aborts, self._abortDeferreds = self._abortDeferreds, None
         for d in aborts or ():
             d.callback(None)

@@ -28,7 +28,7 @@ from octoplex.body import ResponseBudget
 from octoplex.buffers import BufferBudget
 from octoplex.client import QueueTimeout, UpstreamResponse
 from octoplex.errors import TIMEOUT_ELAPSED, cause, describe, kind_of
-from octoplex.hedging import MIN_DELAY, HedgedFetch, Latencies
+from octoplex.hedging import MIN_DELAY, HedgedFetch, Latencies, Route
 from octoplex.limits import DEFAULT_MAX_BATCH_RESPONSE_BYTES
 from octoplex.metrics import Metrics
 from octoplex.timings import Timings
@@ -101,11 +101,14 @@ class Fetcher(Protocol):
         budget: ResponseBudget | None = None,
         timings: Timings | None = None,
         on_head: Callable[[], None] | None = None,
+        route: Route | None = None,
     ) -> Deferred[UpstreamResponse]:
         """
         Send ``request``, reading no more body than ``budget`` has left,
         marking ``timings`` if given, calling ``on_head`` (if given) once
-        the response's head is in; cancelling the result must abandon it.
+        the response's head is in, noting where it went in ``route`` (if
+        given) and staying away from the address it avoids if it can;
+        cancelling the result must abandon it.
         A client may also have ``may_hedge(request)``, which says whether
         a hedge of ``request`` may go (:mod:`octoplex.hedging`).
         """
@@ -273,13 +276,15 @@ class _Hooks:
     upstream's latency samples.
     """
 
-    __slots__ = ("_index", "_key", "_request", "_run")
+    __slots__ = ("_first", "_index", "_key", "_request", "_run")
 
     def __init__(self, run: _BatchRun, index: int, request: UpstreamRequest, key: Any) -> None:
         self._run = run
         self._index = index
         self._request = request
         self._key = key
+        #: Where the first attempt went, which the hedge stays away from.
+        self._first = Route()
 
     def send(self, attempt: int, on_head: Callable[[], None]) -> tuple[Deferred[Any], Any]:
         run = self._run
@@ -288,7 +293,9 @@ class _Hooks:
             timings = Timings(run._clock)
             if attempt == 0:
                 run._timings[self._index] = timings
-        return run._client.fetch(self._request, run._budget, timings, on_head), timings
+        route = self._first if attempt == 0 else Route(avoid=self._first.address)
+        fetch = run._client.fetch(self._request, run._budget, timings, on_head, route)
+        return fetch, timings
 
     def may_hedge(self) -> bool:
         run = self._run

@@ -38,7 +38,13 @@ tests/test_private_api.py):
   connection without a word on a line over 16 KiB;
 - with outlier ejection on (:mod:`octoplex.outliers`), its connections
   report how their address does, and a connection to an address ejected
-  since it opened is retired instead of reused.
+  since it opened is retired instead of reused;
+- an idle connection the upstream closes leaves the pool at once (Twisted
+  keeps it until it is next picked), so the idle count is true;
+- a hedged request's second attempt (:mod:`octoplex.hedging`) goes to
+  another address of the host than its first when it can: an idle
+  connection there, else a new one, else the same address on another
+  connection (:meth:`OctoplexPool.request`).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from twisted.web._newclient import (
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from octoplex.circuits import Ticket
+from octoplex.hedging import Route
 from octoplex.http11 import HeadTooLarge, UpstreamProtocol
 from octoplex.metrics import Metrics
 from octoplex.outliers import Outliers, TrackedUpstreamProtocol, usable
@@ -236,6 +243,7 @@ class OctoplexPool(HTTPConnectionPool):
                 protocol = kind(self._quiescentCallback)
                 protocol.head_limits = pool.head_limits
                 protocol.clock = pool._reactor
+                protocol.lost_idle = pool._lost_idle
                 return protocol
 
         self._factory = Factory
@@ -355,7 +363,11 @@ class OctoplexPool(HTTPConnectionPool):
         return gatherResults(closed).addCallback(lambda _: None)
 
     def request(
-        self, key: Hashable, endpoint: IStreamClientEndpoint, request: Any
+        self,
+        key: Hashable,
+        endpoint: IStreamClientEndpoint,
+        request: Any,
+        route: Route | None = None,
     ) -> Deferred[Any]:
         """
         Send ``request`` on the newest idle connection for ``key``, or on a
@@ -363,16 +375,46 @@ class OctoplexPool(HTTPConnectionPool):
         connection's ``request`` do, without a Deferred and a callback in
         between when an idle connection is at hand (the usual case).
 
+        An attempt of a hedged request has a ``route``: the address of the
+        connection it goes out on is noted there, and a hedge whose route
+        avoids its first attempt's address goes out, in this order of
+        preference, on the newest idle connection to another address; on a
+        new connection, if the host has another address to dial (``endpoint``
+        then dials the avoided address last); on the newest idle connection
+        to the same address; on a new connection.
+
         :return: a Deferred that fires with the response once its head is
             in.  A request that fails on a pooled connection the upstream
             had closed is retried as :meth:`retry` says.
         """
-        connection = self._take_idle(key)
+        if route is None:
+            connection = self._take_idle(key)
+        else:
+            connection = self._take_routed(key, endpoint, route)
         if connection is None:
             return self._open(key, endpoint, request, self.ticket)
         d: Deferred[Any] = connection.request(request)
         d.addErrback(self.retry, key, endpoint, request)
         return d
+
+    def _take_routed(self, key: Hashable, endpoint: Any, route: Route) -> Any:
+        """
+        The idle connection for an attempt with ``route`` (see
+        :meth:`request`), its address noted there; or ``None`` for a new one.
+        """
+        avoid = route.avoid
+        connection = None
+        if avoid is not None:
+            connection = self._take_idle(key, avoid)
+            if connection is None:
+                elsewhere = getattr(endpoint, "elsewhere", None)
+                if elsewhere is not None and elsewhere(avoid):
+                    return None
+        if connection is None:
+            connection = self._take_idle(key)
+        if connection is not None:
+            route.address = connection.address
+        return connection
 
     def retry(
         self, reason: Any, key: Hashable, endpoint: IStreamClientEndpoint, request: Any
@@ -402,14 +444,20 @@ class OctoplexPool(HTTPConnectionPool):
             return self._newConnection(key, endpoint)
         return succeed(_Retrying(connection, self, key, endpoint))
 
-    def _take_idle(self, key: Hashable) -> Any:
+    def _take_idle(self, key: Hashable, avoid: str | None = None) -> Any:
         """
         The newest idle connection for ``key`` (the back of its list),
         retiring those found too old there first; or ``None``.  An old
         connection further in is retired when it comes to the back or when
         it idles out: it is never used, and the lookup stays O(1).
+
+        With ``avoid`` (a hedge's), the newest idle connection to another
+        address than ``avoid``, or ``None``: the list is searched from the
+        back, and those passed over stay.
         """
         connections = self._connections.get(key)
+        if avoid is not None:
+            return self._take_idle_elsewhere(key, connections, avoid) if connections else None
         if connections:
             now = self._reactor.seconds()
             while connections:
@@ -422,6 +470,22 @@ class OctoplexPool(HTTPConnectionPool):
                     continue
                 self._metrics.upstream(key).reused.inc()
                 return connection
+        return None
+
+    def _take_idle_elsewhere(self, key: Hashable, connections: list[Any], avoid: str) -> Any:
+        now = self._reactor.seconds()
+        for index in range(len(connections) - 1, -1, -1):
+            connection = connections[index]
+            if connection.address == avoid:
+                continue
+            del connections[index]
+            if connection.state != "QUIESCENT":
+                continue
+            if self._too_old(connection, now):
+                self._retire(key, connection)
+                continue
+            self._metrics.upstream(key).reused.inc()
+            return connection
         return None
 
     def _too_old(self, connection: Any, now: float) -> bool:
@@ -452,6 +516,21 @@ class OctoplexPool(HTTPConnectionPool):
         self.retired += 1
         self._metrics.upstream(key).retired.inc()
         connection.transport.loseConnection()
+
+    def _lost_idle(self, connection: Any) -> None:
+        """
+        An idle connection was closed by its upstream: drop it now, so the
+        idle count is true and the pool holds no closed connection.
+        """
+        connections = self._connections.get(connection.key)
+        if connections is None:
+            return
+        for index in range(len(connections) - 1, -1, -1):
+            if connections[index] is connection:
+                del connections[index]
+                break
+        if not connections:
+            del self._connections[connection.key]
 
     def _idle_counts(self) -> list[tuple[Hashable, int]]:
         return [(key, len(idle)) for key, idle in self._connections.items() if idle]
@@ -501,7 +580,7 @@ class OctoplexPool(HTTPConnectionPool):
             while connections and now - connections[0].idle_since >= timeout:
                 connections.pop(0).transport.loseConnection()
             if not connections:
-                del self._connections[key]
+                self._connections.pop(key, None)
             elif oldest is None or connections[0].idle_since < oldest:
                 oldest = connections[0].idle_since
         if oldest is not None:

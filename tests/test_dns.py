@@ -179,6 +179,30 @@ def test_answers_are_cached_for_their_ttl() -> None:
     assert len(names.asked) == 4
 
 
+def test_known_reads_the_cache_without_a_query_and_refusing_expires() -> None:
+    """
+    ``known`` gives a cached answer's addresses, stale ones too, and
+    nothing for a name not looked up, asking no
+    name server and counting no lookup; ``refusing`` holds for refused_for.
+    """
+    clock, names = Clock(), FakeNames()
+    names.program("two.test", "A", [rr_a("two.test", "127.0.0.2", 30)])
+    names.program("two.test", "AAAA", [])
+    resolver = caching(names, clock, min_ttl=1, max_ttl=300, refused_for=5)
+    assert resolver.known("two.test") == []
+    result_of(resolver.lookup("two.test"))
+    clock.advance(31)
+    assert resolver.known("TWO.test.") == ["127.0.0.2"]
+    assert resolver.queries == {"two.test": 1}
+    assert resolver.known("unknown.test") == []
+
+    assert not resolver.refusing("127.0.0.2")
+    resolver.refused("127.0.0.2")
+    assert resolver.refusing("127.0.0.2")
+    clock.advance(5)
+    assert not resolver.refusing("127.0.0.2")
+
+
 @pytest.mark.parametrize(("ttl", "kept"), [(0, 2.0), (10 * 24 * 3600, 60.0)])
 def test_ttl_is_clamped(ttl: int, kept: float) -> None:
     """A TTL of 0 is cached for min_ttl, a TTL of ten days for max_ttl."""

@@ -15,6 +15,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from octoplex.hedging import MIN_SAMPLES, SAMPLES, HedgedFetch, Latencies
 from octoplex.limits import Limits
@@ -25,6 +27,7 @@ from octoplex.v1 import multiplexer_pb2_grpc as pb_grpc
 from .schema import check_batch
 from .servers import Caller, Octoplex, Upstream, global_reactor, start_octoplex, wait_until
 from .test_grpc import Daemon, _serving, call
+from .test_outliers import THREE, World, batch, in_world, samples, statuses
 
 # --- The estimator ----------------------------------------------------------
 
@@ -403,6 +406,152 @@ async def test_after_percentile_waits_for_samples_then_hedges_at_the_hosts_laten
     (first, _), (second, _) = _arrivals(upstream, slow)
     # The 90th percentile of local /hello answers: well under a second.
     assert second - first < 1.0
+
+
+# --- A name with several addresses ---------------------------------------------
+
+
+async def _warm_two_newest_to_one_address(caller: Caller, world: World) -> None:
+    """
+    Leave four idle keep-alive connections to ``multi.test``: one each to
+    127.0.0.2 and .3, then the two newest both to 127.0.0.1 (the pool hands
+    out the newest first).  Four concurrent requests dial in the DNS
+    answer's rotation (.1, .2, .3, .1), and .1 answers last.
+    """
+    world.answers["127.0.0.1"].delay = 0.4
+    world.answers["127.0.0.3"].delay = 0.1
+    items = await batch(caller, world, [world.url()] * 4)
+    assert statuses(items) == [200] * 4
+    assert [world.accepted(a) for a in THREE] == [2, 1, 1]
+    world.answers["127.0.0.1"].delay = 0.0
+    world.answers["127.0.0.3"].delay = 0.0
+
+
+async def _hedged_once(caller: Caller, world: World) -> dict[str, Any]:
+    """One GET, hedged after 100 ms, its first attempt held 10 s at 127.0.0.1."""
+    assert world.octoplex is not None
+    world.answers["127.0.0.1"].delay = 10.0
+    document = {
+        "timeout_msec": 3000,
+        "requests": [{"uri": world.url(), "hedge": {"after_msec": 100}}],
+    }
+    status, _, answer = await caller.post(world.octoplex.url + "/multiplex", document)
+    assert status == 200, answer
+    return dict(answer["responses"][0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_hedge_takes_an_idle_connection_to_another_address(caller: Caller) -> None:
+    """
+    A first attempt goes out on the newest idle connection, to 127.0.0.1,
+    which holds it; the next newest is to 127.0.0.1 as well, but the hedge
+    takes an idle connection to another address of the name, opening none,
+    and wins.
+    """
+
+    async def test(world: World) -> None:
+        world.start(None, keep_alive=True)
+        await _warm_two_newest_to_one_address(caller, world)
+        outcome = await _hedged_once(caller, world)
+        success = outcome.get("Success")
+        assert success is not None, outcome
+        assert (success["status"], success["hedged"], success["hedge_won"]) == (200, True, True)
+        # The first attempt at .1, the hedge at .2 or .3, on a pooled connection.
+        assert world.answers["127.0.0.1"].requests == 3
+        assert world.answers["127.0.0.2"].requests + world.answers["127.0.0.3"].requests == 3
+        assert [world.accepted(a) for a in THREE] == [2, 1, 1]
+
+    await in_world(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_hedge_dials_another_address_rather_than_reuse_the_same(
+    caller: Caller,
+) -> None:
+    """
+    With idle connections only to 127.0.0.1 (the upstream closed the
+    others), a hedge whose first attempt holds .1 opens a new connection to
+    another address of the name rather than reuse the one to .1, and wins.
+    """
+
+    async def test(world: World) -> None:
+        world.start(None, keep_alive=True)
+        assert world.octoplex is not None
+        await _warm_two_newest_to_one_address(caller, world)
+        for address in ("127.0.0.2", "127.0.0.3"):
+            for protocol in world.sites[address].connections:
+                # The site builds an HTTP/1.1 or HTTP/2 chooser around its channel.
+                protocol._channel.transport.loseConnection()
+        await wait_until(
+            lambda: (
+                samples(world.metrics).get(
+                    (
+                        "octoplex_upstream_connections_idle",
+                        (("host", f"http://multi.test:{world.port}"),),
+                    )
+                )
+                == 2
+            ),
+            "the client to see .2 and .3 close",
+        )
+        outcome = await _hedged_once(caller, world)
+        success = outcome.get("Success")
+        assert success is not None, outcome
+        assert (success["status"], success["hedged"], success["hedge_won"]) == (200, True, True)
+        assert world.answers["127.0.0.1"].requests == 3
+        assert world.accepted("127.0.0.1") == 2
+        assert world.accepted("127.0.0.2") + world.accepted("127.0.0.3") == 3
+
+    await in_world(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_name_with_one_address_is_hedged_on_another_connection(
+    caller: Caller,
+) -> None:
+    """
+    ``one.test`` has one address: the hedge goes there too, on the other
+    idle connection rather than a new one.
+    """
+
+    async def test(world: World) -> None:
+        octoplex = world.start(None, keep_alive=True)
+        one = world.url("one.test")
+        world.answers["127.0.0.1"].delay = 0.2
+        items = await batch(caller, world, [one] * 2)
+        assert statuses(items) == [200] * 2
+        assert world.accepted("127.0.0.1") == 2
+        world.answers["127.0.0.1"].delay = 0.0
+        slow = _SlowFirst(world.answers["127.0.0.1"])
+        world.sites["127.0.0.1"].resource = slow
+        document = {"timeout_msec": 3000, "requests": [{"uri": one, "hedge": {"after_msec": 100}}]}
+        status, _, answer = await caller.post(octoplex.url + "/multiplex", document)
+        assert status == 200, answer
+        success = answer["responses"][0]["Success"]
+        assert (success["hedged"], success["hedge_won"]) == (True, True)
+        assert world.accepted("127.0.0.1") == 2
+        assert len(set(slow.channels)) == 2
+
+    await in_world(test)
+
+
+class _SlowFirst(Resource):
+    """Hold the first request for 10 s; answer the rest at once, noting each channel."""
+
+    isLeaf = True
+
+    def __init__(self, answer: Resource) -> None:
+        super().__init__()
+        self._answer = answer
+        self.channels: list[Any] = []
+
+    def render(self, request: Request) -> Any:
+        self.channels.append(request.channel)
+        if len(self.channels) > 1:
+            return b"ok"
+        call = global_reactor.callLater(10, lambda: (request.write(b"ok"), request.finish()))
+        request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+        return NOT_DONE_YET
 
 
 def test_the_schema_takes_hedges_and_refuses_bad_ones() -> None:
