@@ -312,7 +312,11 @@ class _Hooks:
         run = self._run
         run._metrics.hedges_sent.inc()
         run._hedges[self._index] = None
-        run._result.hedged += 1
+        # A request counts once in the batch's count, however many of its
+        # tries (retries) sent a hedge.
+        if self._index not in run._hedged_once:
+            run._hedged_once.add(self._index)
+            run._result.hedged += 1
 
     def over(self) -> None:
         if self._run._extra is not None:
@@ -360,6 +364,8 @@ class _BatchRun:
         #: The requests whose (latest) try sent a hedge: whether the hedge
         #: won, or None while no attempt has won.
         self._hedges: dict[int, bool | None] = {}
+        #: The requests any of whose tries sent a hedge.
+        self._hedged_once: set[int] = set()
         self._on_outcome = on_outcome
         self._success = outcomes.success
         self._failure = outcomes.failure

@@ -627,3 +627,256 @@ async def test_hedges_over_grpc(stub: pb_grpc.MultiplexerStub, upstream: Upstrea
     await wait_until(
         lambda: upstream.resource.finished_early.count("/delay/5000") == 2, "both attempts closed"
     )
+
+
+# --- With circuit breaking, retries and timings --------------------------------
+#
+# Imported here rather than at the top so that this section merges cleanly
+# with edits elsewhere in the file.
+
+import attr  # noqa: E402
+from twisted.web.server import NOT_DONE_YET, Request  # noqa: E402
+
+from octoplex.circuits import CLOSED, HALF_OPEN, OPEN  # noqa: E402
+from octoplex.timings import PHASES  # noqa: E402
+
+from .servers import _CountingSite, _Upstream  # noqa: E402
+from .test_circuits import LIVE, closed_port, kinds, outcomes, state_of  # noqa: E402
+
+
+class _Scripted(_Upstream):
+    """
+    The tests' upstream plus ``/script/<key>/<step>/...``: the n-th request
+    for ``key`` does the n-th step (the last one repeats): ``<status>``
+    answers at once, ``<status>@<ms>`` after ``ms`` milliseconds, ``held``
+    answers 200 once the test calls :meth:`release`.  The body names the
+    request's arrival and status, ``#<n> <status>``, so that a test knows
+    which attempt answered.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Requests seen per key.
+        self.scripted: dict[str, int] = {}
+        self._held: dict[str, list[Request]] = {}
+
+    def route_script(self, request: Request, key: str, *steps: str) -> Any:
+        seen = self.scripted[key] = self.scripted.get(key, 0) + 1
+        step = steps[min(seen, len(steps)) - 1]
+        if step == "held":
+            held = self._held.setdefault(key, [])
+            held.append(request)
+            request.notifyFinish().addErrback(lambda _: held.remove(request))
+            return NOT_DONE_YET
+        status, _, msec = step.partition("@")
+        request.setResponseCode(int(status))
+        body = f"#{seen} {status}".encode()
+        if not msec:
+            return body
+        call = global_reactor.callLater(int(msec) / 1000.0, self._answer, request, body)
+
+        def gone(_: Any) -> None:
+            if call.active():
+                call.cancel()
+                self.finished_early.append(request.path.decode())
+
+        request.notifyFinish().addErrback(gone)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _answer(request: Request, body: bytes) -> None:
+        request.write(body)
+        request.finish()
+
+    def release(self, key: str) -> None:
+        """Answer the held requests for ``key``: 200, ``released``."""
+        for request in self._held.pop(key, []):
+            request.write(b"released")
+            request.finish()
+
+
+def _start_scripted(port_number: int = 0) -> tuple[Upstream, _Scripted]:
+    """The scripted upstream on 127.0.0.1, on ``port_number`` if given."""
+    resource = _Scripted()
+    site = _CountingSite(resource)
+    port = global_reactor.listenTCP(port_number, site, interface="127.0.0.1")
+    return Upstream(f"http://127.0.0.1:{port.getHost().port}", site, resource, port), resource
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_probe_of_a_half_open_circuit_is_not_hedged_and_hedges_resume_once_closed(
+    caller: Caller, log_events: list[dict[str, Any]]
+) -> None:
+    """
+    While a host's circuit is half-open its probe is never hedged: the
+    hedge falls due while the probe is held at the upstream, and is skipped
+    (``octoplex_hedges_skipped_total{reason="circuit"}``), so only the probe
+    reaches the upstream and the outcome says nothing of hedging; the
+    probe's answer closes the circuit, and the host's next slow request is
+    hedged as usual.
+    """
+    cooldown = 1.0
+    port = closed_port()
+    host = f"http://127.0.0.1:{port}"
+    metrics = Metrics()
+    server = start_octoplex(
+        metrics=metrics, circuits=attr.evolve(LIVE, cooldown=cooldown, max_cooldown=4 * cooldown)
+    )
+    listener: Upstream | None = None
+    scripted: _Scripted | None = None
+    answering: Deferred[Any] | None = None
+    key = _key()
+
+    def skipped() -> float:
+        return _count(metrics, "octoplex_hedges_skipped_total", reason="circuit")
+
+    def sent() -> float:
+        return _count(metrics, "octoplex_hedges_sent_total")
+
+    try:
+        refused = await outcomes(caller, server, [host + "/hello"] * 4)
+        assert kinds(refused) == ["connect"] * 4
+        opened = global_reactor.seconds()
+        assert state_of(server, host) == OPEN
+        listener, scripted = _start_scripted(port)
+        await wait_until(lambda: global_reactor.seconds() >= opened + cooldown, "the cool-down")
+
+        probe = f"/script/{key}/held"
+        batch = {
+            "timeout_msec": 10_000,
+            "requests": [{"uri": host + probe, "hedge": {"after_msec": 50}}],
+        }
+        answering = Deferred.fromCoroutine(caller.post(server.url + "/multiplex", batch))
+        await wait_until(lambda: scripted.scripted.get(key) == 1, "the probe at the upstream")
+        assert state_of(server, host) == HALF_OPEN
+        # The probe is held: its hedge falls due, and is either skipped or sent.
+        await wait_until(lambda: skipped() + sent() >= 1, "the hedge's turn")
+        assert (skipped(), sent()) == (1, 0)
+        scripted.release(key)
+        _, _, answer = await answering
+        success = answer["responses"][0]["Success"]
+        assert (success["status"], success["content"]) == (200, "released")
+        assert "hedged" not in success and "hedge_won" not in success
+        assert scripted.arrivals == [probe]
+        assert len(listener.site.connections) == 1
+        assert state_of(server, host) == CLOSED
+
+        # Closed: a slow first attempt to the host is hedged again.
+        slow = f"/script/{_key()}/200@5000/200"
+        batch = {
+            "timeout_msec": 4000,
+            "requests": [{"uri": host + slow, "hedge": {"after_msec": 100}}],
+        }
+        _, _, answer = await caller.post(server.url + "/multiplex", batch)
+        hedged = answer["responses"][0]["Success"]
+        assert (hedged["content"], hedged["hedged"], hedged["hedge_won"]) == ("#2 200", True, True)
+        assert (skipped(), sent()) == (1, 1)
+        assert state_of(server, host) == CLOSED
+    finally:
+        if answering is not None and not answering.called:
+            # Failed while the probe was held: let its batch end.
+            assert scripted is not None
+            scripted.release(key)
+            await answering
+        await server.stop()
+        if listener is not None:
+            await listener.stop()
+    events = [e["circuit"] for e in log_events if e.get("upstream") == host and "circuit" in e]
+    assert events == ["opened", "half_open", "closed"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_try_of_a_retried_request_is_hedged_on_its_own(
+    hedging: Octoplex, caller: Caller, metrics: Metrics, log_events: list[dict[str, Any]]
+) -> None:
+    """
+    With ``retry`` and ``hedge``, every try gets its own hedge: a first try
+    whose hedge wins with a retryable 503 is retried, and the retry, slow
+    too, is hedged again and its hedge wins; the outcome reports the last
+    try (``hedged``, ``hedge_won``) and ``attempts`` counts tries, not
+    hedges.  A request whose retry answers in time reports no hedge at all,
+    though its first try sent one; the batch's answered event counts the
+    requests that sent a hedge.
+    """
+    upstream, scripted = _start_scripted()
+    try:
+        twice = f"/script/{_key()}/200@5000/503/200@5000/200"
+        once = f"/script/{_key()}/200@5000/503/200"
+        retry = {"times": 2, "statuses": [503]}
+        # The quick retry of `once` has its after_msec to answer in, on a
+        # loaded machine, before its own hedge would go.
+        _, _, answer = await caller.post(
+            hedging.url + "/multiplex",
+            {
+                "timeout_msec": 8000,
+                "requests": [
+                    {"uri": upstream.url + twice, "retry": retry, "hedge": {"after_msec": 300}},
+                    {"uri": upstream.url + once, "retry": retry, "hedge": {"after_msec": 1000}},
+                ],
+            },
+        )
+        hedged_twice, hedged_first = (outcome["Success"] for outcome in answer["responses"])
+        # The second try's hedge (the fourth request) answered.
+        assert (hedged_twice["status"], hedged_twice["content"]) == (200, "#4 200")
+        assert hedged_twice["attempts"] == 2
+        assert (hedged_twice["hedged"], hedged_twice["hedge_won"]) == (True, True)
+        # The second try (the third request) answered in time: no hedge then.
+        assert (hedged_first["status"], hedged_first["content"]) == (200, "#3 200")
+        assert hedged_first["attempts"] == 2
+        assert "hedged" not in hedged_first and "hedge_won" not in hedged_first
+        assert [len(_arrivals(upstream, path)) for path in (twice, once)] == [4, 3]
+        # Each slow first attempt lost to its hedge and was closed.
+        await wait_until(
+            lambda: sorted(scripted.finished_early) == sorted([twice, twice, once]),
+            "the losers' close",
+        )
+        assert _count(metrics, "octoplex_hedges_sent_total") == 3
+        assert _count(metrics, "octoplex_hedges_won_total") == 3
+        assert _count(metrics, "octoplex_hedge_attempts_cancelled_total") == 3
+    finally:
+        await upstream.stop()
+    (event,) = [e for e in log_events if "succeeded" in e and "size" in e]
+    assert (event["size"], event["succeeded"], event.get("hedged")) == (2, 2, 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_timings_of_a_winning_hedge_are_the_hedges(
+    hedging: Octoplex, upstream: Upstream, caller: Caller
+) -> None:
+    """
+    With ``"timings": true``, a request whose hedge wins reports the hedge
+    attempt's timings: it started after_msec into the item, on a new
+    connection (the first attempt took the idle pooled one), and its phases
+    add up within its total, itself within the outcome's duration.
+    """
+    # One idle pooled connection, for the first attempt.
+    await caller.post(
+        hedging.url + "/multiplex",
+        {"timeout_msec": 4000, "requests": [{"uri": upstream.url + "/hello"}]},
+    )
+    ((_, _, warm),) = upstream.resource.timed
+    path = f"/first-slow/{_key()}/5000"
+    after = 300
+    _, _, answer = await caller.post(
+        hedging.url + "/multiplex",
+        {
+            "timeout_msec": 4000,
+            "timings": True,
+            "requests": [{"uri": upstream.url + path, "hedge": {"after_msec": after}}],
+        },
+    )
+    success = answer["responses"][0]["Success"]
+    assert (success["content"], success["hedged"], success["hedge_won"]) == ("fast", True, True)
+    (_, first), (_, second) = _arrivals(upstream, path)
+    assert first is warm and second is not warm
+    timings = success["timings"]
+    assert timings["reused"] is False
+    assert timings["dns_msec"] is not None and timings["connect_msec"] is not None
+    assert timings["ttfb_msec"] is not None and timings["body_msec"] is not None
+    # The phases follow one another within the total (each rounded to 1 µs).
+    phases = sum(timings[phase] or 0.0 for phase in PHASES)
+    assert phases <= timings["total_msec"] + 0.01, timings
+    # The hedge started after_msec into the item at the earliest, so its
+    # total is at least that much under the (floored) duration: the first
+    # attempt's, which started with the item, could not be.
+    assert timings["total_msec"] + after <= success["duration_msec"] + 1, (timings, success)

@@ -835,3 +835,78 @@ async def test_off_by_default_nothing_is_ejected(caller: Caller) -> None:
         )
 
     await in_world(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ejected_address_is_probed_and_restored_behind_the_grpc_frontend(
+    caller: Caller, tmp_path: Path
+) -> None:
+    """
+    Behind the gRPC daemon, an address ejected for refusing is probed once
+    its back-off is over: one request, one connection to it, which answers;
+    the address is then restored (its ``octoplex_upstream_address_ejected``
+    series is gone), the log says ejected, probing, restored, and it takes
+    its share of the next batch.
+    """
+    ejection_time = 3.0
+
+    async def test(world: World) -> None:
+        world.close("127.0.0.3")
+        options = ["--outlier-ejection", "on", "--outlier-consecutive-failures", "3"]
+        options += ["--outlier-latency-factor", "0", "--outlier-ejection-time", str(ejection_time)]
+        # One request per connection: every request dials.
+        options += ["--pool-max-requests", "1", "--dns-server", world.dns_server]
+        daemon = Daemon(tmp_path, options, plain=True, tls=False)
+        host = f"http://multi.test:{world.port}"
+        ejected = ("octoplex_upstream_address_ejected", (("address", "127.0.0.3"), ("host", host)))
+
+        async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            status, _, text = await caller.get(f"http://127.0.0.1:{daemon.http_port}/metrics")
+            assert status == 200
+            return parse_samples(text.decode())
+
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{daemon.grpc_port}") as channel:
+                await deferToThread(wait_serving, daemon, channel)
+                stub = pb_grpc.MultiplexerStub(channel)
+                twelve = pb.Batch(timeout_msec=5000, requests=[pb.Request(uri=world.url())] * 12)
+                answered = await call(stub.Multiplex, twelve, metadata=())
+                # The daemon ejected the address before it answered: its
+                # back-off is over by this time plus ejection_time.
+                ejected_by = reactor.seconds()
+                assert [o.success.status for o in answered.outcomes] == [200] * 12
+                assert (await scrape()).get(ejected) == 1
+
+                # A listener there now counts every connection attempt.
+                world.reopen("127.0.0.3")
+                await wait_until(
+                    lambda: reactor.seconds() >= ejected_by + ejection_time, "the back-off"
+                )
+                # One request: its new connection dials the address first, as the probe.
+                one = pb.Batch(timeout_msec=5000, requests=[pb.Request(uri=world.url())])
+                (probe,) = (await call(stub.Multiplex, one, metadata=())).outcomes
+                assert probe.success.status == 200
+                assert world.accepted("127.0.0.3") == 1
+                assert world.answers["127.0.0.3"].requests == 1
+                # Restored: only addresses out of rotation have a series.
+                found = await scrape()
+                assert ejected not in found
+                connect = ("host", host), ("reason", "connect")
+                assert found["octoplex_upstream_ejections_total", connect] == 1
+
+                # In rotation again: it answers some of the next batch.
+                answered = await call(stub.Multiplex, twelve, metadata=())
+                assert [o.success.status for o in answered.outcomes] == [200] * 12
+                assert world.answers["127.0.0.3"].requests > 1
+        finally:
+            daemon.stop()
+        assert daemon.errors() == []
+        events = [e for e in daemon.events() if "outlier" in e]
+        assert [(e["outlier"], e["address"]) for e in events] == [
+            ("ejected", "127.0.0.3"),
+            ("probing", "127.0.0.3"),
+            ("restored", "127.0.0.3"),
+        ]
+        assert {e["host"] for e in events} == {f"multi.test:{world.port}"}
+
+    await in_world(test)
