@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import attr
 import grpc
 import pytest
 import pytest_twisted
@@ -18,14 +19,26 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from octoplex.circuits import CLOSED, HALF_OPEN, OPEN
 from octoplex.hedging import MIN_SAMPLES, SAMPLES, HedgedFetch, Latencies
 from octoplex.limits import Limits
 from octoplex.metrics import Metrics
+from octoplex.timings import PHASES
 from octoplex.v1 import multiplexer_pb2 as pb
 from octoplex.v1 import multiplexer_pb2_grpc as pb_grpc
 
 from .schema import check_batch
-from .servers import Caller, Octoplex, Upstream, global_reactor, start_octoplex, wait_until
+from .servers import (
+    Caller,
+    Octoplex,
+    Upstream,
+    _CountingSite,
+    _Upstream,
+    global_reactor,
+    start_octoplex,
+    wait_until,
+)
+from .test_circuits import LIVE, closed_port, kinds, outcomes, state_of
 from .test_grpc import Daemon, _serving, call
 from .test_outliers import THREE, World, batch, in_world, samples, statuses
 
@@ -630,18 +643,6 @@ async def test_hedges_over_grpc(stub: pb_grpc.MultiplexerStub, upstream: Upstrea
 
 
 # --- With circuit breaking, retries and timings --------------------------------
-#
-# Imported here rather than at the top so that this section merges cleanly
-# with edits elsewhere in the file.
-
-import attr  # noqa: E402
-from twisted.web.server import NOT_DONE_YET, Request  # noqa: E402
-
-from octoplex.circuits import CLOSED, HALF_OPEN, OPEN  # noqa: E402
-from octoplex.timings import PHASES  # noqa: E402
-
-from .servers import _CountingSite, _Upstream  # noqa: E402
-from .test_circuits import LIVE, closed_port, kinds, outcomes, state_of  # noqa: E402
 
 
 class _Scripted(_Upstream):
