@@ -241,8 +241,9 @@ class TrackedUpstreamProtocol(UpstreamProtocol):
     """
     An upstream connection that tells its address's state how it goes:
     its TLS handshake, each answer's status and latency (request written to
-    response head), and a connection lost before an answer.  The pool
-    builds these while outlier ejection is on.
+    response head), how long a request cancelled unanswered had waited (a
+    lower bound of its latency), and a connection lost before an answer.
+    The pool builds these while outlier ejection is on.
     """
 
     #: Whether its TLS handshake is still awaited.
@@ -271,6 +272,23 @@ class TrackedUpstreamProtocol(UpstreamProtocol):
                 start = self.tls_done
             address.owner.answered(address, self.outlier_epoch, code, now - start)
         super()._head_received(exchange, code)
+
+    def _cancel(self, finished: Any) -> None:
+        address = self.outlier
+        exchange = self._exchange
+        if (
+            address is not None
+            and self._state == "WAITING"
+            and not self.tls_pending
+            and exchange is not None
+            and exchange.response is None
+        ):
+            # Sent, not answered, given up on: it took at least this long.
+            start = self._sent_at
+            if self.tls_done is not None and self.tls_done > start:
+                start = self.tls_done
+            address.owner.waited(address, self.outlier_epoch, self.clock.seconds() - start)
+        super()._cancel(finished)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         address = self.outlier
@@ -513,15 +531,38 @@ class Outliers:
             else:
                 address.fives = 0
         if settings.latency_factor:
-            tick = int(now // self._step)
-            address.advance(tick)
-            index = tick % BUCKETS
-            address.sum += latency
-            address.count += 1
-            address.sums[index] += latency
-            address.counts[index] += 1
-            if now >= address.next_check and address.count >= settings.latency_min_samples:
-                self._check_latency(address, now, tick)
+            self._sample(address, latency, now)
+
+    def waited(self, address: _Address, epoch: int, latency: float) -> None:
+        """
+        A request to ``address`` was cancelled (its deadline, or a hedge
+        that answered first) ``latency`` seconds after it was sent, with no
+        answer yet: a lower bound of its latency, taken as a sample.
+
+        Without it an address that accepts requests and answers none, or
+        too late for its callers' deadlines, or whose slow answers hedges
+        cut short, would show latency ejection nothing.  A lower bound can
+        make an address look faster than it is, never slower: it ejects
+        none that its true latencies would not.  It resets no failure count.
+        """
+        if epoch != address.epoch or address.state is not ACTIVE:
+            return
+        if self.settings.latency_factor:
+            now = self._clock.seconds()
+            address.host.last_used = now
+            self._sample(address, latency, now)
+
+    def _sample(self, address: _Address, latency: float, now: float) -> None:
+        """One more latency of ``address``, in its window; judge it when due."""
+        tick = int(now // self._step)
+        address.advance(tick)
+        index = tick % BUCKETS
+        address.sum += latency
+        address.count += 1
+        address.sums[index] += latency
+        address.counts[index] += 1
+        if now >= address.next_check and address.count >= self.settings.latency_min_samples:
+            self._check_latency(address, now, tick)
 
     def _means(self, host: _Host, tick: int, leave_out: _Address | None) -> list[float]:
         """The mean latencies of ``host``'s active addresses with enough samples."""

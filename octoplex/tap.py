@@ -486,8 +486,9 @@ class Options(LogOptions):
             "outlier-latency-min-samples",
             None,
             _OUTLIERS.latency_min_samples,
-            "Answers in --outlier-latency-window an address, and each sibling it is "
-            "compared with, must have.",
+            "Latencies (answers, and requests cancelled unanswered) in "
+            "--outlier-latency-window an address, and each sibling it is compared "
+            "with, must have.",
             _count,
         ],
         [

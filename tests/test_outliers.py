@@ -35,6 +35,9 @@ from twisted.names.common import ResolverBase
 from twisted.names.error import DomainError
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
+from twisted.web._newclient import Request as ClientRequest
+from twisted.web._newclient import ResponseNeverReceived
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -314,6 +317,59 @@ def test_latency_factor_zero_never_ejects() -> None:
     outliers, _, _ = make(OutlierSettings(**{**_fields(SMALL), "latency_factor": 0.0}))
     outliers.choose(KEY, THREE)
     _traffic(outliers, {"127.0.0.1": 0.002, "127.0.0.2": 0.002, "127.0.0.3": 0.9}, 5)
+    assert outliers.state(KEY, "127.0.0.3") == ACTIVE
+
+
+def test_requests_cancelled_unanswered_count_their_wait_as_a_latency() -> None:
+    """
+    An address whose requests are all cancelled unanswered after 300 ms
+    (a deadline, a hedge that won) while its siblings answer in 2 ms is
+    ejected for latency: the wait is a lower bound of its latency.  The
+    cancellation goes through the connection, as the pool's does: a
+    request still being written, or answered, counts no wait.
+    """
+    outliers, clock, _ = make()
+    outliers.choose(KEY, THREE)
+    quick = {a: connection(outliers, a) for a in ("127.0.0.1", "127.0.0.2")}
+    hanging = connection(outliers, "127.0.0.3")
+    hanging.clock = clock
+    for _ in range(3):
+        for protocol in quick.values():
+            answer(outliers, protocol, 200, 0.002)
+        headers = Headers({b"host": [b"multi.test"]})
+        sent = hanging.request(ClientRequest(b"GET", b"/", headers, None, persistent=True))
+        clock.advance(0.3)
+        assert outliers.state(KEY, "127.0.0.3") == ACTIVE
+        sent.addErrback(lambda f: f.trap(ResponseNeverReceived))
+        sent.cancel()
+        # A new connection, as the pool opens after cancelling one.
+        hanging = connection(outliers, "127.0.0.3")
+        hanging.clock = clock
+    assert outliers.state(KEY, "127.0.0.3") == EJECTED
+
+
+def test_a_wait_resets_no_failure_count_and_a_probe_ignores_it() -> None:
+    """
+    A cancelled request's wait is only a latency: a run of failures goes
+    on through it, and a probe is not judged by it.
+    """
+    outliers, clock, _ = make()
+    outliers.choose(KEY, THREE)
+    protocol = connection(outliers, "127.0.0.3")
+    address = protocol.outlier
+    outliers.connect_failed(KEY, "127.0.0.3", refused())
+    outliers.connect_failed(KEY, "127.0.0.3", refused())
+    outliers.waited(address, protocol.outlier_epoch, 0.001)  # type: ignore[arg-type]
+    outliers.connect_failed(KEY, "127.0.0.3", refused())
+    assert outliers.state(KEY, "127.0.0.3") == EJECTED
+
+    clock.advance(SMALL.ejection_time)
+    assert outliers.choose(KEY, THREE)[1] == "127.0.0.3"
+    probe = connection(outliers, "127.0.0.3")
+    assert outliers.state(KEY, "127.0.0.3") == PROBING
+    outliers.waited(probe.outlier, probe.outlier_epoch, 5.0)  # type: ignore[arg-type]
+    assert outliers.state(KEY, "127.0.0.3") == PROBING
+    answer(outliers, probe)
     assert outliers.state(KEY, "127.0.0.3") == ACTIVE
 
 
@@ -908,5 +964,46 @@ async def test_an_ejected_address_is_probed_and_restored_behind_the_grpc_fronten
             ("restored", "127.0.0.3"),
         ]
         assert {e["host"] for e in events} == {f"multi.test:{world.port}"}
+
+    await in_world(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_address_that_never_answers_is_ejected_for_the_deadlines_it_misses(
+    caller: Caller,
+) -> None:
+    """
+    127.0.0.3 accepts requests and answers none: each is cut by its batch's
+    400 ms deadline, and the time it waited counts as its latency, so it
+    is ejected for latency and then gets no requests, the batch answered
+    by its siblings.
+    """
+    settings = OutlierSettings(**{**_fields(LIVE), "latency_factor": 3.0, "latency_min_samples": 3})
+
+    async def test(world: World) -> None:
+        world.answers["127.0.0.3"].delay = 30.0
+        octoplex = world.start(settings)
+
+        async def traffic() -> list[Any]:
+            document = {"timeout_msec": 400, "requests": [{"uri": world.url()}] * 6}
+            status, _, body = await caller.post(octoplex.url + "/multiplex", document)
+            assert status == 200, body
+            return statuses([o.get("Success") or o["Failure"] for o in body["responses"]])
+
+        for _ in range(15):
+            found = await traffic()
+            assert set(found) <= {200, "timeout"}, found
+            if world.state("127.0.0.3") == EJECTED:
+                break
+        assert world.state("127.0.0.3") == EJECTED
+        assert world.state("127.0.0.1") == world.state("127.0.0.2") == ACTIVE
+        before = world.answers["127.0.0.3"].requests
+        assert await traffic() == [200] * 6
+        assert world.answers["127.0.0.3"].requests == before
+        found = samples(world.metrics)
+        host = f"http://multi.test:{world.port}"
+        assert (
+            found["octoplex_upstream_ejections_total", (("host", host), ("reason", "latency"))] == 1
+        )
 
     await in_world(test)
