@@ -148,6 +148,8 @@ KEYS: tuple[Key, ...] = tuple(
             "ejection_time", "outlier-ejection-time",
             "max_ejection_time", "outlier-max-ejection-time",
         ),
+        *_keys("hedge", "int", "budget_percent", "hedge-budget-percent"),
+        *_keys("hedge", "number", "budget_min_per_second", "hedge-budget-min-per-second"),
         *_keys("metrics", "string", "listen", "metrics-listen"),
         *_keys("grpc", "strings", "listen", "grpc-listen", "listen_tls", "grpc-listen-tls"),
     ]
@@ -167,7 +169,7 @@ RELOADABLE = frozenset(
         "log-level",
         "drain-delay",
         "drain-timeout",
-        *(key.option for key in KEYS if key.section in ("limits", "circuit", "outlier")),
+        *(key.option for key in KEYS if key.section in ("limits", "circuit", "outlier", "hedge")),
     }
 )
 

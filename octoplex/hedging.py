@@ -28,10 +28,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 __all__ = [
+    "BUDGET_WINDOW",
     "MAX_HOSTS",
     "MIN_DELAY",
     "MIN_SAMPLES",
     "SAMPLES",
+    "HedgeBudget",
     "HedgeHooks",
     "HedgedFetch",
     "Latencies",
@@ -52,6 +54,87 @@ MAX_HOSTS = 1000
 #: The shortest wait, in seconds, before a hedge derived from a percentile
 #: (an upstream that answers in microseconds is not hedged at once).
 MIN_DELAY = 0.001
+
+
+#: Seconds of tries and hedges a :class:`HedgeBudget` weighs, in one-second
+#: buckets.
+BUDGET_WINDOW = 10
+
+
+class HedgeBudget:
+    """
+    How many hedges may go: over the last :data:`BUDGET_WINDOW` seconds, at
+    most ``percent`` % of the hedge-armed tries sent, plus ``min_per_second``
+    a second whatever the traffic (so that a quiet upstream is hedged too),
+    as Finagle's backup requests bound their extra load.
+
+    Without it, hedges feed an overload: when every answer is late because
+    the daemon or its upstreams are saturated, every request hedges, which
+    adds load exactly when it hurts most.  A hedge over budget is not sent;
+    its first attempt carries on alone.
+
+    :param clock: the time, whose whole seconds are the buckets.
+    :param percent: hedges as a share of tries, in percent (100: no limit
+        beyond one hedge a try, which there is anyway).
+    :param min_per_second: hedges a second always allowed.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_hedges",
+        "_hedges_in_window",
+        "_tick",
+        "_tries",
+        "_tries_in_window",
+        "min_per_second",
+        "percent",
+    )
+
+    def __init__(self, clock: IReactorTime, percent: float = 10.0, min_per_second: float = 10.0):
+        self._clock = clock
+        self.percent = percent
+        self.min_per_second = min_per_second
+        self._tick = int(clock.seconds())
+        self._tries = [0] * BUDGET_WINDOW
+        self._hedges = [0] * BUDGET_WINDOW
+        self._tries_in_window = 0
+        self._hedges_in_window = 0
+
+    def _advance(self) -> int:
+        """The current bucket's index, the buckets older than the window emptied."""
+        tick = int(self._clock.seconds())
+        last = self._tick
+        if tick > last:
+            for step in range(last + 1, min(tick, last + BUDGET_WINDOW) + 1):
+                index = step % BUDGET_WINDOW
+                self._tries_in_window -= self._tries[index]
+                self._hedges_in_window -= self._hedges[index]
+                self._tries[index] = self._hedges[index] = 0
+            self._tick = tick
+        # A clock that stepped back keeps filling the latest bucket.
+        return self._tick % BUDGET_WINDOW
+
+    def tried(self) -> None:
+        """A try with a hedge armed was sent."""
+        self._tries[self._advance()] += 1
+        self._tries_in_window += 1
+
+    def allows(self) -> bool:
+        """Whether a hedge may go now (:meth:`spent` once it does)."""
+        self._advance()
+        allowed = self.min_per_second * BUDGET_WINDOW + self.percent / 100 * self._tries_in_window
+        # One more must stay within it (a hair of slack for float sums).
+        return self._hedges_in_window + 1 <= allowed + 1e-9
+
+    def spent(self) -> None:
+        """A hedge was sent."""
+        self._hedges[self._advance()] += 1
+        self._hedges_in_window += 1
+
+    def counts(self) -> tuple[int, int]:
+        """The tries and the hedges in the window now."""
+        self._advance()
+        return self._tries_in_window, self._hedges_in_window
 
 
 class Route:

@@ -520,8 +520,9 @@ class Metrics:
         self.hedges_skipped = Counter(
             "octoplex_hedges_skipped",
             "Hedges not sent when due: the caller's share or the in-flight cap was full "
-            "(share), the upstream's circuit was not closed (circuit); or not armed, the "
-            "upstream having too few samples for after_percentile (samples).",
+            "(share), the upstream's circuit was not closed (circuit), the hedge budget was "
+            "spent (budget); or not armed, the upstream having too few samples for "
+            "after_percentile (samples).",
             ["reason"],
             registry=registry,
         )

@@ -28,7 +28,7 @@ from octoplex.body import ResponseBudget
 from octoplex.buffers import BufferBudget
 from octoplex.client import QueueTimeout, UpstreamResponse
 from octoplex.errors import TIMEOUT_ELAPSED, cause, describe, kind_of
-from octoplex.hedging import MIN_DELAY, HedgedFetch, Latencies, Route
+from octoplex.hedging import MIN_DELAY, HedgeBudget, HedgedFetch, Latencies, Route
 from octoplex.limits import DEFAULT_MAX_BATCH_RESPONSE_BYTES
 from octoplex.metrics import Metrics
 from octoplex.timings import Timings
@@ -162,6 +162,8 @@ class Multiplexer:
         retries' backoff.
     :param buffers: the process's budget of buffered bytes, which every
         batch's bodies count against as well (none by default).
+    :param hedge_budget: how many hedges may go
+        (:class:`~octoplex.hedging.HedgeBudget`); its defaults by default.
     """
 
     log = Logger()
@@ -174,6 +176,7 @@ class Multiplexer:
         metrics: Metrics | None = None,
         rng: Callable[[], float] = random,
         buffers: BufferBudget | None = None,
+        hedge_budget: HedgeBudget | None = None,
     ) -> None:
         self._rng = rng
         self._buffers = buffers
@@ -183,6 +186,8 @@ class Multiplexer:
         #: Recent times to a response head per upstream, for hedges after a
         #: percentile.
         self.latencies = Latencies()
+        #: How many hedges may go (its settings change on a reload).
+        self.hedge_budget = HedgeBudget(clock) if hedge_budget is None else hedge_budget
         #: Settable: a reload changes it for the batches to come.
         self.max_batch_response_bytes = max_batch_response_bytes
         self._runs: set[_BatchRun] = set()
@@ -231,6 +236,7 @@ class Multiplexer:
             outcomes,
             self.latencies,
             extra,
+            self.hedge_budget,
         )
         self._runs.add(run)
         return run.start(self._clock.seconds() if started is None else started)
@@ -303,9 +309,14 @@ class _Hooks:
         if allowed is not None and not allowed(self._request):
             run._metrics.hedges_skipped.labels("circuit").inc()
             return False
+        budget = run._hedge_budget
+        if not budget.allows():
+            run._metrics.hedges_skipped.labels("budget").inc()
+            return False
         if run._extra is not None and not run._extra.take():
             run._metrics.hedges_skipped.labels("share").inc()
             return False
+        budget.spent()
         return True
 
     def sent(self) -> None:
@@ -358,8 +369,10 @@ class _BatchRun:
         outcomes: OutcomeFormat,
         latencies: Latencies,
         extra: ExtraSlots | None,
+        hedge_budget: HedgeBudget,
     ) -> None:
         self._latencies = latencies
+        self._hedge_budget = hedge_budget
         self._extra = extra
         #: The requests whose (latest) try sent a hedge: whether the hedge
         #: won, or None while no attempt has won.
@@ -501,6 +514,8 @@ class _BatchRun:
         if delay is not None and not self._room_for(index, delay):
             # Due at or after its deadline: it would never go.
             delay = None
+        if delay is not None:
+            self._hedge_budget.tried()
         # What an earlier try said is not this try's.
         self._hedges.pop(index, None)
         hooks = _Hooks(self, index, request, key)

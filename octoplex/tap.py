@@ -42,6 +42,7 @@ from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.config import RELOADABLE, ConfigError, read_config
 from octoplex.dns import CachingResolver, DNSSettings, nameservers, parse_nameserver
 from octoplex.egress import EgressPolicy
+from octoplex.hedging import HedgeBudget
 from octoplex.interfaces import read_own_addresses
 from octoplex.limits import Limits
 from octoplex.logs import LogOptions, Logs
@@ -526,6 +527,21 @@ class Options(LogOptions):
             "The most of a host's addresses out of rotation at once, in percent, rounded "
             "down (a host with one address is never ejected).",
             _percent,
+        ],
+        [
+            "hedge-budget-percent",
+            None,
+            10,
+            "Hedges sent, at most, in percent of the hedge-armed tries of the last 10 s, "
+            "above --hedge-budget-min-per-second (100: no limit).",
+            _percent,
+        ],
+        [
+            "hedge-budget-min-per-second",
+            None,
+            10.0,
+            "Hedges a second always allowed, whatever the share of tries.",
+            _non_negative_number,
         ],
         [
             "dns-min-ttl",
@@ -1183,6 +1199,9 @@ class _Octoplex(MultiService):
         if self.grpc is not None:
             self.grpc.servicer.tokens = options["tokens"]
         self.app.multiplexer.max_batch_response_bytes = limits.max_batch_response_bytes
+        hedge_budget = self.app.multiplexer.hedge_budget
+        hedge_budget.percent = options["hedge-budget-percent"]
+        hedge_budget.min_per_second = options["hedge-budget-min-per-second"]
         if self.buffers is not None:
             self.buffers.limit = limits.max_buffered_bytes
         self.client.reconfigure(
@@ -1399,8 +1418,16 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
     # the rest once a burst is over.
     return_large_blocks()
     MemoryReturner(reactor, buffers).setServiceParent(root)
+    hedge_budget = HedgeBudget(
+        reactor, options["hedge-budget-percent"], options["hedge-budget-min-per-second"]
+    )
     multiplexer = Multiplexer(
-        reactor, client, limits.max_batch_response_bytes, metrics, buffers=buffers
+        reactor,
+        client,
+        limits.max_batch_response_bytes,
+        metrics,
+        buffers=buffers,
+        hedge_budget=hedge_budget,
     )
     metrics_listen = options["metrics-listen"]
     admission = Admission(limits, metrics)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attr
@@ -16,13 +17,22 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
+from twisted.python.usage import UsageError
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from octoplex.circuits import CLOSED, HALF_OPEN, OPEN
-from octoplex.hedging import MIN_SAMPLES, SAMPLES, HedgedFetch, Latencies
+from octoplex.hedging import (
+    BUDGET_WINDOW,
+    MIN_SAMPLES,
+    SAMPLES,
+    HedgeBudget,
+    HedgedFetch,
+    Latencies,
+)
 from octoplex.limits import Limits
 from octoplex.metrics import Metrics
+from octoplex.tap import Options, makeService
 from octoplex.timings import PHASES
 from octoplex.v1 import multiplexer_pb2 as pb
 from octoplex.v1 import multiplexer_pb2_grpc as pb_grpc
@@ -76,6 +86,60 @@ def test_hosts_are_bounded_least_recently_used_first() -> None:
 
 
 # --- The race, in memory ------------------------------------------------------
+
+
+# --- The budget ---------------------------------------------------------------
+
+
+def test_the_budget_allows_the_reserve_then_a_share_of_the_tries() -> None:
+    """
+    Over the window, min_per_second x 10 hedges go whatever the traffic,
+    then percent % of the tries; a hedge over budget does not; hedges and
+    tries older than the window no longer count.
+    """
+    clock = Clock()
+    budget = HedgeBudget(clock, percent=10, min_per_second=0.2)
+    assert BUDGET_WINDOW == 10
+    # A reserve of 0.2 a second: 2 in the window.
+    for _ in range(2):
+        assert budget.allows()
+        budget.spent()
+    assert not budget.allows()
+    for _ in range(9):
+        budget.tried()
+    assert not budget.allows()
+    budget.tried()  # 10 tries: one hedge more.
+    assert budget.allows()
+    budget.spent()
+    assert not budget.allows()
+    # The hedges and tries of second 0 leave the window at second 10.
+    clock.advance(9.5)
+    assert not budget.allows()
+    clock.advance(0.5)
+    assert budget.counts() == (0, 0)
+    assert budget.allows()
+
+
+def test_the_budget_spreads_over_buckets_and_survives_a_clock_step_back() -> None:
+    """Tries in each second leave one by one; a clock stepping back fills the latest bucket."""
+    clock = Clock()
+    budget = HedgeBudget(clock, percent=100, min_per_second=0)
+    for _ in range(3):
+        budget.tried()
+        clock.advance(1)
+    assert budget.counts() == (3, 0)
+    clock.advance(7)  # second 10: second 0's try leaves
+    assert budget.counts() == (2, 0)
+    clock.rightNow -= 5  # a wall clock stepped back
+    budget.tried()
+    budget.spent()
+    assert budget.counts() == (3, 1)
+    clock.advance(100)
+    assert budget.counts() == (0, 0)
+    assert not budget.allows()
+    # 100 %: a hedge for every try.
+    budget.tried()
+    assert budget.allows()
 
 
 class _Hooks:
@@ -392,6 +456,37 @@ async def test_a_hedge_counts_against_the_callers_share(
             assert _count(metrics, "octoplex_items_in_flight") == 0
         finally:
             await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hedge_over_budget_is_not_sent(
+    upstream: Upstream, caller: Caller, metrics: Metrics
+) -> None:
+    """
+    With a budget of one hedge in the window and no share of tries, the
+    first slow request is hedged and the second is not: it waits for its
+    first attempt, counted as skipped for the budget.
+    """
+    budget = HedgeBudget(global_reactor, percent=0, min_per_second=0.1)
+    server = start_octoplex(metrics=metrics, hedge_budget=budget)
+    try:
+        outcomes = []
+        for n in range(2):
+            path = f"/first-slow/{_key()}/300"
+            batch = {
+                "timeout_msec": 4000,
+                "requests": [{"uri": upstream.url + path, "hedge": {"after_msec": 50}}],
+            }
+            _, _, answer = await caller.post(server.url + "/multiplex", batch)
+            outcomes.append(answer["responses"][0]["Success"])
+            assert len(_arrivals(upstream, path)) == 2 - n
+    finally:
+        await server.stop()
+    assert (outcomes[0]["content"], outcomes[0]["hedged"]) == ("fast", True)
+    assert "hedged" not in outcomes[1]
+    assert _count(metrics, "octoplex_hedges_sent_total") == 1
+    assert _count(metrics, "octoplex_hedges_skipped_total", reason="budget") == 1
+    assert budget.counts() == (2, 1)
 
 
 @pytest_twisted.ensureDeferred
@@ -881,3 +976,22 @@ async def test_the_timings_of_a_winning_hedge_are_the_hedges(
     # total is at least that much under the (floored) duration: the first
     # attempt's, which started with the item, could not be.
     assert timings["total_msec"] + after <= success["duration_msec"] + 1, (timings, success)
+
+
+def test_the_budget_options_set_it_and_a_reload_changes_it(tmp_path: Path) -> None:
+    """The --hedge-budget-* options and [hedge] keys make the budget; a reload applies them."""
+    config = tmp_path / "octoplex.toml"
+    config.write_text("[hedge]\nbudget_percent = 5\n")
+    options = Options(list)
+    options.parseOptions(["--workers", "1", "--listen", "tcp:0", "--config", str(config)])
+    root: Any = makeService(options)
+    budget = root.app.multiplexer.hedge_budget
+    assert (budget.percent, budget.min_per_second) == (5, 10.0)
+    config.write_text("[hedge]\nbudget_percent = 100\nbudget_min_per_second = 0.5\n")
+    root.reload()
+    assert root.app.multiplexer.hedge_budget is budget
+    assert (budget.percent, budget.min_per_second) == (100, 0.5)
+    with pytest.raises(UsageError, match="101"):
+        Options(list).parseOptions(["--hedge-budget-percent", "101"])
+    with pytest.raises(UsageError, match="-1"):
+        Options(list).parseOptions(["--hedge-budget-min-per-second", "-1"])
