@@ -57,6 +57,7 @@ LETTERS = ("A", "B", "C")
 METRICS = (
     "octoplex_hedges_sent_total",
     "octoplex_hedges_won_total",
+    "octoplex_hedges_skipped_total",
     "octoplex_upstream_ejections_total",
     "octoplex_circuit_opened_total",
     "octoplex_circuit_rejected_total",
@@ -73,6 +74,8 @@ OUTLIER_OPTIONS = (
     "--outlier-max-ejected-percent 67"
 )
 CIRCUIT_OPTIONS = "--circuit-breaking on"
+#: The daemon counter of hedges not sent for the budget.
+BUDGET_SKIPS = "octoplex_hedges_skipped_total{reason=budget}"
 #: Every daemon's: a dead bidder's connect fails after 0.25 s rather than the
 #: default 10 s (which outlasts the batch deadline).  Loopback connects to
 #: the live backends take well under a millisecond, so nothing else changes.
@@ -405,7 +408,7 @@ def measure(
             tally.backend["C.down_periods"] += (
                 after["C"]["down_periods"] - before["C"]["down_periods"]
             )
-            for name in METRICS:
+            for name in sorted(set(m0) | set(m1)):
                 tally.metrics[name] += int(m1.get(name, 0.0) - m0.get(name, 0.0))
             order.append(config.name)
             print(
@@ -476,6 +479,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 pct(r["items_within"], r["items"]),
                 str(sum(r["failed_items"].values())),
                 f"{pct(r['hedged_items'], r['items'])} ({pct(r['hedges_won'], r['items'])})",
+                pct(r["daemon_metrics"].get(BUDGET_SKIPS, 0), r["items"]),
                 fmt(r["upstream_requests_per_item"], 3),
                 fmt(r["new_connections_per_1k_items"], 1),
                 "/".join(f"{100 * share.get(x, 0):.0f}" for x in LETTERS),
@@ -495,6 +499,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 f"items ≤ {item_ms} ms",
                 "failed items",
                 "hedged (won)",
+                "over budget",
                 "upstream req/item",
                 "new conns /1k items",
                 "A/B/C answered %",
@@ -510,7 +515,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"with status 200 whose own duration_msec is at most {item_ms}.  Upstream req/item: "
         "requests the three backends received ÷ items sent to bidder.test (a hedge that "
         "reaches a backend counts; one cancelled while its connect was opening does not).  "
-        "p99.9 is the maximum where a config has fewer than 1,000 batches."
+        "p99.9 is the maximum where a config has fewer than 1,000 batches.  Over budget: "
+        "hedges due but not sent, the hedge budget spent (--hedge-budget-percent), per item."
     )
     dead = [r for r in rows if r["config"].startswith("dead")]
     if dead:
