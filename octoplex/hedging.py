@@ -90,7 +90,9 @@ class HedgeBudget:
         "percent",
     )
 
-    def __init__(self, clock: IReactorTime, percent: float = 10.0, min_per_second: float = 10.0):
+    def __init__(
+        self, clock: IReactorTime, percent: float = 10.0, min_per_second: float = 10.0
+    ) -> None:
         self._clock = clock
         self.percent = percent
         self.min_per_second = min_per_second
