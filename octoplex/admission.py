@@ -166,6 +166,11 @@ class Hold:
         self.extra += 1
         return True
 
+    @property
+    def client(self) -> str:
+        """The client whose share it takes from."""
+        return self._client
+
     def give_back(self) -> None:
         """One extra request is over."""
         if self.extra:

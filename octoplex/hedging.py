@@ -29,11 +29,13 @@ from twisted.python.failure import Failure
 
 __all__ = [
     "BUDGET_WINDOW",
+    "MAX_CLIENTS",
     "MAX_HOSTS",
     "MIN_DELAY",
     "MIN_SAMPLES",
     "SAMPLES",
     "HedgeBudget",
+    "HedgeBudgets",
     "HedgeHooks",
     "HedgedFetch",
     "Latencies",
@@ -63,10 +65,11 @@ BUDGET_WINDOW = 10
 
 class HedgeBudget:
     """
-    How many hedges may go: over the last :data:`BUDGET_WINDOW` seconds, at
-    most ``percent`` % of the hedge-armed tries sent, plus ``min_per_second``
-    a second whatever the traffic (so that a quiet upstream is hedged too),
-    as Finagle's backup requests bound their extra load.
+    How many hedges one client may send (see :class:`HedgeBudgets`): over
+    the last :data:`BUDGET_WINDOW` seconds, at most ``percent`` % of its
+    hedge-armed tries sent, plus ``min_per_second`` a second whatever the
+    traffic (so that a quiet caller is hedged too), as Finagle's backup
+    requests bound their extra load.
 
     Without it, hedges feed an overload: when every answer is late because
     the daemon or its upstreams are saturated, every request hedges, which
@@ -137,6 +140,58 @@ class HedgeBudget:
         """The tries and the hedges in the window now."""
         self._advance()
         return self._tries_in_window, self._hedges_in_window
+
+
+#: Clients whose hedge budgets are kept; past it the least recently used
+#: one is forgotten (and starts afresh, with its reserve, if it comes back).
+MAX_CLIENTS = 4096
+
+
+class HedgeBudgets:
+    """
+    A :class:`HedgeBudget` per client (its token's name, else its address,
+    as its share of requests in flight is counted), so that one caller whose
+    requests hedge a lot spends its own budget, not the others'; at most
+    :data:`MAX_CLIENTS` of them, the least recently used forgotten past it.
+
+    :ivar percent: each budget's share of its client's tries, in percent.
+    :ivar min_per_second: each budget's hedges a second always allowed.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        percent: float = 10.0,
+        min_per_second: float = 10.0,
+        max_clients: int = MAX_CLIENTS,
+    ) -> None:
+        self._clock = clock
+        self.percent = percent
+        self.min_per_second = min_per_second
+        self._max_clients = max_clients
+        self._budgets: OrderedDict[str, HedgeBudget] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._budgets)
+
+    def of(self, client: str) -> HedgeBudget:
+        """The budget of ``client``, made on its first hedge-armed try."""
+        budget = self._budgets.get(client)
+        if budget is None:
+            budget = self._budgets[client] = HedgeBudget(
+                self._clock, self.percent, self.min_per_second
+            )
+            if len(self._budgets) > self._max_clients:
+                self._budgets.popitem(last=False)
+        else:
+            self._budgets.move_to_end(client)
+        return budget
+
+    def configure(self, percent: float, min_per_second: float) -> None:
+        """New settings, for every budget now and to come (a reload)."""
+        self.percent, self.min_per_second = percent, min_per_second
+        for budget in self._budgets.values():
+            budget.percent, budget.min_per_second = percent, min_per_second
 
 
 class Route:

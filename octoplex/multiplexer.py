@@ -28,7 +28,14 @@ from octoplex.body import ResponseBudget
 from octoplex.buffers import BufferBudget
 from octoplex.client import QueueTimeout, UpstreamResponse
 from octoplex.errors import TIMEOUT_ELAPSED, cause, describe, kind_of
-from octoplex.hedging import MIN_DELAY, HedgeBudget, HedgedFetch, Latencies, Route
+from octoplex.hedging import (
+    MIN_DELAY,
+    HedgeBudget,
+    HedgeBudgets,
+    HedgedFetch,
+    Latencies,
+    Route,
+)
 from octoplex.limits import DEFAULT_MAX_BATCH_RESPONSE_BYTES
 from octoplex.metrics import Metrics
 from octoplex.timings import Timings
@@ -126,6 +133,10 @@ class ExtraSlots(Protocol):
     def give_back(self) -> None:
         """One extra request is over."""
 
+    @property
+    def client(self) -> str:
+        """Whose batch it is (the key of its share): its hedges spend that client's budget."""
+
 
 @attr.s(slots=True, auto_attribs=True)
 class BatchResult:
@@ -162,8 +173,8 @@ class Multiplexer:
         retries' backoff.
     :param buffers: the process's budget of buffered bytes, which every
         batch's bodies count against as well (none by default).
-    :param hedge_budget: how many hedges may go
-        (:class:`~octoplex.hedging.HedgeBudget`); its defaults by default.
+    :param hedge_budgets: how many hedges each client's batches may send
+        (:class:`~octoplex.hedging.HedgeBudgets`); their defaults by default.
     """
 
     log = Logger()
@@ -176,7 +187,7 @@ class Multiplexer:
         metrics: Metrics | None = None,
         rng: Callable[[], float] = random,
         buffers: BufferBudget | None = None,
-        hedge_budget: HedgeBudget | None = None,
+        hedge_budgets: HedgeBudgets | None = None,
     ) -> None:
         self._rng = rng
         self._buffers = buffers
@@ -186,8 +197,9 @@ class Multiplexer:
         #: Recent times to a response head per upstream, for hedges after a
         #: percentile.
         self.latencies = Latencies()
-        #: How many hedges may go (its settings change on a reload).
-        self.hedge_budget = HedgeBudget(clock) if hedge_budget is None else hedge_budget
+        #: How many hedges each client may send (a reload changes their
+        #: settings).
+        self.hedge_budgets = HedgeBudgets(clock) if hedge_budgets is None else hedge_budgets
         #: Settable: a reload changes it for the batches to come.
         self.max_batch_response_bytes = max_batch_response_bytes
         self._runs: set[_BatchRun] = set()
@@ -236,7 +248,7 @@ class Multiplexer:
             outcomes,
             self.latencies,
             extra,
-            self.hedge_budget,
+            self.hedge_budgets,
         )
         self._runs.add(run)
         return run.start(self._clock.seconds() if started is None else started)
@@ -309,7 +321,7 @@ class _Hooks:
         if allowed is not None and not allowed(self._request):
             run._metrics.hedges_skipped.labels("circuit").inc()
             return False
-        budget = run._hedge_budget
+        budget = run._hedges_budget()
         if not budget.allows():
             run._metrics.hedges_skipped.labels("budget").inc()
             return False
@@ -369,10 +381,12 @@ class _BatchRun:
         outcomes: OutcomeFormat,
         latencies: Latencies,
         extra: ExtraSlots | None,
-        hedge_budget: HedgeBudget,
+        hedge_budgets: HedgeBudgets,
     ) -> None:
         self._latencies = latencies
-        self._hedge_budget = hedge_budget
+        self._hedge_budgets = hedge_budgets
+        #: Its client's hedge budget, looked up on its first hedge-armed try.
+        self._hedge_budget: HedgeBudget | None = None
         self._extra = extra
         #: The requests whose (latest) try sent a hedge: whether the hedge
         #: won, or None while no attempt has won.
@@ -492,6 +506,14 @@ class _BatchRun:
         timings = self._timings[index] = Timings(self._clock)
         return self._client.fetch(request, self._budget, timings)
 
+    def _hedges_budget(self) -> HedgeBudget:
+        """The hedge budget of the batch's client (its share's key)."""
+        budget = self._hedge_budget
+        if budget is None:
+            client = self._extra.client if self._extra is not None else ""
+            budget = self._hedge_budget = self._hedge_budgets.of(client)
+        return budget
+
     def _hedged(self, index: int, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
         """
         One try of a hedged request (:class:`~octoplex.hedging.HedgedFetch`),
@@ -515,7 +537,7 @@ class _BatchRun:
             # Due at or after its deadline: it would never go.
             delay = None
         if delay is not None:
-            self._hedge_budget.tried()
+            self._hedges_budget().tried()
         # What an earlier try said is not this try's.
         self._hedges.pop(index, None)
         hooks = _Hooks(self, index, request, key)

@@ -42,7 +42,7 @@ from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.config import RELOADABLE, ConfigError, read_config
 from octoplex.dns import CachingResolver, DNSSettings, nameservers, parse_nameserver
 from octoplex.egress import EgressPolicy
-from octoplex.hedging import HedgeBudget
+from octoplex.hedging import HedgeBudgets
 from octoplex.interfaces import read_own_addresses
 from octoplex.limits import Limits
 from octoplex.logs import LogOptions, Logs
@@ -532,15 +532,15 @@ class Options(LogOptions):
             "hedge-budget-percent",
             None,
             10,
-            "Hedges sent, at most, in percent of the hedge-armed tries of the last 10 s, "
-            "above --hedge-budget-min-per-second (100: no limit).",
+            "Hedges each client may send, at most, in percent of its hedge-armed tries of "
+            "the last 10 s, above --hedge-budget-min-per-second (100: no limit).",
             _percent,
         ],
         [
             "hedge-budget-min-per-second",
             None,
             10.0,
-            "Hedges a second always allowed, whatever the share of tries.",
+            "Hedges a second each client may always send, whatever its share of tries.",
             _non_negative_number,
         ],
         [
@@ -1199,9 +1199,9 @@ class _Octoplex(MultiService):
         if self.grpc is not None:
             self.grpc.servicer.tokens = options["tokens"]
         self.app.multiplexer.max_batch_response_bytes = limits.max_batch_response_bytes
-        hedge_budget = self.app.multiplexer.hedge_budget
-        hedge_budget.percent = options["hedge-budget-percent"]
-        hedge_budget.min_per_second = options["hedge-budget-min-per-second"]
+        self.app.multiplexer.hedge_budgets.configure(
+            options["hedge-budget-percent"], options["hedge-budget-min-per-second"]
+        )
         if self.buffers is not None:
             self.buffers.limit = limits.max_buffered_bytes
         self.client.reconfigure(
@@ -1418,7 +1418,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
     # the rest once a burst is over.
     return_large_blocks()
     MemoryReturner(reactor, buffers).setServiceParent(root)
-    hedge_budget = HedgeBudget(
+    hedge_budgets = HedgeBudgets(
         reactor, options["hedge-budget-percent"], options["hedge-budget-min-per-second"]
     )
     multiplexer = Multiplexer(
@@ -1427,7 +1427,7 @@ def makeService(options: Options, reactor: Any | None = None) -> IService:
         limits.max_batch_response_bytes,
         metrics,
         buffers=buffers,
-        hedge_budget=hedge_budget,
+        hedge_budgets=hedge_budgets,
     )
     metrics_listen = options["metrics-listen"]
     admission = Admission(limits, metrics)

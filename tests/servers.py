@@ -33,7 +33,7 @@ from octoplex.circuits import CircuitSettings
 from octoplex.client import PoolSettings, UpstreamClient
 from octoplex.dns import CachingResolver, DNSSettings
 from octoplex.egress import EgressPolicy
-from octoplex.hedging import HedgeBudget
+from octoplex.hedging import HedgeBudgets
 from octoplex.limits import Limits
 from octoplex.metrics import Metrics
 from octoplex.multiplexer import Multiplexer
@@ -366,15 +366,15 @@ def start_octoplex(
     resolver: CachingResolver | None = None,
     circuits: CircuitSettings | None = None,
     outliers: OutlierSettings | None = None,
-    hedge_budget: HedgeBudget | None = None,
+    hedge_budgets: HedgeBudgets | None = None,
 ) -> Octoplex:
     """
     Start Octoplex on 127.0.0.1, wired as the tap wires it; with
     ``metrics``, every piece counts in it; host names are dialled through
     ``resolver``, by default one that answers only from /etc/hosts; with
     ``circuits``, circuit breaking as they say, with ``outliers``, outlier
-    ejection as they say (both off by default); with ``hedge_budget``, that
-    budget of hedges (the defaults' by default).
+    ejection as they say (both off by default); with ``hedge_budgets``,
+    those budgets of hedges (the defaults' by default).
     """
     limits = limits or Limits()
     metrics = Metrics() if metrics is None else metrics
@@ -397,7 +397,7 @@ def start_octoplex(
         client,
         limits.max_batch_response_bytes,
         metrics,
-        hedge_budget=hedge_budget,
+        hedge_budgets=hedge_budgets,
     )
     app = OctoplexApp(multiplexer, limits, global_reactor, tokens or Tokens({}), metrics)
     site = OctoplexSite(app, global_reactor)

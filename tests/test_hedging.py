@@ -21,12 +21,14 @@ from twisted.python.usage import UsageError
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from octoplex.auth import Tokens
 from octoplex.circuits import CLOSED, HALF_OPEN, OPEN
 from octoplex.hedging import (
     BUDGET_WINDOW,
     MIN_SAMPLES,
     SAMPLES,
     HedgeBudget,
+    HedgeBudgets,
     HedgedFetch,
     Latencies,
 )
@@ -458,6 +460,19 @@ async def test_a_hedge_counts_against_the_callers_share(
             await server.stop()
 
 
+async def _slow_hedged(
+    caller: Caller, server: Octoplex, upstream: Upstream, headers: dict[str, str] | None = None
+) -> tuple[dict[str, Any], int]:
+    """A request whose first attempt takes 300 ms, hedged after 50 ms: its outcome, arrivals."""
+    path = f"/first-slow/{_key()}/300"
+    batch = {
+        "timeout_msec": 4000,
+        "requests": [{"uri": upstream.url + path, "hedge": {"after_msec": 50}}],
+    }
+    _, _, answer = await caller.post(server.url + "/multiplex", batch, headers)
+    return answer["responses"][0]["Success"], len(_arrivals(upstream, path))
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_hedge_over_budget_is_not_sent(
     upstream: Upstream, caller: Caller, metrics: Metrics
@@ -467,26 +482,63 @@ async def test_a_hedge_over_budget_is_not_sent(
     first slow request is hedged and the second is not: it waits for its
     first attempt, counted as skipped for the budget.
     """
-    budget = HedgeBudget(global_reactor, percent=0, min_per_second=0.1)
-    server = start_octoplex(metrics=metrics, hedge_budget=budget)
+    budgets = HedgeBudgets(global_reactor, percent=0, min_per_second=0.1)
+    server = start_octoplex(metrics=metrics, hedge_budgets=budgets)
     try:
-        outcomes = []
-        for n in range(2):
-            path = f"/first-slow/{_key()}/300"
-            batch = {
-                "timeout_msec": 4000,
-                "requests": [{"uri": upstream.url + path, "hedge": {"after_msec": 50}}],
-            }
-            _, _, answer = await caller.post(server.url + "/multiplex", batch)
-            outcomes.append(answer["responses"][0]["Success"])
-            assert len(_arrivals(upstream, path)) == 2 - n
+        first, first_arrivals = await _slow_hedged(caller, server, upstream)
+        second, second_arrivals = await _slow_hedged(caller, server, upstream)
     finally:
         await server.stop()
-    assert (outcomes[0]["content"], outcomes[0]["hedged"]) == ("fast", True)
-    assert "hedged" not in outcomes[1]
+    assert (first["content"], first["hedged"], first_arrivals) == ("fast", True, 2)
+    assert ("hedged" not in second, second_arrivals) == (True, 1)
     assert _count(metrics, "octoplex_hedges_sent_total") == 1
     assert _count(metrics, "octoplex_hedges_skipped_total", reason="budget") == 1
-    assert budget.counts() == (2, 1)
+    # The caller is its address (no tokens).
+    assert len(budgets) == 1
+    assert budgets.of("127.0.0.1").counts() == (2, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_client_spends_its_own_hedge_budget(
+    upstream: Upstream, caller: Caller, metrics: Metrics
+) -> None:
+    """
+    With tokens on, each token has its own budget: once the greedy token
+    has spent its one hedge, its next slow request is not hedged, while the
+    polite token's is.
+    """
+    budgets = HedgeBudgets(global_reactor, percent=0, min_per_second=0.1)
+    server = start_octoplex(
+        metrics=metrics,
+        hedge_budgets=budgets,
+        tokens=Tokens({"greedy": "g" * 32, "polite": "p" * 32}),
+    )
+    greedy = {"authorization": "Bearer " + "g" * 32}
+    polite = {"authorization": "Bearer " + "p" * 32}
+    try:
+        hedged = [
+            "hedged" in (await _slow_hedged(caller, server, upstream, who))[0]
+            for who in (greedy, greedy, polite)
+        ]
+    finally:
+        await server.stop()
+    assert hedged == [True, False, True]
+    assert budgets.of("token greedy").counts() == (2, 1)
+    assert budgets.of("token polite").counts() == (1, 1)
+    assert _count(metrics, "octoplex_hedges_skipped_total", reason="budget") == 1
+
+
+def test_client_budgets_are_bounded_and_a_reload_reaches_each() -> None:
+    """Past max_clients the least recently used budget goes; configure() changes them all."""
+    budgets = HedgeBudgets(Clock(), percent=10, min_per_second=1, max_clients=2)
+    a, b = budgets.of("a"), budgets.of("b")
+    assert budgets.of("a") is a
+    budgets.of("c")
+    assert len(budgets) == 2
+    assert budgets.of("a") is a and budgets.of("b") is not b
+    budgets.configure(50, 0)
+    assert (a.percent, a.min_per_second) == (50, 0)
+    assert (budgets.of("new").percent, budgets.of("new").min_per_second) == (50, 0)
 
 
 @pytest_twisted.ensureDeferred
@@ -985,11 +1037,12 @@ def test_the_budget_options_set_it_and_a_reload_changes_it(tmp_path: Path) -> No
     options = Options(list)
     options.parseOptions(["--workers", "1", "--listen", "tcp:0", "--config", str(config)])
     root: Any = makeService(options)
-    budget = root.app.multiplexer.hedge_budget
+    budgets = root.app.multiplexer.hedge_budgets
+    budget = budgets.of("127.0.0.1")
     assert (budget.percent, budget.min_per_second) == (5, 10.0)
     config.write_text("[hedge]\nbudget_percent = 100\nbudget_min_per_second = 0.5\n")
     root.reload()
-    assert root.app.multiplexer.hedge_budget is budget
+    assert root.app.multiplexer.hedge_budgets is budgets
     assert (budget.percent, budget.min_per_second) == (100, 0.5)
     with pytest.raises(UsageError, match="101"):
         Options(list).parseOptions(["--hedge-budget-percent", "101"])
