@@ -169,6 +169,18 @@ class _Entry:
         return _rotate(self.ipv4, turn) + _rotate(self.ipv6, turn)
 
 
+def _cache_key(name: str) -> str:
+    """
+    The cache's key of host ``name``: lower case, and "name." is "name" as
+    an absolute name (no search list is applied to either): one cache
+    entry, /etc/hosts for both, and the same query.
+    """
+    key = name.lower()
+    if key.endswith(".") and len(key) > 1:
+        key = key[:-1]
+    return key
+
+
 def _rotate(addresses: list[str], turn: int) -> list[str]:
     if not addresses:
         return []
@@ -293,10 +305,7 @@ class CachingResolver:
         nothing counted): a hedge asks whether another address is there to
         dial (:meth:`octoplex.endpoints.UpstreamEndpointFactory.elsewhere`).
         """
-        key = name.lower()
-        if key.endswith(".") and len(key) > 1:
-            key = key[:-1]
-        entry = self._cache.get(key)
+        entry = self._cache.get(_cache_key(name))
         if entry is None or entry.error is not None:
             return []
         return entry.ipv4 + entry.ipv6
@@ -313,12 +322,7 @@ class CachingResolver:
         :return: a Deferred that fires with the addresses, or fails with
             :class:`NameNotResolved`.
         """
-        key = name.lower()
-        if key.endswith(".") and len(key) > 1:
-            # "name." is "name" as an absolute name (no search list is
-            # applied to either): one cache entry, /etc/hosts for both,
-            # and the same query.
-            key = key[:-1]
+        key = _cache_key(name)
         if isIPAddress(key) or isIPv6Address(key):
             # HostnameEndpoint hands IP literals to the resolver too.
             return succeed([key])

@@ -90,7 +90,7 @@ class _TunedEndpoint:
         if isinstance(host, str):
             # A hedge prefers a connection to another address (octoplex.pool).
             protocol.address = host  # type: ignore[attr-defined]
-        self._opened(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}")
+        self._opened(f"{peer if host is None else host}:{getattr(peer, 'port', '')}")
         return protocol
 
 
@@ -296,6 +296,14 @@ class _Race:
         self._stop_others()
 
 
+def _host_of(uri: URI) -> bytes:
+    """``uri``'s host as dialled: an IPv6 literal without its brackets."""
+    host = uri.host
+    if host.startswith(b"[") and host.endswith(b"]"):
+        host = host[1:-1]
+    return host
+
+
 @implementer(IAgentEndpointFactory)
 class UpstreamEndpointFactory:
     """
@@ -351,9 +359,7 @@ class UpstreamEndpointFactory:
         hedged request's ``route``, it notes there the address it dials, and
         dials the address the route avoids last.
         """
-        host = uri.host
-        if host.startswith(b"[") and host.endswith(b"]"):
-            host = host[1:-1]
+        host = _host_of(uri)
         tcp = self._tcp_endpoint(host, uri.port, timings, (uri.scheme, uri.host, uri.port), route)
         if uri.scheme == b"http":
             return _TunedEndpoint(tcp, self._count, timings)
@@ -369,10 +375,7 @@ class UpstreamEndpointFactory:
         the DNS cache holds one the egress policy allows, that has not
         refused a connection lately and is not ejected (octoplex.outliers).
         """
-        host = uri.host
-        if host.startswith(b"[") and host.endswith(b"]"):
-            host = host[1:-1]
-        name = host.decode("ascii")
+        name = _host_of(uri).decode("ascii")
         outliers = self.outliers
         key = (uri.scheme, uri.host, uri.port)
         for address in self._resolver.known(name):

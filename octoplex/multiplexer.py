@@ -337,8 +337,11 @@ class _Hooks:
         run._hedges[self._index] = None
         # A request counts once in the batch's count, however many of its
         # tries (retries) sent a hedge.
-        if self._index not in run._hedged_once:
-            run._hedged_once.add(self._index)
+        hedged_once = run._hedged_once
+        if hedged_once is None:
+            hedged_once = run._hedged_once = set()
+        if self._index not in hedged_once:
+            hedged_once.add(self._index)
             run._result.hedged += 1
 
     def over(self) -> None:
@@ -391,8 +394,8 @@ class _BatchRun:
         #: The requests whose (latest) try sent a hedge: whether the hedge
         #: won, or None while no attempt has won.
         self._hedges: dict[int, bool | None] = {}
-        #: The requests any of whose tries sent a hedge.
-        self._hedged_once: set[int] = set()
+        #: The requests any of whose tries sent a hedge (made by the first).
+        self._hedged_once: set[int] | None = None
         self._on_outcome = on_outcome
         self._success = outcomes.success
         self._failure = outcomes.failure
