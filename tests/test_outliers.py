@@ -739,6 +739,18 @@ async def test_a_refusing_address_is_ejected_then_probed_then_restored(
     await in_world(test)
 
 
+def _ejecting_daemon(world: World, tmp_path: Path, ejection_time: float) -> Daemon:
+    """
+    The gRPC daemon, asking ``world``'s DNS server, ejecting an address after
+    3 refused connects for ``ejection_time`` s (latency never ejects), and
+    dialling for every request (one request per connection).
+    """
+    options = ["--outlier-ejection", "on", "--outlier-consecutive-failures", "3"]
+    options += ["--outlier-latency-factor", "0", "--outlier-ejection-time", str(ejection_time)]
+    options += ["--pool-max-requests", "1", "--dns-server", world.dns_server]
+    return Daemon(tmp_path, options, plain=True, tls=False)
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_refusing_address_is_ejected_behind_the_grpc_frontend(
     caller: Caller, tmp_path: Path
@@ -752,11 +764,7 @@ async def test_a_refusing_address_is_ejected_behind_the_grpc_frontend(
 
     async def test(world: World) -> None:
         world.close("127.0.0.3")
-        options = ["--outlier-ejection", "on", "--outlier-consecutive-failures", "3"]
-        options += ["--outlier-latency-factor", "0", "--outlier-ejection-time", str(ejection_time)]
-        # One request per connection: every request dials.
-        options += ["--pool-max-requests", "1", "--dns-server", world.dns_server]
-        daemon = Daemon(tmp_path, options, plain=True, tls=False)
+        daemon = _ejecting_daemon(world, tmp_path, ejection_time)
         try:
             with grpc.insecure_channel(f"127.0.0.1:{daemon.grpc_port}") as channel:
                 await deferToThread(wait_serving, daemon, channel)
@@ -908,11 +916,7 @@ async def test_an_ejected_address_is_probed_and_restored_behind_the_grpc_fronten
 
     async def test(world: World) -> None:
         world.close("127.0.0.3")
-        options = ["--outlier-ejection", "on", "--outlier-consecutive-failures", "3"]
-        options += ["--outlier-latency-factor", "0", "--outlier-ejection-time", str(ejection_time)]
-        # One request per connection: every request dials.
-        options += ["--pool-max-requests", "1", "--dns-server", world.dns_server]
-        daemon = Daemon(tmp_path, options, plain=True, tls=False)
+        daemon = _ejecting_daemon(world, tmp_path, ejection_time)
         host = f"http://multi.test:{world.port}"
         ejected = ("octoplex_upstream_address_ejected", (("address", "127.0.0.3"), ("host", host)))
 
